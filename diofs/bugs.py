@@ -1,0 +1,41 @@
+"""The --bug registry: each member switches one protection off (for demos and tests).
+
+The code asks `bugs.enabled(Bug.X)` at the one place where the protection lives.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class Bug(enum.Enum):
+    NO_SHOOTDOWN = "no-shootdown"  # direct I/O leaves daemon cached pages in place (seed 004)
+    NO_PAGECACHE_LOCK = "no-pagecache-lock"  # fills do not take the add/block lock (seed 004)
+    NO_FAULT_MARKER = "no-fault-marker"  # own-task faults wait for their own block lock (seed 002/004)
+    NO_ALIGN_CHECK = "no-align-check"  # misaligned O_DIRECT is accepted (SPEC 3)
+    NO_SYNC_FLUSH = "no-sync-flush"  # O_SYNC/O_DSYNC writes replied before the flush (seed 001)
+    SIZE_BEFORE_DATA = "size-before-data"  # i_size/extent published before data lands (seed 003)
+
+
+_enabled: set[Bug] = set()
+
+
+def names() -> list[str]:
+    return [b.value for b in Bug]
+
+
+def enable(names_: list[str]) -> None:
+    """Enable the named bugs; raises ValueError naming the first unknown one."""
+    for name in names_:
+        try:
+            _enabled.add(Bug(name))
+        except ValueError:
+            raise ValueError(f"unknown bug {name!r} (known: {', '.join(names())})") from None
+
+
+def enabled(bug: Bug) -> bool:
+    return bug in _enabled
+
+
+def active() -> list[str]:
+    return sorted(b.value for b in _enabled)

@@ -1,0 +1,47 @@
+"""Error types and the exit-code table.
+
+CLI code raises `DiofsError(message, exit_code)`; `main()` wrappers print
+`<prog>: <message>` on one line and exit with the code. Filesystem code raises
+`FsError(errno)`; only `diofs.ops` turns it into `pyfuse3.FUSEError`.
+
+Exit codes:
+    1  generic error (bad arguments, bad input)
+    2  usage error (argparse)
+    3  image is corrupt, truncated or foreign
+    4  fsck found damage (and did not repair it)
+    5  mountpoint missing, busy or not a directory
+    6  mount failed (daemon did not come up)
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_CORRUPT = 3
+EXIT_DAMAGED = 4
+EXIT_MOUNTPOINT = 5
+EXIT_MOUNT_FAILED = 6
+
+
+class DiofsError(Exception):
+    """An error that ends a command with one line on stderr and a non-zero exit."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_ERROR) -> None:
+        super().__init__(message)
+        self.message = message
+        self.exit_code = exit_code
+
+
+class ImageCorrupt(DiofsError):
+    def __init__(self, message: str) -> None:
+        super().__init__(message, EXIT_CORRUPT)
+
+
+class FsError(Exception):
+    """A filesystem operation failed with `errno`; ops.py answers the request with it."""
+
+    def __init__(self, errno: int, message: str = "") -> None:
+        super().__init__(message or _errno.errorcode.get(errno, str(errno)))
+        self.errno = errno
