@@ -1,0 +1,162 @@
+"""The benchmark job table: what each job runs and how its figures are read back.
+
+A :class:`Job` is either an fio job (``kind == "fio"``) run on the one data file of a peer, or
+the metadata job (``kind == "meta"``), a Python loop in a child process. Every job has one
+*primary metric* (``MB/s`` for 1 MiB jobs, ``IOPS`` for 4 KiB jobs, ``ops/s`` for metadata) that
+the report tables show; all figures are recorded in results.json.
+
+Invariants:
+- Direct jobs run with ``--invalidate=1`` (fio's default); cached jobs run with
+  ``--invalidate=0`` after the runner has read the whole file once (``Job.prime``), so they
+  measure the kernel page cache of the mount, not the peer's storage.
+- Sizes are bytes; latencies are microseconds (fio reports ns; converted once, here).
+- The data file is laid out once per peer (:func:`layout_argv`) before any job runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+DATA_FILE = "bench.dat"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Job:
+    """One workload. ``fio`` holds the job-specific fio options (without leading dashes)."""
+
+    name: str
+    title: str
+    metric: str  # "MB/s" | "IOPS" | "ops/s"
+    kind: str = "fio"  # "fio" | "meta"
+    fio: tuple[tuple[str, str], ...] = ()
+    prime: bool = False  # read the file once, buffered, before the job (cached jobs)
+
+    @property
+    def is_write(self) -> bool:
+        return any(k == "rw" and "write" in v for k, v in self.fio)
+
+
+def _fio(**opts: str | int) -> tuple[tuple[str, str], ...]:
+    return tuple((k, str(v)) for k, v in opts.items())
+
+
+JOBS: tuple[Job, ...] = (
+    Job("seqread-1m-psync", "1 MiB seq read, O_DIRECT, psync", "MB/s",
+        fio=_fio(rw="read", bs="1M", direct=1, ioengine="psync", iodepth=1)),
+    Job("seqwrite-1m-psync", "1 MiB seq write, O_DIRECT, psync", "MB/s",
+        fio=_fio(rw="write", bs="1M", direct=1, ioengine="psync", iodepth=1)),
+    Job("seqread-1m-aio16", "1 MiB seq read, O_DIRECT, libaio QD16", "MB/s",
+        fio=_fio(rw="read", bs="1M", direct=1, ioengine="libaio", iodepth=16)),
+    Job("seqwrite-1m-aio16", "1 MiB seq write, O_DIRECT, libaio QD16", "MB/s",
+        fio=_fio(rw="write", bs="1M", direct=1, ioengine="libaio", iodepth=16)),
+    Job("randread-4k-aio16", "4 KiB rand read, O_DIRECT, libaio QD16", "IOPS",
+        fio=_fio(rw="randread", bs="4k", direct=1, ioengine="libaio", iodepth=16)),
+    Job("randwrite-4k-aio16", "4 KiB rand write, O_DIRECT, libaio QD16", "IOPS",
+        fio=_fio(rw="randwrite", bs="4k", direct=1, ioengine="libaio", iodepth=16)),
+    Job("randread-4k-psync", "4 KiB rand read, O_DIRECT, psync QD1", "IOPS",
+        fio=_fio(rw="randread", bs="4k", direct=1, ioengine="psync", iodepth=1)),
+    Job("randwrite-4k-psync", "4 KiB rand write, O_DIRECT, psync QD1", "IOPS",
+        fio=_fio(rw="randwrite", bs="4k", direct=1, ioengine="psync", iodepth=1)),
+    Job("randwrite-4k-dsync-qd1", "4 KiB rand write, O_DIRECT+O_DSYNC, libaio QD1", "IOPS",
+        fio=_fio(rw="randwrite", bs="4k", direct=1, sync="dsync", ioengine="libaio", iodepth=1)),
+    Job("randwrite-4k-dsync-aio16", "4 KiB rand write, O_DIRECT+O_DSYNC, libaio QD16", "IOPS",
+        fio=_fio(rw="randwrite", bs="4k", direct=1, sync="dsync", ioengine="libaio",
+                 iodepth=16)),
+    Job("reread-1m-cached", "1 MiB seq re-read, buffered, cached file", "MB/s", prime=True,
+        fio=_fio(rw="read", bs="1M", direct=0, ioengine="psync", iodepth=1, invalidate=0)),
+    Job("randread-4k-cached", "4 KiB rand read, buffered, cached file", "IOPS", prime=True,
+        fio=_fio(rw="randread", bs="4k", direct=0, ioengine="psync", iodepth=1, invalidate=0)),
+    Job("mmap-read-cached", "1 MiB seq read via mmap, cached file", "MB/s", prime=True,
+        fio=_fio(rw="read", bs="1M", ioengine="mmap", iodepth=1, invalidate=0)),
+    Job("meta-create-stat-unlink", "create+stat+unlink of small files (Python loop)", "ops/s",
+        kind="meta"),
+)
+
+JOBS_BY_NAME: dict[str, Job] = {j.name: j for j in JOBS}
+
+
+def select_jobs(names: str | None) -> list[Job]:
+    """Jobs named in a comma-separated list (all jobs if None/empty), in table order."""
+    if not names:
+        return list(JOBS)
+    wanted = [n.strip() for n in names.split(",") if n.strip()]
+    unknown = [n for n in wanted if n not in JOBS_BY_NAME]
+    if unknown:
+        raise ValueError(f"unknown job(s): {', '.join(unknown)}; known: {', '.join(JOBS_BY_NAME)}")
+    return [j for j in JOBS if j.name in wanted]
+
+
+def parse_size(text: str) -> int:
+    """'256M' -> bytes (K/M/G suffixes are binary, as fio reads them)."""
+    text = text.strip().upper().removesuffix("B").removesuffix("I")
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+    return int(float(text.rstrip("KMG")) * mult)
+
+
+def layout_argv(path: str, size: int) -> list[str]:
+    """fio argv that lays out the data file (buffered sequential write + fsync)."""
+    return [
+        "fio", "--name=layout", f"--filename={path}", f"--size={size}", "--rw=write",
+        "--bs=1M", "--direct=0", "--ioengine=psync", "--end_fsync=1", "--fallocate=none",
+        "--output-format=json",
+    ]
+
+
+def fio_argv(job: Job, path: str, size: int, runtime_s: float) -> list[str]:
+    """fio argv for one run of ``job`` on the data file at ``path``."""
+    assert job.kind == "fio", job
+    argv = [
+        "fio", f"--name={job.name}", f"--filename={path}", f"--size={size}",
+        f"--runtime={runtime_s:g}", "--time_based", "--output-format=json",
+        "--fallocate=none", "--numjobs=1", "--group_reporting",
+    ]
+    argv += [f"--{k}={v}" for k, v in job.fio]
+    return argv
+
+
+def parse_fio_json(text: str) -> dict[str, Any]:
+    """Figures of one fio run: mbps, iops, clat_p50_us, clat_p99_us, fio_usr/sys_cpu, io_bytes.
+
+    Picks the direction (read or write) that moved bytes. fio may print warnings before the
+    JSON document; they are skipped.
+    """
+    start = text.find("{")
+    if start < 0:
+        raise ValueError("no JSON in fio output")
+    doc = _loads_first(text[start:])
+    jobs = doc.get("jobs") or []
+    if not jobs:
+        raise ValueError("fio JSON has no jobs")
+    job = jobs[0]
+    if job.get("error"):
+        raise ValueError(f"fio job error {job['error']}")
+    side = max(("read", "write"), key=lambda d: job.get(d, {}).get("io_bytes", 0))
+    d = job[side]
+    pct = (d.get("clat_ns") or {}).get("percentile") or {}
+    p50 = pct.get("50.000000")
+    p99 = pct.get("99.000000")
+    return {
+        "direction": side,
+        "io_bytes": d.get("io_bytes", 0),
+        "mbps": d.get("bw_bytes", 0) / 1e6,
+        "iops": d.get("iops", 0.0),
+        "clat_p50_us": p50 / 1000 if p50 is not None else None,
+        "clat_p99_us": p99 / 1000 if p99 is not None else None,
+        "fio_usr_cpu_pct": job.get("usr_cpu"),
+        "fio_sys_cpu_pct": job.get("sys_cpu"),
+    }
+
+
+def _loads_first(text: str) -> dict[str, Any]:
+    import json
+
+    obj, _end = json.JSONDecoder().raw_decode(text)
+    return obj
+
+
+def primary(job: Job, fig: dict[str, Any]) -> float | None:
+    """The job's primary figure from a run's figures (None if the run failed)."""
+    key = {"MB/s": "mbps", "IOPS": "iops", "ops/s": "ops_per_s"}[job.metric]
+    v = fig.get(key)
+    return float(v) if v is not None else None

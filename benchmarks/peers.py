@@ -1,0 +1,410 @@
+"""The peers: build or find them, mount them, measure their daemon, unmount them.
+
+Peers (``PEER_NAMES``, in report order):
+  diofs   ``python mount.py IMG MNT --foreground --log FILE`` on an image made by mkfs.diofs
+  pypeer  pyfuse3 3.5.0 ``examples/passthroughfs.py``, variant without O_DIRECT on backing opens
+  cpeer   libfuse 3.14 ``example/passthrough_ll.c``, same variant, compiled with gcc
+  local   a plain directory on the ext4 file system of the work dir (the limit)
+
+Why the variants: as shipped, both passthrough examples open the backing file with the caller's
+O_DIRECT and then write from an unaligned buffer, so every O_DIRECT write fails with EINVAL (and
+the Python daemon dies). Dropping O_DIRECT from the backing open is the fair comparison (kernel
+side FUSE direct I/O, server side page cache, like diofs); reports always carry the label.
+
+Builds are cached under ``~/.cache/diofs-bench/`` (never in the repository), keyed by a hash of
+the patched source.
+
+Invariants: a peer's daemon is started by this module in its own session and is only ever
+signalled by its pid; :meth:`FusePeer.unmount` always returns with the mount gone and the daemon
+reaped (abort + lazy unmount + SIGKILL as the last resort), and never stats a possibly hung mount.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+from benchmarks import fusewatch
+
+REPO = Path(__file__).resolve().parent.parent
+CACHE = Path(os.environ.get("DIOFS_BENCH_CACHE", Path.home() / ".cache" / "diofs-bench"))
+PEER_NAMES = ("diofs", "pypeer", "cpeer", "local")
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+LIBFUSE_EXAMPLES = Path("/usr/share/doc/libfuse3-dev/examples")
+PYFUSE3_SDIST_DIRS = (Path("/tmp/sdist/pyfuse3-3.5.0"), CACHE / "sdist" / "pyfuse3-3.5.0")
+
+VARIANT = "variant: no O_DIRECT on backing open"
+LABELS = {
+    "diofs": "diofs",
+    "pypeer": f"Python peer ({VARIANT})",
+    "cpeer": f"C peer ({VARIANT})",
+    "local": "local disk (ext4)",
+}
+SHORT = {"diofs": "diofs", "pypeer": "Python peer*", "cpeer": "C peer*", "local": "local disk"}
+
+
+class PeerUnavailable(Exception):
+    """The peer cannot be built or mounted here; the message says why (shown to the user)."""
+
+
+def venv_python() -> str:
+    p = REPO / ".venv" / "bin" / "python"
+    return str(p) if p.exists() else sys.executable
+
+
+def _replace_once(text: str, old: str, new: str, what: str) -> str:
+    if text.count(old) != 1:
+        raise PeerUnavailable(f"{what}: expected exactly one {old!r} to patch")
+    return text.replace(old, new)
+
+
+# --- builds -------------------------------------------------------------------------------
+
+
+def build_cpeer() -> Path:
+    """Compile the C peer variant (cached); returns the binary's path."""
+    src = LIBFUSE_EXAMPLES / "passthrough_ll.c"
+    if src.exists():
+        text = src.read_text()
+    elif src.with_suffix(".c.gz").exists():
+        text = gzip.decompress(src.with_suffix(".c.gz").read_bytes()).decode()
+    else:
+        raise PeerUnavailable(f"cpeer: {src} not found (is libfuse3-dev installed?)")
+    text = _replace_once(text, "fd = open(buf, fi->flags & ~O_NOFOLLOW);",
+                         "fd = open(buf, fi->flags & ~(O_NOFOLLOW | O_DIRECT));"
+                         " /* diofs-bench variant */", "passthrough_ll.c open")
+    text = _replace_once(text, "(fi->flags | O_CREAT) & ~O_NOFOLLOW",
+                         "(fi->flags | O_CREAT) & ~(O_NOFOLLOW | O_DIRECT)",
+                         "passthrough_ll.c create")
+    try:
+        flags = subprocess.run(["pkg-config", "--cflags", "--libs", "fuse3"], check=True,
+                               capture_output=True, text=True).stdout.split()
+    except (OSError, subprocess.CalledProcessError) as exc:
+        raise PeerUnavailable(f"cpeer: pkg-config fuse3 failed: {exc}") from exc
+    key = hashlib.sha256((text + " ".join(flags)).encode()).hexdigest()[:12]
+    out = CACHE / "cpeer"
+    binary = out / f"passthrough_ll_nodirect-{key}"
+    if binary.exists():
+        return binary
+    out.mkdir(parents=True, exist_ok=True)
+    csrc = out / f"passthrough_ll_nodirect-{key}.c"
+    csrc.write_text(text)
+    r = subprocess.run(["gcc", "-Wall", "-O2", str(csrc), *flags, "-o", str(binary)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        raise PeerUnavailable(f"cpeer: gcc failed:\n{r.stderr[-2000:]}")
+    return binary
+
+
+def _pyfuse3_sdist() -> Path:
+    for d in PYFUSE3_SDIST_DIRS:
+        if (d / "examples" / "passthroughfs.py").exists():
+            return d
+    dl = CACHE / "sdist"
+    dl.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run([venv_python(), "-m", "pip", "download", "--no-deps", "--no-binary",
+                        ":all:", "-d", str(dl), "pyfuse3==3.5.0"], capture_output=True, text=True)
+    tgz = dl / "pyfuse3-3.5.0.tar.gz"
+    if r.returncode != 0 or not tgz.exists():
+        raise PeerUnavailable(f"pypeer: cannot get the pyfuse3 3.5.0 sdist: {r.stderr[-500:]}")
+    with tarfile.open(tgz) as tf:
+        tf.extractall(dl, filter="data")
+    return dl / "pyfuse3-3.5.0"
+
+
+def build_pypeer() -> Path:
+    """Write the Python peer variant (cached); returns the script's path."""
+    text = (_pyfuse3_sdist() / "examples" / "passthroughfs.py").read_text()
+    text = _replace_once(text, "fd = os.open(self._inode_to_path(inode), flags)",
+                         "fd = os.open(self._inode_to_path(inode), flags & ~os.O_DIRECT)",
+                         "passthroughfs.py open")
+    text = _replace_once(text, "fd = os.open(path, flags | os.O_CREAT | os.O_TRUNC)",
+                         "fd = os.open(path, (flags | os.O_CREAT | os.O_TRUNC) & ~os.O_DIRECT)",
+                         "passthroughfs.py create")
+    key = hashlib.sha256(text.encode()).hexdigest()[:12]
+    out = CACHE / "pypeer"
+    out.mkdir(parents=True, exist_ok=True)
+    script = out / f"passthroughfs_nodirect-{key}.py"
+    if not script.exists():
+        script.write_text(f"# diofs-bench {VARIANT}\n" + text)
+    return script
+
+
+# --- peers --------------------------------------------------------------------------------
+
+
+class Peer:
+    """A place to run jobs. ``data_dir`` is where jobs put their files."""
+
+    name = "local"
+    is_fuse = False
+
+    def __init__(self, workdir: Path) -> None:
+        self.root = workdir / self.name
+        self.errors: list[str] = []
+        self.restarts = 0
+
+    @property
+    def label(self) -> str:
+        return LABELS[self.name]
+
+    @property
+    def data_dir(self) -> Path:
+        return self.root / "data"
+
+    def prepare(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+
+    def mount(self) -> None:
+        pass
+
+    def unmount(self, deadline_s: float = 20.0) -> None:
+        pass
+
+    def alive(self) -> bool:
+        return True
+
+    def daemon_pid(self) -> int | None:
+        return None
+
+    def daemon_cpu_s(self) -> float | None:
+        """utime+stime of the daemon process (all threads) in seconds, None without daemon."""
+        pid = self.daemon_pid()
+        if pid is None:
+            return None
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                rest = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        return (int(rest[11]) + int(rest[12])) / CLK_TCK
+
+    def abort(self) -> None:
+        pass
+
+    def log_tail(self, n: int = 20) -> str:
+        return ""
+
+
+class LocalPeer(Peer):
+    name = "local"
+
+
+class FusePeer(Peer):
+    """A FUSE peer: a daemon started in the foreground, mounted on ``root/mnt``."""
+
+    is_fuse = True
+    mount_timeout_s = 30.0
+
+    def __init__(self, workdir: Path) -> None:
+        super().__init__(workdir)
+        self.mnt = self.root / "mnt"
+        self.log_path = self.root / "daemon.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.conn_id: int | None = None
+        self.wrapper: list[str] = []  # e.g. ["-m", "cProfile", "-o", FILE] for Python daemons
+
+    @property
+    def data_dir(self) -> Path:
+        return self.mnt
+
+    def argv(self) -> list[str]:
+        raise NotImplementedError
+
+    def prepare(self) -> None:
+        self.mnt.mkdir(parents=True, exist_ok=True)
+
+    def mount(self) -> None:
+        if os.path.ismount(self.mnt):
+            raise PeerUnavailable(f"{self.name}: {self.mnt} is already a mount point")
+        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
+        log.write(f"--- {time.strftime('%H:%M:%S')} start: {' '.join(self.argv())}\n".encode())
+        log.flush()
+        self.proc = subprocess.Popen(self.argv(), stdin=subprocess.DEVNULL, stdout=log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        deadline = time.monotonic() + self.mount_timeout_s
+        while not os.path.ismount(self.mnt):
+            if self.proc.poll() is not None:
+                rc = self.proc.returncode
+                self.proc = None
+                raise PeerUnavailable(f"{self.name}: daemon exited with {rc} before mounting; "
+                                      f"log {self.log_path}:\n{self.log_tail()}")
+            if time.monotonic() > deadline:
+                self._kill()
+                raise PeerUnavailable(f"{self.name}: not mounted after {self.mount_timeout_s}s; "
+                                      f"log {self.log_path}:\n{self.log_tail()}")
+            time.sleep(0.05)
+        self.conn_id = fusewatch.connection_id(str(self.mnt))
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def daemon_pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    def abort(self) -> None:
+        """Abort the FUSE connection (fails every request with ENOTCONN) and detach the mount."""
+        if self.conn_id is not None:
+            fusewatch.abort_connection(self.conn_id)
+        fusewatch.lazy_unmount(str(self.mnt))
+
+    def unmount(self, deadline_s: float = 20.0) -> None:
+        """Unmount and reap the daemon; escalate to abort/lazy unmount/SIGKILL past deadline."""
+        if self.proc is None and not self._mounted_here():
+            return
+        clean = False
+        if self._mounted_here():
+            um = subprocess.Popen(["fusermount3", "-u", str(self.mnt)], stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+            try:
+                out, _ = um.communicate(timeout=deadline_s)
+                clean = um.returncode == 0
+                if not clean:
+                    self.errors.append(f"fusermount3 -u failed: {out.decode().strip()}")
+            except subprocess.TimeoutExpired:
+                self.errors.append(f"unmount hung for {deadline_s}s: aborted the connection")
+                self.abort()
+                with contextlib.suppress(ProcessLookupError):
+                    um.kill()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    um.wait(timeout=10)
+            if not clean:
+                self.abort()
+        if self.proc is not None:
+            try:
+                self.proc.wait(timeout=deadline_s if clean else 5)
+            except subprocess.TimeoutExpired:
+                self.errors.append("daemon did not exit after unmount: killed")
+                self._kill()
+        self.proc = None
+        self.conn_id = None
+
+    def _mounted_here(self) -> bool:
+        # /proc/self/mountinfo, not os.path.ismount: must not stat a possibly hung mount
+        target = str(self.mnt)
+        with open("/proc/self/mountinfo") as f:
+            return any(line.split()[4] == target for line in f)
+
+    def _kill(self) -> None:
+        if self.proc is None:
+            return
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=5)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        if self._mounted_here():
+            self.abort()
+        self.proc = None
+
+    def log_tail(self, n: int = 20) -> str:
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        return "\n".join(lines[-n:])
+
+
+class CPeer(FusePeer):
+    name = "cpeer"
+
+    def prepare(self) -> None:
+        super().prepare()
+        self.binary = build_cpeer()
+        self.backing = self.root / "backing"
+        self.backing.mkdir(exist_ok=True)
+
+    def argv(self) -> list[str]:
+        return [str(self.binary), "-f", "-o", f"source={self.backing},fsname=cpeer",
+                str(self.mnt)]
+
+
+class PyPeer(FusePeer):
+    name = "pypeer"
+
+    def prepare(self) -> None:
+        super().prepare()
+        self.python = venv_python()
+        r = subprocess.run([self.python, "-c", "import pyfuse3, trio"], capture_output=True,
+                           text=True)
+        if r.returncode != 0:
+            raise PeerUnavailable(f"pypeer: {self.python} cannot import pyfuse3 and trio: "
+                                  f"{r.stderr.strip().splitlines()[-1:]}")
+        self.script = build_pypeer()
+        self.backing = self.root / "backing"
+        self.backing.mkdir(exist_ok=True)
+
+    def argv(self) -> list[str]:
+        return [self.python, *self.wrapper, str(self.script), str(self.backing), str(self.mnt)]
+
+
+class DiofsPeer(FusePeer):
+    name = "diofs"
+
+    def __init__(self, workdir: Path, image_size: str = "1G",
+                 extra_args: list[str] | None = None) -> None:
+        super().__init__(workdir)
+        self.image = self.root / "diofs.img"
+        self.image_size = image_size
+        self.extra_args = extra_args or []
+
+    def prepare(self) -> None:
+        super().prepare()
+        self.python = venv_python()
+        if not (REPO / "diofs" / "cli" / "mount.py").exists():
+            raise PeerUnavailable("diofs: diofs/cli/mount.py does not exist yet (skipped)")
+        mkfs = REPO / ".venv" / "bin" / "mkfs.diofs"
+        argv = [str(mkfs)] if mkfs.exists() else [self.python, "-m", "diofs.cli.mkfs"]
+        r = subprocess.run([*argv, str(self.image), "--size", self.image_size],
+                           capture_output=True, text=True, cwd=REPO, timeout=120)
+        if r.returncode != 0:
+            raise PeerUnavailable(f"diofs: mkfs failed ({r.returncode}): "
+                                  f"{(r.stderr or r.stdout).strip()[-1000:]}")
+
+    def argv(self) -> list[str]:
+        return [self.python, *self.wrapper, str(REPO / "mount.py"), str(self.image),
+                str(self.mnt), "--foreground", "--log", str(self.root / "diofs.log"),
+                *self.extra_args]
+
+    def log_tail(self, n: int = 20) -> str:
+        out = super().log_tail(n)
+        try:
+            lines = (self.root / "diofs.log").read_text(errors="replace").splitlines()
+        except OSError:
+            return out
+        return out + "\n--- diofs.log:\n" + "\n".join(lines[-n:])
+
+
+def make_peer(name: str, workdir: Path, diofs_image_size: str = "1G",
+              diofs_args: list[str] | None = None) -> Peer:
+    if name == "local":
+        return LocalPeer(workdir)
+    if name == "cpeer":
+        return CPeer(workdir)
+    if name == "pypeer":
+        return PyPeer(workdir)
+    if name == "diofs":
+        return DiofsPeer(workdir, diofs_image_size, diofs_args)
+    raise ValueError(f"unknown peer {name!r}; known: {', '.join(PEER_NAMES)}")
+
+
+def cleanup_workdir(workdir: Path) -> None:
+    """Remove the work dir unless something is still mounted below it."""
+    with open("/proc/self/mountinfo") as f:
+        if any(line.split()[4].startswith(str(workdir) + "/") for line in f):
+            return
+    shutil.rmtree(workdir, ignore_errors=True)

@@ -1,0 +1,354 @@
+"""The benchmark run: mount every peer, lay out the data file, run jobs interleaved, report.
+
+Order of runs: for each repetition, for each job, every peer in turn; the peer order rotates by
+one each repetition, so machine noise (this VM is noisy) spreads evenly over the peers.
+
+Watchdog: every child (fio, the metadata loop, priming reads) runs in its own session with a
+deadline. Past it, the peer's FUSE connection is aborted (fusectl), the mount lazily detached,
+the child's process group killed, the run recorded as failed, and the peer remounted. A daemon
+that dies during a run is recorded the same way and remounted, at most ``MAX_RESTARTS`` times
+per peer. On any exit (also Ctrl-C / SIGTERM) every peer is unmounted and its daemon reaped.
+
+Public API: :func:`main` (the ``scripts/bench`` command line), :func:`run_bench` (one run from
+an :class:`Options`, returns the results document), :class:`Options`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks import fusewatch, report
+from benchmarks.jobs import (
+    DATA_FILE, JOBS, Job, fio_argv, layout_argv, parse_fio_json, parse_size, primary,
+    select_jobs,
+)
+from benchmarks.peers import (
+    CACHE, PEER_NAMES, REPO, SHORT, Peer, PeerUnavailable, cleanup_workdir, make_peer,
+    venv_python,
+)
+
+MAX_RESTARTS = 3
+METALOAD = Path(__file__).resolve().parent / "metaload.py"
+
+
+@dataclasses.dataclass
+class Options:
+    peers: list[str] = dataclasses.field(default_factory=lambda: list(PEER_NAMES))
+    jobs: list[Job] = dataclasses.field(default_factory=lambda: list(JOBS))
+    repeat: int = 3
+    runtime_s: float = 5.0
+    size_bytes: int = 256 << 20
+    meta_files: int = 10_000
+    out: Path | None = None
+    workdir: Path | None = None
+    keep_workdir: bool = False
+    diofs_image_size: str = "1G"
+    diofs_args: list[str] = dataclasses.field(default_factory=list)
+    plots: bool = True
+    quiet: bool = False
+
+
+class ChildFailed(Exception):
+    """A child (fio, metadata loop, priming) failed, hung or lost its file system."""
+
+
+def _say(opts: Options, msg: str) -> None:
+    if not opts.quiet:
+        print(msg, flush=True)
+
+
+def run_child(argv: list[str], timeout_s: float, peer: Peer) -> str:
+    """Run ``argv`` to completion within ``timeout_s``; return stdout. Raises ChildFailed.
+
+    On timeout: abort the peer's FUSE connection first (a child stuck in D state on a hung
+    mount cannot be killed before that), then kill the child's process group, then reap it.
+    """
+    child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        out, err = child.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        peer.abort()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.communicate(timeout=15)
+        raise ChildFailed(f"{Path(argv[0]).name} hung for {timeout_s:.0f}s: aborted the FUSE "
+                          "connection and killed it") from None
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGKILL)
+        raise
+    if child.returncode != 0:
+        tail = (err.decode(errors="replace") or out.decode(errors="replace")).strip()[-800:]
+        raise ChildFailed(f"{Path(argv[0]).name} exited with {child.returncode}: {tail}")
+    return out.decode(errors="replace")
+
+
+def _data_path(peer: Peer) -> Path:
+    return peer.data_dir / DATA_FILE
+
+
+def lay_out(peer: Peer, opts: Options) -> None:
+    """Make sure the peer's data file exists with the configured size."""
+    path = _data_path(peer)
+    with contextlib.suppress(OSError):
+        if path.stat().st_size >= opts.size_bytes:
+            return
+    run_child(layout_argv(str(path), opts.size_bytes), 60 + opts.size_bytes / 5e6, peer)
+
+
+def recover(peer: Peer, opts: Options) -> None:
+    """Unmount (reaping the daemon) and mount again; raises PeerUnavailable past the limit."""
+    peer.unmount()
+    peer.restarts += 1
+    if peer.restarts > MAX_RESTARTS:
+        raise PeerUnavailable(f"{peer.name}: gave up after {MAX_RESTARTS} restarts")
+    _say(opts, f"    {peer.name}: remounting (restart {peer.restarts})")
+    peer.mount()
+    lay_out(peer, opts)
+
+
+def run_one(peer: Peer, job: Job, rep: int, opts: Options) -> dict[str, Any]:
+    """One job on one peer; returns the run record (ok=False with error on failure)."""
+    rec: dict[str, Any] = {"job": job.name, "peer": peer.name, "rep": rep, "ok": False,
+                           "error": None, "runtime_s": opts.runtime_s}
+    path = _data_path(peer)
+    try:
+        if job.prime:
+            run_child(["dd", f"if={path}", "of=/dev/null", "bs=1M"], 120, peer)
+        cpu0 = peer.daemon_cpu_s()
+        t0 = time.monotonic()
+        if job.kind == "fio":
+            out = run_child(fio_argv(job, str(path), opts.size_bytes, opts.runtime_s),
+                            opts.runtime_s + 60, peer)
+            rec.update(parse_fio_json(out))
+        else:
+            d = peer.data_dir / f"meta-{rep}-{os.getpid()}"
+            out = run_child([venv_python(), str(METALOAD), str(d), str(opts.meta_files)],
+                            max(120.0, opts.meta_files / 50), peer)
+            rec.update(json.loads(out.strip().splitlines()[-1]))
+            rec["runtime_s"] = rec["elapsed_s"]
+        rec["wall_s"] = time.monotonic() - t0
+        cpu1 = peer.daemon_cpu_s()
+        rec["daemon_cpu_s"] = cpu1 - cpu0 if cpu0 is not None and cpu1 is not None else None
+        rec["ok"] = True
+    except (ChildFailed, ValueError, OSError, json.JSONDecodeError) as exc:
+        rec["error"] = str(exc)
+    if peer.is_fuse and not peer.alive():
+        rc = getattr(getattr(peer, "proc", None), "returncode", None)
+        msg = f"daemon died (exit {rc}); log tail:\n{peer.log_tail(12)}"
+        rec["ok"] = False
+        rec["error"] = (rec["error"] + "; " if rec["error"] else "") + msg
+    return rec
+
+
+def _progress(job: Job, rec: dict[str, Any]) -> str:
+    head = f"  [rep {rec['rep'] + 1}] {job.name:<26} {SHORT[rec['peer']]:<13}"
+    if not rec["ok"]:
+        return head + " FAILED: " + " ".join((rec["error"] or "").split())[:200]
+    txt = f"{report.fmt(job.metric, primary(job, rec)):>8} {job.metric:<5}"
+    if rec.get("clat_p99_us") is not None:
+        txt += f" p50 {rec['clat_p50_us']:.0f} µs p99 {rec['clat_p99_us']:.0f} µs"
+    if rec.get("daemon_cpu_s") is not None:
+        txt += f" cpu {rec['daemon_cpu_s']:.2f} s"
+    return head + " " + txt
+
+
+def _fs_type(path: Path) -> str | None:
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        r = subprocess.run(["findmnt", "-no", "FSTYPE", "-T", str(path)], capture_output=True,
+                           text=True, timeout=10)
+        return r.stdout.strip() or None
+    return None
+
+
+def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def run_bench(opts: Options) -> dict[str, Any]:
+    """Run the benchmark; returns the results document (also written to ``opts.out``)."""
+    stamp = time.strftime("%Y-%m-%dT%H-%M-%S")
+    out = opts.out or REPO / "bench-results" / stamp
+    workdir = opts.workdir or CACHE / f"work-{stamp}-{os.getpid()}"
+    workdir.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {
+        "version": 1,
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "machine": report.machine_facts(),
+        "config": {
+            "peers": list(opts.peers), "jobs": [j.name for j in opts.jobs],
+            "repeat": opts.repeat, "runtime_s": opts.runtime_s, "size_bytes": opts.size_bytes,
+            "meta_files": opts.meta_files, "diofs_args": opts.diofs_args,
+            "workdir": str(workdir),
+        },
+        "peers": {},
+        "jobs": [{"name": j.name, "title": j.title, "metric": j.metric} for j in opts.jobs],
+        "runs": [],
+    }
+    results["machine"]["workdir_fs"] = _fs_type(workdir)
+    if results["machine"]["workdir_fs"] != "ext4":
+        _say(opts, f"warning: work dir {workdir} is on {results['machine']['workdir_fs']}, "
+                   "not ext4")
+    live: list[Peer] = []
+    prev_term = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    try:
+        if any(p != "local" for p in opts.peers) and not fusewatch.ensure_fusectl():
+            _say(opts, "warning: fusectl is not available: hung mounts cannot be aborted")
+        for name in opts.peers:
+            peer = make_peer(name, workdir, opts.diofs_image_size, opts.diofs_args)
+            info: dict[str, Any] = {"label": peer.label, "available": True, "skip_reason": None,
+                                    "errors": peer.errors, "restarts": 0}
+            results["peers"][name] = info
+            try:
+                peer.prepare()
+                peer.mount()
+                lay_out(peer, opts)
+            except (PeerUnavailable, ChildFailed, OSError, subprocess.SubprocessError) as exc:
+                peer.unmount()
+                info.update(available=False, skip_reason=str(exc).strip())
+                _say(opts, f"skipping {name}: {exc}")
+                continue
+            live.append(peer)
+            _say(opts, f"{name}: ready ({peer.label}) at {peer.data_dir}")
+        for rep in range(opts.repeat):
+            for job in opts.jobs:
+                k = rep % len(live) if live else 0
+                for peer in live[k:] + live[:k]:
+                    if not results["peers"][peer.name]["available"]:
+                        continue
+                    rec = run_one(peer, job, rep, opts)
+                    results["runs"].append(rec)
+                    _say(opts, _progress(job, rec))
+                    if peer.is_fuse and (not rec["ok"] or not peer.alive()):
+                        try:
+                            recover(peer, opts)
+                        except (PeerUnavailable, ChildFailed, OSError) as exc:
+                            results["peers"][peer.name].update(
+                                available=False, skip_reason=f"stopped mid-run: {exc}")
+                            peer.errors.append(str(exc))
+                            _say(opts, f"    {peer.name}: dropped: {exc}")
+                    results["peers"][peer.name]["restarts"] = peer.restarts
+                report.write_results(results, out)  # partial results survive a crash
+    except KeyboardInterrupt:
+        results["interrupted"] = True
+        _say(opts, "interrupted: unmounting")
+    finally:
+        for peer in live:
+            peer.unmount()
+            if peer.is_fuse:
+                results["peers"][peer.name]["daemon_log"] = peer.log_tail(40)
+        signal.signal(signal.SIGTERM, prev_term)
+        if not opts.keep_workdir:
+            cleanup_workdir(workdir)
+    results["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    report.write_results(results, out)
+    if opts.plots:
+        _say(opts, report.plot(results, out))
+    _say(opts, f"results: {out}/results.json, {out}/results.md")
+    return results
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        prog="scripts/bench",
+        description="diofs side by side with its peers (local disk, C and Python passthrough), "
+                    "interleaved, repeated; writes results.json, results.md and a chart.")
+    ap.add_argument("--peers", default=",".join(PEER_NAMES),
+                    help=f"comma-separated subset of {','.join(PEER_NAMES)} (default: all)")
+    ap.add_argument("--jobs", default=None, help="comma-separated job names (default: all; "
+                    "see --list-jobs)")
+    ap.add_argument("--repeat", type=int, default=None, help="repetitions per job (default 3)")
+    ap.add_argument("--runtime", type=float, default=None, help="seconds per fio job (default 5)")
+    ap.add_argument("--size", default=None, help="data file size (default 256M)")
+    ap.add_argument("--meta-files", type=int, default=None,
+                    help="files in the metadata job (default 10000)")
+    ap.add_argument("--quick", action="store_true",
+                    help="runtime 2 s, repeat 1, size 64M, 2000 metadata files")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="results dir (default bench-results/<timestamp>/ at the repo root)")
+    ap.add_argument("--workdir", type=Path, default=None,
+                    help="where mounts, backing dirs and the image go (default "
+                         "~/.cache/diofs-bench/work-*, removed afterwards)")
+    ap.add_argument("--keep-workdir", action="store_true")
+    ap.add_argument("--diofs-image-size", default="1G")
+    ap.add_argument("--diofs-opts", default="",
+                    help="extra arguments for mount.py, one shell-quoted string "
+                         "(e.g. \"-o cache_size=128M\")")
+    ap.add_argument("--no-plots", action="store_true")
+    ap.add_argument("--list-jobs", action="store_true", help="print the job table and exit")
+    ap.add_argument("--report", type=Path, default=None, metavar="RESULTS_JSON",
+                    help="rebuild results.md and the chart from a results.json and exit")
+    ap.add_argument("--profile", default=None, metavar="JOB",
+                    help="run JOB once on diofs with the daemon under a profiler; print top "
+                         "functions")
+    ap.add_argument("--profiler", choices=("py-spy", "cprofile"), default="py-spy")
+    return ap.parse_args(argv)
+
+
+def options_from_args(a: argparse.Namespace) -> Options:
+    q = a.quick
+    peers = [p.strip() for p in a.peers.split(",") if p.strip()]
+    bad = [p for p in peers if p not in PEER_NAMES]
+    if bad:
+        raise SystemExit(f"bench: unknown peer(s) {bad}; known: {', '.join(PEER_NAMES)}")
+    try:
+        jobs = select_jobs(a.jobs)
+    except ValueError as exc:
+        raise SystemExit(f"bench: {exc}") from None
+    return Options(
+        peers=peers, jobs=jobs,
+        repeat=a.repeat if a.repeat is not None else (1 if q else 3),
+        runtime_s=a.runtime if a.runtime is not None else (2.0 if q else 5.0),
+        size_bytes=parse_size(a.size or ("64M" if q else "256M")),
+        meta_files=a.meta_files if a.meta_files is not None else (2000 if q else 10_000),
+        out=a.out, workdir=a.workdir, keep_workdir=a.keep_workdir,
+        diofs_image_size=a.diofs_image_size, diofs_args=shlex.split(a.diofs_opts),
+        plots=not a.no_plots,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    if a.list_jobs:
+        for j in JOBS:
+            fio = " ".join(f"--{k}={v}" for k, v in j.fio) or "(Python loop, metaload.py)"
+            print(f"{j.name:<26} {j.metric:<6} {j.title}\n{'':<33}{fio}")
+        return 0
+    if a.report:
+        results = json.loads(a.report.read_text())
+        out = a.out or a.report.parent
+        report.write_results(results, out)
+        print(report.plot(results, out))
+        print(report.markdown(results))
+        return 0
+    opts = options_from_args(a)
+    if a.profile:
+        from benchmarks import profile
+
+        return profile.run_profile(a.profile, opts, a.profiler)
+    if shutil_which("fio") is None:
+        print("bench: fio is not installed", file=sys.stderr)
+        return 2
+    results = run_bench(opts)
+    failed = sum(not r["ok"] for r in results["runs"])
+    print(f"done: {len(results['runs'])} runs, {failed} failed")
+    return 0
+
+
+def shutil_which(name: str) -> str | None:
+    import shutil
+
+    return shutil.which(name)

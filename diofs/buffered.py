@@ -1,0 +1,172 @@
+"""Buffered reads and writes through the daemon page cache (SPEC 2), and the fill path that
+the pagecache lock and the fault marker protect (SPEC 4, seed 004).
+
+Paths (lock order in diofs/locks/__init__.py):
+  read hit        cache only, no lock
+  read miss       pagecache ADD (owner = requesting tid) -> read the image -> insert clean pages
+  own-task fault  the tid holds BLOCK on this inode for its own direct I/O (fault marker):
+                  no lock, read the image, merge cached pages, insert NOTHING (faults-disabled)
+  write           wait_for_room -> ADD -> (fill partial pages of existing data) -> dirty pages
+                  -> grow i_size; O_DSYNC/O_SYNC: write back the range, then flush (durability)
+
+Why the fill holds ADD across image read *and* insert: a direct write takes BLOCK, shoots the
+range down, writes, shoots down again. A fill that read old bytes before the write and inserted
+them after the second shootdown would make them visible forever; ADD and BLOCK exclude each
+other, so either the fill finishes (and is shot down) or starts after the write.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import time
+
+import trio
+
+from diofs import bugs, stats
+from diofs.bugs import Bug
+from diofs.cache import PageCache, Writeback
+from diofs.durability import Durability, wants_sync
+from diofs.errors import FsError
+from diofs.format.metadata import Inode
+from diofs.fs import Filesystem
+from diofs.handles import Handle
+from diofs.locks import FaultMarker, LockTable
+from diofs.request import Request
+
+log = logging.getLogger(__name__)
+
+
+class Buffered:
+    def __init__(
+        self, fs: Filesystem, cache: PageCache, writeback: Writeback, locks: LockTable,
+        marker: FaultMarker, durability: Durability, *, fill_delay: float = 0.0,
+    ) -> None:
+        self.fs = fs
+        self.cache = cache
+        self.writeback = writeback
+        self.locks = locks
+        self.marker = marker
+        self.durability = durability
+        self.ps = cache.page_size
+        self.fill_delay = fill_delay  # demo hook: widens the fill race window (seconds)
+
+    async def write_back_page_run(self, ino: int, off: int, data: bytes) -> None:
+        """The cache's WriteFn: write a run of dirty pages to the image, clipped to i_size
+        (pages are zero-padded past EOF; writeback must not grow the file)."""
+        inode = self.fs.inodes.get(ino)
+        if inode is None:
+            return
+        n = min(len(data), inode.size - off)
+        if n > 0:
+            await self.fs.write_data(inode, off, memoryview(data)[:n])
+
+    # ------------------------------------------------------------------ reads
+    async def read(self, h: Handle, off: int, size: int, req: Request) -> bytes:
+        inode = h.inode
+        end = min(off + size, inode.size)
+        if end <= off:
+            return b""
+        ps = self.ps
+        first, last = off // ps, (end - 1) // ps
+        pages = self.cache.lookup_run(inode.ino, first, last - first + 1)
+        if None in pages:
+            if self.marker.faults_disabled(req.tid, inode.ino) and not bugs.enabled(
+                Bug.NO_FAULT_MARKER
+            ):
+                return await self._read_faults_disabled(inode, off, end)
+            await self._fill(h, inode, first, last, req.tid)
+            pages = [self.cache.peek(inode.ino, i) for i in range(first, last + 1)]
+            if None in pages:  # evicted again under memory pressure: read around the cache
+                return await self._read_faults_disabled(inode, off, end)
+        stats.add("cache.bytes_served", end - off)
+        if len(pages) == 1:
+            return bytes(pages[0][off - first * ps : end - first * ps])  # type: ignore[index]
+        data = b"".join(pages)  # type: ignore[arg-type]
+        return data[off - first * ps : end - first * ps]
+
+    async def _fill(self, h: Handle, inode: Inode, first: int, last: int, tid: int) -> None:
+        """Fill the missing pages of [first, last] plus readahead, under pagecache ADD."""
+        npages_file = -(-inode.size // self.ps)
+        want = h.readahead.window(first, last - first + 1)
+        ra_last = min(first + want, npages_file) - 1
+        if bugs.enabled(Bug.NO_PAGECACHE_LOCK):
+            await self._fill_unlocked(inode, first, max(last, ra_last), last)
+            return
+        async with self.locks.pagecache_add(inode.ino, tid):
+            await self._fill_unlocked(inode, first, max(last, ra_last), last)
+
+    async def _fill_unlocked(self, inode: Inode, first: int, ra_last: int, last: int) -> None:
+        ps = self.ps
+        idx = first
+        while idx <= ra_last:
+            if self.cache.peek(inode.ino, idx) is not None:
+                idx += 1
+                continue
+            run_end = idx
+            while run_end + 1 <= ra_last and self.cache.peek(inode.ino, run_end + 1) is None:
+                run_end += 1
+            data = await self.fs.read_data(inode, idx * ps, (run_end - idx + 1) * ps)
+            if self.fill_delay:
+                await trio.sleep(self.fill_delay)  # demo hook (see module docstring)
+            self.cache.insert_clean_run(inode.ino, idx, data)
+            if run_end > last:
+                stats.add("cache.readahead_pages", run_end - max(idx, last + 1) + 1)
+            idx = run_end + 1
+
+    async def _read_faults_disabled(self, inode: Inode, off: int, end: int) -> bytes:
+        """The task's own direct I/O holds BLOCK on this inode: read the image, overlay the
+        cached (possibly dirty) pages, insert nothing (seed 004, faults_disabled_mapping)."""
+        stats.add("locks.faults_disabled_fills")
+        data = await self.fs.read_data(inode, off, end - off)
+        ps = self.ps
+        for idx in range(off // ps, (end - 1) // ps + 1):
+            page = self.cache.peek(inode.ino, idx)
+            if page is not None:
+                s, e = max(off, idx * ps), min(end, (idx + 1) * ps)
+                data[s - off : e - off] = page[s - idx * ps : e - idx * ps]
+        return bytes(data)
+
+    # ------------------------------------------------------------------ writes
+    async def write(self, h: Handle, off: int, buf: bytes, req: Request, flags: int) -> int:
+        inode = h.inode
+        if flags & os.O_APPEND:
+            off = inode.size
+        end = off + len(buf)
+        if end > self.fs.sb.data_blocks * self.fs.bs * 4:
+            raise FsError(errno.EFBIG)  # far beyond what the image could ever hold
+        await self.writeback.wait_for_room()
+        async with self.locks.pagecache_add(inode.ino, req.tid):
+            await self._write_pages(inode, off, buf)
+        stats.add("cache.bytes_written", len(buf))
+        sync, full = wants_sync(flags)
+        if sync:
+            await self.writeback.writeback_range(inode.ino, off, end)
+            await self.durability.sync_write(full_sync=full)
+        return len(buf)
+
+    async def _write_pages(self, inode: Inode, off: int, buf: bytes) -> None:
+        ps = self.ps
+        end = off + len(buf)
+        src = memoryview(buf)
+        ino = inode.ino
+        for idx in range(off // ps, (end - 1) // ps + 1):
+            s, e = max(off, idx * ps), min(end, (idx + 1) * ps)
+            whole = s == idx * ps and e == (idx + 1) * ps
+            if not whole and self.cache.peek(ino, idx) is None:
+                if idx * ps >= inode.size:
+                    self.cache.create_zero(ino, idx)
+                else:  # read-modify-write of existing data (holes read as zeros)
+                    data = await self.fs.read_data(inode, idx * ps, ps)
+                    if self.cache.peek(ino, idx) is None:
+                        self.cache.insert_clean(ino, idx, data)
+            self.cache.write(ino, idx, s - idx * ps, src[s - off : e - off])
+            # i_size grows page by page, so a concurrent reader never sees a size that
+            # covers bytes not yet in the cache
+            if e > inode.size:
+                inode.size = e
+                self.fs.dirty(inode, layout=True)
+        inode.mtime_ns = inode.ctime_ns = time.time_ns()
+        self.fs.dirty(inode)
+

@@ -1,0 +1,67 @@
+"""What every command shares: one-line errors, exit codes (diofs.errors), size parsing."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+import traceback
+from collections.abc import Callable
+from typing import NoReturn
+
+from diofs.errors import EXIT_ERROR, EXIT_USAGE, DiofsError
+
+_SIZE = re.compile(r"^\s*(\d+)\s*([kmgtKMGT]?)(i?[bB])?\s*$")
+
+
+def parse_size(text: str) -> int:
+    m = _SIZE.match(text)
+    if not m:
+        raise DiofsError(f"bad size {text!r} (use a number with an optional K, M, G or T suffix)")
+    return int(m.group(1)) << {"": 0, "k": 10, "m": 20, "g": 30, "t": 40}[m.group(2).lower()]
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports usage errors on one line."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"{self.prog}: {message}\n")
+        sys.exit(EXIT_USAGE)
+
+
+def run_main(prog: str, fn: Callable[[list[str]], int | None], argv: list[str] | None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in args
+    try:
+        code = fn(args)
+    except DiofsError as exc:
+        if debug:
+            traceback.print_exc()
+        sys.stderr.write(f"{prog}: {exc.message}\n")
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        sys.stderr.write(f"{prog}: interrupted\n")
+        sys.exit(130)
+    except OSError as exc:
+        if debug:
+            traceback.print_exc()
+        sys.stderr.write(f"{prog}: {exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}\n")
+        sys.exit(EXIT_ERROR)
+    except Exception as exc:  # never a traceback without --debug
+        if debug:
+            traceback.print_exc()
+        sys.stderr.write(f"{prog}: internal error: {exc!r} (run with --debug for details)\n")
+        sys.exit(EXIT_ERROR)
+    sys.exit(code or 0)
+
+
+def setup_logging(debug: bool, log_file: str | None = None) -> None:
+    handler: logging.Handler
+    handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s.%(msecs)03d %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if debug else logging.INFO)

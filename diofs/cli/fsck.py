@@ -1,0 +1,125 @@
+"""fsck.diofs IMAGE [--repair]: check an image; exit 0 when clean, 4 on damage, 3 if it
+cannot be read at all. Read-only unless --repair (which rebuilds the bitmap, fixes link
+counts, drops dangling entries and frees unreachable inodes, then commits).
+
+Checks: superblock and commit checksums (diofs.format.layout), the metadata blob, every
+directory entry points at an inode, link counts match the entries, every inode is reachable
+from the root, extents lie in the data area, do not overlap (within or across files), and
+unwritten extents are well formed (SPEC 5), and the bitmap marks exactly the metadata area
+plus the blocks extents use.
+"""
+
+from __future__ import annotations
+
+import stat as S
+from collections import Counter
+
+from diofs.backend import open_backend
+from diofs.cli.common import ArgumentParser, run_main
+from diofs.errors import EXIT_DAMAGED
+from diofs.format import image, metadata
+from diofs.format.image import ROOT_INO
+
+
+def check(loaded: image.Loaded, *, repair: bool) -> list[str]:
+    sb, md = loaded.sb, loaded.md
+    problems: list[str] = []
+    inodes = md.inodes
+    if ROOT_INO not in inodes or not S.S_ISDIR(inodes[ROOT_INO].mode):
+        return ["root directory is missing"]
+    refs: Counter[int] = Counter()
+    subdirs: Counter[int] = Counter()
+    for d in inodes.values():
+        if d.entries is None:
+            continue
+        for name, ino in list(d.entries.items()):
+            child = inodes.get(ino)
+            if child is None:
+                problems.append(f"directory {d.ino}: entry {name!r} points at missing inode {ino}")
+                if repair:
+                    del d.entries[name]
+                    d.record = None
+                continue
+            refs[ino] += 1
+            if child.is_dir:
+                subdirs[d.ino] += 1
+    reachable = {ROOT_INO}
+    stack = [ROOT_INO]
+    while stack:
+        d = inodes[stack.pop()]
+        for ino in (d.entries or {}).values():
+            if ino in inodes and ino not in reachable:
+                reachable.add(ino)
+                stack.append(ino)
+    for ino in sorted(set(inodes) - reachable):
+        problems.append(f"inode {ino} is not reachable from the root (nlink {inodes[ino].nlink})")
+        if repair:
+            del inodes[ino]
+    for inode in inodes.values():
+        want = 2 + subdirs[inode.ino] if inode.is_dir else refs[inode.ino]
+        if inode.nlink != want:
+            problems.append(f"inode {inode.ino}: link count {inode.nlink}, expected {want}")
+            if repair:
+                inode.nlink = want
+                inode.record = None
+    owner: dict[int, int] = {}
+    used = bytearray(sb.total_blocks)
+    used[: sb.data_start] = b"\x01" * sb.data_start
+    for inode in inodes.values():
+        prev_end = 0
+        for e in inode.extents:
+            if e.count <= 0 or e.start < prev_end:
+                problems.append(f"inode {inode.ino}: extents overlap or are empty at {e.start}")
+            prev_end = e.start + e.count
+            if e.phys < sb.data_start or e.phys + e.count > sb.total_blocks:
+                problems.append(
+                    f"inode {inode.ino}: extent at file block {e.start} points outside the "
+                    f"data area ({e.phys}+{e.count})"
+                )
+                continue
+            for b in range(e.phys, e.phys + e.count):
+                if b in owner:
+                    problems.append(f"block {b} is used by inodes {owner[b]} and {inode.ino}")
+                    break
+                owner[b] = inode.ino
+            used[e.phys : e.phys + e.count] = b"\x01" * e.count
+    if used != md.bitmap:
+        leaked = sum(1 for a, b in zip(md.bitmap, used, strict=True) if a and not b)
+        missing = sum(1 for a, b in zip(md.bitmap, used, strict=True) if b and not a)
+        problems.append(
+            f"free-space bitmap is wrong: {leaked} blocks marked used but unreferenced, "
+            f"{missing} used blocks marked free"
+        )
+        if repair:
+            md.bitmap[:] = used
+    return problems
+
+
+def fsck(argv: list[str]) -> int:
+    p = ArgumentParser(prog="fsck.diofs", description=__doc__)
+    p.add_argument("image")
+    p.add_argument("--repair", action="store_true", help="fix what can be fixed")
+    p.add_argument("--debug", action="store_true")
+    a = p.parse_args(argv)
+    backend = open_backend(a.image, writable=a.repair)
+    try:
+        loaded = image.load(backend)  # ImageCorrupt -> one line, exit 3
+        problems = check(loaded, repair=a.repair)
+        for line in problems:
+            print(f"fsck.diofs: {a.image}: {line}")
+        if problems and a.repair:
+            blob = metadata.encode(loaded.md)
+            image.write_commit(backend, loaded.sb, loaded.generation + 1, blob)
+            print(f"fsck.diofs: {a.image}: repaired {len(problems)} problem(s)")
+            return 0
+    finally:
+        backend.close()
+    if problems:
+        return EXIT_DAMAGED
+    n = len(loaded.md.inodes)
+    print(f"fsck.diofs: {a.image}: clean ({n} inodes, generation {loaded.generation})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_main("fsck.diofs", fsck, argv)

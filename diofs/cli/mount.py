@@ -1,0 +1,300 @@
+"""mount.diofs IMAGE MOUNTPOINT [-o opts] [--foreground] [--bug NAME]... [--log FILE]
+
+Without --foreground the command returns once the filesystem is mounted and serving; the
+daemon keeps running in the background until `fusermount3 -u MOUNTPOINT`, when it writes
+everything back, commits the metadata and exits 0.
+
+Options (-o k=v,...): cache_size=64M, dio_align=N (a multiple of the image's), writeback_age=S,
+commit_interval=S, shootdown=unlocked|locked, backend=raw|crash|fault, crash_log=PATH,
+fault_spec=PATH, max_tasks=N, fill_delay=S and dio_delay=S (demo hooks that widen race
+windows). Unknown -o options are passed to FUSE only if they are known FUSE options
+(allow_other, default_permissions, ro...).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import faulthandler
+import logging
+import os
+import signal
+import sys
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+
+import trio
+
+from diofs import bugs, request, stats
+from diofs.backend import open_backend
+from diofs.buffered import Buffered
+from diofs.cache import PageCache, Writeback
+from diofs.cli.common import ArgumentParser, parse_size, run_main, setup_logging
+from diofs.dio import Direct
+from diofs.durability import Durability
+from diofs.errors import EXIT_MOUNT_FAILED, EXIT_MOUNTPOINT, DiofsError
+from diofs.fs import Filesystem
+from diofs.locks import FaultMarker, LockTable
+
+log = logging.getLogger(__name__)
+
+FUSE_PASSTHROUGH = {"allow_other", "default_permissions", "ro", "rw", "noatime", "nodev",
+                    "nosuid", "dev", "suid", "exec", "noexec", "auto", "noauto", "user",
+                    "nouser", "_netdev", "relatime", "atime"}
+MCL_CURRENT, MCL_FUTURE = 1, 2
+
+
+@dataclass
+class Options:
+    cache_size: int = 64 << 20
+    dio_align: int | None = None
+    writeback_age: float = 5.0
+    commit_interval: float = 5.0
+    shootdown: str = "unlocked"
+    backend: str = "raw"
+    crash_log: str | None = None
+    fault_spec: str | None = None
+    max_tasks: int = 64
+    fill_delay: float = 0.0
+    dio_delay: float = 0.0
+    fuse: tuple[str, ...] = ()
+
+
+def parse_options(items: list[str]) -> Options:
+    o = Options()
+    fuse: list[str] = []
+    for group in items:
+        for item in filter(None, group.split(",")):
+            key, _, value = item.partition("=")
+            try:
+                if key == "cache_size":
+                    o.cache_size = parse_size(value)
+                elif key == "dio_align":
+                    o.dio_align = int(value)
+                elif key in ("writeback_age", "commit_interval", "fill_delay", "dio_delay"):
+                    setattr(o, key, float(value))
+                elif key == "max_tasks":
+                    o.max_tasks = int(value)
+                elif key == "shootdown" and value in ("unlocked", "locked"):
+                    o.shootdown = value
+                elif key == "backend" and value in ("raw", "crash", "fault"):
+                    o.backend = value
+                elif key in ("crash_log", "fault_spec") and value:
+                    setattr(o, key, os.path.abspath(value))
+                elif key in FUSE_PASSTHROUGH and not value:
+                    fuse.append(key)
+                else:
+                    raise DiofsError(f"bad mount option {item!r}")
+            except ValueError:
+                raise DiofsError(f"bad mount option {item!r}") from None
+    if o.cache_size < 1 << 20:
+        raise DiofsError("cache_size must be at least 1M")
+    if o.backend == "crash" and not o.crash_log:
+        raise DiofsError("backend=crash needs crash_log=PATH")
+    if o.backend == "fault" and not o.fault_spec:
+        raise DiofsError("backend=fault needs fault_spec=PATH")
+    o.fuse = tuple(fuse)
+    return o
+
+
+def check_mountpoint(mnt: str) -> None:
+    if not os.path.exists(mnt):
+        raise DiofsError(f"mountpoint {mnt} does not exist", EXIT_MOUNTPOINT)
+    if not os.path.isdir(mnt):
+        raise DiofsError(f"mountpoint {mnt} is not a directory", EXIT_MOUNTPOINT)
+    if os.path.ismount(mnt):
+        raise DiofsError(f"mountpoint {mnt} is busy (already a mount point)", EXIT_MOUNTPOINT)
+
+
+def mlockall() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.mlockall(MCL_CURRENT | MCL_FUTURE) != 0:
+        err = ctypes.get_errno()
+        raise DiofsError(f"mlockall failed: {os.strerror(err)}")
+
+
+class Daemon:
+    """Owns the mount's objects; `serve()` is the one trio.run of the process."""
+
+    def __init__(self, image: str, mnt: str, opts: Options, *, mlock: bool) -> None:
+        self.mnt = mnt
+        self.opts = opts
+        self.mlock = mlock
+        self.backend = open_backend(
+            image, opts.backend, crash_log=opts.crash_log, fault_spec=opts.fault_spec
+        )
+        try:
+            self.fs = Filesystem.load(self.backend)
+        except BaseException:
+            self.backend.close()
+            raise
+        sb = self.fs.sb
+        if opts.dio_align is not None and (
+            opts.dio_align < sb.dio_align or opts.dio_align % sb.dio_align
+            or opts.dio_align > sb.block_size
+        ):
+            self.backend.close()
+            raise DiofsError(
+                f"dio_align={opts.dio_align} must be a multiple of the image's {sb.dio_align} "
+                f"and at most the block size {sb.block_size}"
+            )
+
+    def build(self) -> None:
+        import pyfuse3
+
+        from diofs.ops import Operations
+
+        fs, o = self.fs, self.opts
+        self.durability = Durability(fs)
+        self.cache = PageCache(fs.bs, o.cache_size)
+        self.buffered: Buffered
+        self.writeback = Writeback(
+            self.cache, self._write_back, age_s=o.writeback_age,
+            on_error=self.durability.record_writeback_error,
+        )
+        locks, marker = LockTable(), FaultMarker()
+        self.buffered = Buffered(
+            fs, self.cache, self.writeback, locks, marker, self.durability,
+            fill_delay=o.fill_delay,
+        )
+        self.direct = Direct(
+            fs, self.cache, self.writeback, locks, marker, self.durability,
+            dio_align=o.dio_align or fs.sb.dio_align,
+            locked_shootdown=o.shootdown == "locked", write_delay=o.dio_delay,
+        )
+        self.ops = Operations(fs, self.buffered, self.direct, self.durability)
+        self.locks = locks
+        fuse_opts = set(pyfuse3.default_options)
+        fuse_opts.discard("default_permissions")
+        fuse_opts |= {"fsname=diofs", "subtype=diofs", "default_permissions", *o.fuse}
+        # diofs is the only writer of its image: drop the kernel's whole-file invalidation on
+        # mtime change, which loses data under threaded mmap + O_DIRECT (fuse-facts row 9).
+        pyfuse3.set_auto_inval_data(False)
+        pyfuse3.init(self.ops, self.mnt, fuse_opts)
+
+    async def _write_back(self, ino: int, off: int, data: bytes) -> None:
+        await self.buffered.write_back_page_run(ino, off, data)
+
+    async def _periodic_commit(self) -> None:
+        while True:
+            await trio.sleep(self.opts.commit_interval)
+            if self.fs.meta_dirty:
+                try:
+                    await self.durability.make_durable(metadata=True)
+                except OSError as exc:
+                    stats.add("errors.commit")
+                    log.error("periodic metadata commit failed: %s", exc)
+
+    async def serve(self) -> None:
+        import pyfuse3
+
+        async with AsyncExitStack() as stack:
+            nursery = await stack.enter_async_context(trio.open_nursery())
+            await nursery.start(self.writeback.run)
+            nursery.start_soon(self._periodic_commit)
+            try:
+                await pyfuse3.main(min_tasks=2, max_tasks=self.opts.max_tasks)
+            finally:
+                with trio.CancelScope(shield=True):
+                    await self.shutdown()
+                nursery.cancel_scope.cancel()
+
+    async def shutdown(self) -> None:
+        """Unmount: write everything back, free orphans, commit, close the image."""
+        try:
+            await self.writeback.writeback_all()
+        except OSError as exc:
+            log.error("final writeback failed: %s", exc)
+        self.fs.unmount_cleanup()
+        await self.fs.commit()
+        log.info("unmounted cleanly (generation %d)", self.fs.generation)
+
+
+def _daemonize(ready_w: int) -> None:
+    """Detach: the parent waits on `ready_w`'s pipe; this process continues as the daemon."""
+    os.setsid()
+    if os.fork() > 0:
+        os._exit(0)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+
+
+def mount(argv: list[str]) -> int:
+    p = ArgumentParser(prog="mount.diofs", description=__doc__)
+    p.add_argument("image")
+    p.add_argument("mountpoint")
+    p.add_argument("-o", dest="options", action="append", default=[], help="mount options")
+    p.add_argument("--foreground", "-f", action="store_true", help="serve in the foreground")
+    p.add_argument("--bug", action="append", default=[], metavar="NAME",
+                   help=f"switch a protection off: {', '.join(bugs.names())}")
+    p.add_argument("--log", help="log file (default: stderr in the foreground, else none)")
+    p.add_argument("--mlock", action="store_true", help="mlockall(MCL_CURRENT|MCL_FUTURE)")
+    p.add_argument("--debug", action="store_true")
+    a = p.parse_args(argv)
+    try:
+        bugs.enable(a.bug)
+    except ValueError as exc:
+        raise DiofsError(str(exc)) from None
+    opts = parse_options(a.options)
+    mnt = os.path.abspath(a.mountpoint)
+    log_file = os.path.abspath(a.log) if a.log else None
+    check_mountpoint(mnt)
+    if not os.path.exists(a.image):
+        raise DiofsError(f"image {a.image} does not exist")
+    request.check_binding()
+    daemon = Daemon(a.image, mnt, opts, mlock=a.mlock)  # ImageCorrupt -> one line, exit 3
+
+    if not a.foreground:
+        r, w = os.pipe()
+        if os.fork() > 0:  # parent: report the daemon's outcome
+            os.close(w)
+            msg = b""
+            while chunk := os.read(r, 4096):
+                msg += chunk
+            if msg == b"ok":
+                return 0
+            sys.stderr.write(f"mount.diofs: {msg.decode(errors='replace') or 'daemon died'}\n")
+            return EXIT_MOUNT_FAILED
+        os.close(r)
+        _daemonize(w)
+    else:
+        w = -1
+
+    setup_logging(a.debug, log_file if (log_file or a.foreground) else os.devnull)
+    if log_file:
+        crit = open(log_file, "a")  # noqa: SIM115 - lives as long as the process
+        faulthandler.register(signal.SIGUSR1, file=crit, all_threads=True)
+    elif a.foreground:
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
+    try:
+        if a.mlock:
+            mlockall()
+        daemon.build()
+    except Exception as exc:
+        text = exc.message if isinstance(exc, DiofsError) else f"cannot mount {mnt}: {exc}"
+        if w >= 0:
+            os.write(w, text.encode())
+            os._exit(EXIT_MOUNT_FAILED)
+        raise DiofsError(text, EXIT_MOUNT_FAILED) from None
+    log.info("mounted %s on %s (bugs: %s)", a.image, mnt, ",".join(bugs.active()) or "none")
+    if w >= 0:
+        os.write(w, b"ok")
+        os.close(w)
+    import pyfuse3
+
+    try:
+        trio.run(daemon.serve)
+    except BaseException:
+        log.exception("daemon failed")
+        raise
+    finally:
+        pyfuse3.close(unmount=True)
+        daemon.backend.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_main("mount.diofs", mount, argv)
+
+
+

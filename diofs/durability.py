@@ -1,0 +1,143 @@
+"""Durability: fsync / fdatasync, synchronous writes flushed before their reply, group
+commit, and writeback error reporting (SPEC 6, seed 001).
+
+The kernel sends no FSYNC for asynchronous non-extending O_DSYNC/O_SYNC direct writes, nor
+for any write on a direct_io handle (fuse-facts row 4): `sync_write` is called by the write
+paths themselves for every WRITE whose request or handle carries O_DSYNC or O_SYNC, before
+the reply (seed 001: complete the AIO only after the sync).
+
+Group commit: `Coalescer.run()` returns once a run of its function that *started after the
+call* has finished, so concurrent callers share one image flush (or one metadata commit).
+Counters: `durability.flushes`, `durability.commits`, `durability.sync_writes`,
+`durability.writes_per_flush` (sync writes served per flush or commit, running mean).
+
+Errors (errseq, like mm/filemap.c): a failed background writeback bumps the inode's error
+sequence; each handle keeps the sequence it has seen. `check_and_advance` (consume) reports
+the error once per handle, at its next fsync; `peek` leaves the cursor alone.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from collections import defaultdict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import trio
+
+from diofs import bugs, stats
+from diofs.bugs import Bug
+from diofs.errors import FsError
+from diofs.fs import Filesystem
+from diofs.handles import Handle
+
+log = logging.getLogger(__name__)
+
+
+class Coalescer:
+    """Group commit: many waiters, one run of `fn` per batch. Runs never overlap."""
+
+    def __init__(self, fn: Callable[[], Awaitable[None]], counter: str) -> None:
+        self._fn = fn
+        self._counter = counter
+        self._started = 0
+        self._done = 0
+        self._running = False
+        self._finished = trio.Event()
+        self._errors: dict[int, BaseException] = {}
+        self._waiters: defaultdict[int, int] = defaultdict(int)
+
+    async def run(self) -> None:
+        """Return once a run that started after this call completed; raise its error."""
+        target = self._started + 1
+        self._waiters[target] += 1
+        while self._done < target:
+            if self._running:
+                await self._finished.wait()
+                continue
+            self._running = True
+            self._started += 1
+            run_no = self._started
+            try:
+                with trio.CancelScope(shield=True):
+                    await self._fn()
+            except Exception as exc:
+                self._errors[run_no] = exc
+            finally:
+                self._running = False
+                self._done = run_no
+                stats.add(self._counter)
+                served = self._waiters.pop(run_no, 0)
+                stats.add("durability.sync_writes_served", served)
+                runs = stats.get("durability.flushes") + stats.get("durability.commits")
+                if runs:
+                    stats.set(
+                        "durability.writes_per_flush",
+                        round(stats.get("durability.sync_writes_served") / runs, 2),
+                    )
+                for old in [k for k in self._errors if k < run_no - 64]:
+                    del self._errors[old]
+                event, self._finished = self._finished, trio.Event()
+                event.set()
+        exc = self._errors.get(target)
+        if exc is not None:
+            raise exc
+
+
+@dataclass(slots=True)
+class _ErrSeq:
+    seq: int = 0
+    errno: int = 0
+
+
+class Durability:
+    def __init__(self, fs: Filesystem) -> None:
+        self.fs = fs
+        self.flusher = Coalescer(fs.flush, "durability.flushes")
+        self.committer = Coalescer(fs.commit, "durability.commits")
+        self._errseq: defaultdict[int, _ErrSeq] = defaultdict(_ErrSeq)
+
+    # -- errseq
+    def record_writeback_error(self, ino: int, exc: BaseException) -> None:
+        e = self._errseq[ino]
+        e.seq += 1
+        e.errno = getattr(exc, "errno", None) or errno.EIO
+        stats.add("errors.writeback")
+        log.error("writeback of inode %d failed: %s", ino, exc)
+
+    def sample(self, ino: int) -> int:
+        """The cursor a newly opened handle starts from (errors before it are not its own)."""
+        return self._errseq[ino].seq if ino in self._errseq else 0
+
+    def check_and_advance(self, h: Handle) -> None:
+        """Consume: raise the inode's writeback error once for this handle."""
+        e = self._errseq.get(h.inode.ino)
+        if e is not None and e.seq > h.wb_err_seen:
+            h.wb_err_seen = e.seq
+            raise FsError(e.errno)
+
+    def forget(self, ino: int) -> None:
+        self._errseq.pop(ino, None)
+
+    # -- flushing
+    async def make_durable(self, *, metadata: bool) -> None:
+        """Flush the image; with `metadata` (or if extents / sizes changed since the last
+        commit) commit the metadata too. Shared by concurrent callers (group commit)."""
+        if metadata or not self.fs.layout_committed:
+            await self.committer.run()
+        else:
+            await self.flusher.run()
+
+    async def sync_write(self, *, full_sync: bool) -> None:
+        """Called after a WRITE with O_DSYNC/O_SYNC landed, before its reply."""
+        stats.add("durability.sync_writes")
+        if bugs.enabled(Bug.NO_SYNC_FLUSH):
+            return
+        await self.make_durable(metadata=full_sync)
+
+
+def wants_sync(flags: int) -> tuple[bool, bool]:
+    """(any sync, full O_SYNC) for request or open flags."""
+    return bool(flags & os.O_DSYNC), flags & os.O_SYNC == os.O_SYNC

@@ -1,0 +1,493 @@
+"""The in-memory filesystem: inodes, directories, extents, block allocation, image data I/O,
+and metadata commits. It knows nothing of FUSE, the page cache or its locks.
+
+Concurrency: all metadata (inodes, extent maps, bitmap) is changed by trio tasks between
+checkpoints, so each synchronous method is atomic. Image I/O goes through `_io`, which may
+await a worker thread; every `await` inside a method here ends an atomic section, and the
+comment next to it says what may have changed. Callers (buffered.py, dio.py) hold the inode's
+locks (diofs.locks) that keep data ranges stable across those awaits.
+
+Block freeing: blocks that leave an extent map go to `pending_free`, still marked in use, and
+become free only after the next commit is durable. So the committed metadata never points at
+blocks that have since been reused by another file (a power cut cannot mix files' data).
+
+Order of a data write into holes (SPEC 5, seed 003, in `write_data`):
+    (1) allocate blocks as unwritten extents (they read as zeros)
+    (2) write the data (and zero the rest of partially covered new blocks)
+    (3) mark the extents written, then grow i_size
+With `--bug size-before-data`, (3) happens before (2).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import stat as S
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+import trio
+
+from diofs import bugs, stats
+from diofs.backend import Backend
+from diofs.bugs import Bug
+from diofs.errors import FsError
+from diofs.format import image, metadata
+from diofs.format.extents import Segment
+from diofs.format.layout import Superblock
+from diofs.format.metadata import Inode
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+ROOT_INO = image.ROOT_INO
+NAME_MAX = 255
+INLINE_IO_BYTES = 128 << 10  # image I/O up to this size runs on the trio thread (see _io)
+
+
+class Filesystem:
+    """Attributes are protected by trio's single thread (see module docstring); `commit_lock`
+    serialises commits."""
+
+    def __init__(self, backend: Backend, loaded: image.Loaded) -> None:
+        self.backend = backend
+        self.sb: Superblock = loaded.sb
+        self.bs = loaded.sb.block_size
+        self.generation = loaded.generation
+        self.inodes: dict[int, Inode] = loaded.md.inodes
+        self.next_ino = loaded.md.next_ino
+        self.bitmap = loaded.md.bitmap
+        self.free_blocks = self.bitmap.count(0, self.sb.data_start)
+        self.pending_free: list[tuple[int, int]] = []
+        self.meta_dirty = False
+        # Bumped whenever extents or i_size change: fdatasync and O_DSYNC need a commit only
+        # if this moved past what the last commit covered (timestamps alone do not count).
+        self.layout_seq = 0
+        self.committed_layout_seq = 0
+        self.commit_lock = trio.Lock()
+        self._rover = self.sb.data_start
+        self.io_limiter = trio.CapacityLimiter(4)
+
+    # ------------------------------------------------------------------ loading, commits
+    @classmethod
+    def load(cls, backend: Backend) -> Filesystem:
+        fs = cls(backend, image.load(backend))
+        for ino in [i for i, n in fs.inodes.items() if n.nlink == 0]:
+            fs.free_inode(fs.inodes[ino])  # orphans of a crash (unlinked while open)
+        return fs
+
+    def dirty(self, inode: Inode, *, layout: bool = False) -> None:
+        """Record that `inode` changed: it is re-serialised at the next commit. `layout`:
+        its extents or size changed (data reads depend on it)."""
+        inode.record = None
+        self.meta_dirty = True
+        if layout:
+            self.layout_seq += 1
+
+    @property
+    def layout_committed(self) -> bool:
+        return self.committed_layout_seq >= self.layout_seq
+
+    async def commit(self) -> None:
+        """Make the current metadata durable (shadow-paged commit, see format/layout.py)."""
+        async with self.commit_lock:
+            # Atomic snapshot: blocks freed so far are free in this commit; blocks freed
+            # during the awaits below wait for the next one.
+            freed, self.pending_free = self.pending_free, []
+            bitmap = self.bitmap
+            for phys, count in freed:
+                bitmap[phys : phys + count] = bytes(count)
+            md = metadata.Metadata(self.next_ino, self.inodes, bitmap)
+            blob = metadata.encode(md)
+            for phys, count in freed:  # still in use in memory until the commit is durable
+                bitmap[phys : phys + count] = b"\x01" * count
+            self.meta_dirty = False
+            layout_seq = self.layout_seq
+            generation = self.generation + 1
+            try:
+                await trio.to_thread.run_sync(
+                    image.write_commit, self.backend, self.sb, generation, blob
+                )
+            except BaseException:
+                self.pending_free[:0] = freed
+                self.meta_dirty = True
+                raise
+            self.generation = generation
+            self.committed_layout_seq = max(self.committed_layout_seq, layout_seq)
+            for phys, count in freed:
+                bitmap[phys : phys + count] = bytes(count)
+                self.free_blocks += count
+            stats.add("meta.commits")
+            stats.set("meta.blob_bytes", len(blob))
+
+    async def flush(self) -> None:
+        await trio.to_thread.run_sync(self.backend.flush, limiter=self.io_limiter)
+
+    # ------------------------------------------------------------------ namespace
+    def get(self, ino: int) -> Inode:
+        try:
+            return self.inodes[ino]
+        except KeyError:
+            raise FsError(errno.ENOENT) from None
+
+    def get_dir(self, ino: int) -> Inode:
+        inode = self.get(ino)
+        if inode.entries is None:
+            raise FsError(errno.ENOTDIR)
+        return inode
+
+    def lookup(self, parent: int, name: bytes) -> Inode:
+        d = self.get_dir(parent)
+        if name == b".":
+            return d
+        if name == b"..":
+            return self.get(self._parent_of(d))
+        try:
+            return self.inodes[d.entries[name]]  # type: ignore[index]
+        except KeyError:
+            raise FsError(errno.ENOENT) from None
+
+    def _parent_of(self, d: Inode) -> int:
+        if d.ino == ROOT_INO:
+            return ROOT_INO
+        for inode in self.inodes.values():
+            if inode.entries is not None and d.ino in inode.entries.values():
+                return inode.ino
+        return ROOT_INO
+
+    def _check_new_name(self, d: Inode, name: bytes) -> None:
+        if len(name) > NAME_MAX:
+            raise FsError(errno.ENAMETOOLONG)
+        if name in (b".", b"..") or b"/" in name or not name:
+            raise FsError(errno.EINVAL)
+        if name in d.entries:  # type: ignore[operator]
+            raise FsError(errno.EEXIST)
+
+    def make_inode(
+        self, parent: int, name: bytes, mode: int, uid: int, gid: int, rdev: int = 0,
+        target: bytes = b"",
+    ) -> Inode:
+        d = self.get_dir(parent)
+        self._check_new_name(d, name)
+        now = time.time_ns()
+        inode = Inode(
+            self.next_ino, mode, uid, gid, nlink=1, atime_ns=now, mtime_ns=now, ctime_ns=now,
+            rdev=rdev, target=target,
+        )
+        if S.S_ISDIR(mode):
+            inode.entries = {}
+            inode.nlink = 2
+            d.nlink += 1
+        if S.S_ISLNK(mode):
+            inode.size = len(target)
+        self.next_ino += 1
+        self.inodes[inode.ino] = inode
+        d.entries[name] = inode.ino  # type: ignore[index]
+        d.mtime_ns = d.ctime_ns = now
+        self.dirty(d)
+        self.dirty(inode)
+        return inode
+
+    def link(self, ino: int, parent: int, name: bytes) -> Inode:
+        inode = self.get(ino)
+        if inode.is_dir:
+            raise FsError(errno.EPERM)
+        d = self.get_dir(parent)
+        self._check_new_name(d, name)
+        d.entries[name] = ino  # type: ignore[index]
+        inode.nlink += 1
+        d.mtime_ns = d.ctime_ns = inode.ctime_ns = time.time_ns()
+        self.dirty(d)
+        self.dirty(inode)
+        return inode
+
+    def unlink(self, parent: int, name: bytes, *, want_dir: bool) -> Inode:
+        d = self.get_dir(parent)
+        inode = self.lookup(parent, name)
+        if name in (b".", b".."):
+            raise FsError(errno.EINVAL)
+        if want_dir:
+            if not inode.is_dir:
+                raise FsError(errno.ENOTDIR)
+            if inode.entries:
+                raise FsError(errno.ENOTEMPTY)
+        elif inode.is_dir:
+            raise FsError(errno.EISDIR)
+        del d.entries[name]  # type: ignore[union-attr]
+        now = time.time_ns()
+        d.mtime_ns = d.ctime_ns = inode.ctime_ns = now
+        if inode.is_dir:
+            d.nlink -= 1
+            inode.nlink = 0
+        else:
+            inode.nlink -= 1
+        self.dirty(d)
+        self.dirty(inode)
+        self.maybe_free(inode)
+        return inode
+
+    def _is_ancestor(self, ancestor: int, ino: int) -> bool:
+        """True if directory `ancestor` is `ino` or contains it (for rename loops)."""
+        seen = ino
+        while True:
+            if seen == ancestor:
+                return True
+            if seen == ROOT_INO:
+                return False
+            seen = self._parent_of(self.inodes[seen])
+
+    def rename(
+        self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes,
+        *, noreplace: bool = False, exchange: bool = False,
+    ) -> Inode | None:
+        """Returns the inode replaced (and maybe freed) at the destination, if any."""
+        od, nd = self.get_dir(old_parent), self.get_dir(new_parent)
+        src = self.lookup(old_parent, old_name)
+        if len(new_name) > NAME_MAX:
+            raise FsError(errno.ENAMETOOLONG)
+        dst_ino = nd.entries.get(new_name)  # type: ignore[union-attr]
+        dst = self.inodes[dst_ino] if dst_ino is not None else None
+        if src.is_dir and self._is_ancestor(src.ino, nd.ino):
+            raise FsError(errno.EINVAL)
+        now = time.time_ns()
+        if exchange:
+            if dst is None:
+                raise FsError(errno.ENOENT)
+            if dst.is_dir and self._is_ancestor(dst.ino, od.ino):
+                raise FsError(errno.EINVAL)
+            od.entries[old_name], nd.entries[new_name] = dst.ino, src.ino  # type: ignore[index]
+            if src.is_dir != dst.is_dir and od is not nd:
+                delta = 1 if src.is_dir else -1
+                od.nlink -= delta
+                nd.nlink += delta
+            for n in (od, nd, src, dst):
+                n.ctime_ns = now
+                self.dirty(n)
+            od.mtime_ns = nd.mtime_ns = now
+            return None
+        if dst is not None:
+            if noreplace:
+                raise FsError(errno.EEXIST)
+            if dst is src:
+                return None
+            if src.is_dir and not dst.is_dir:
+                raise FsError(errno.ENOTDIR)
+            if dst.is_dir and not src.is_dir:
+                raise FsError(errno.EISDIR)
+            if dst.is_dir and dst.entries:
+                raise FsError(errno.ENOTEMPTY)
+        del od.entries[old_name]  # type: ignore[union-attr]
+        nd.entries[new_name] = src.ino  # type: ignore[index]
+        if dst is not None:
+            if dst.is_dir:
+                dst.nlink = 0
+                nd.nlink -= 1
+            else:
+                dst.nlink -= 1
+            dst.ctime_ns = now
+            self.dirty(dst)
+        if src.is_dir and od is not nd:
+            od.nlink -= 1
+            nd.nlink += 1
+        od.mtime_ns = od.ctime_ns = nd.mtime_ns = nd.ctime_ns = src.ctime_ns = now
+        for n in (od, nd, src):
+            self.dirty(n)
+        if dst is not None:
+            self.maybe_free(dst)
+        return dst
+
+    def maybe_free(self, inode: Inode) -> None:
+        """Free an inode with no names, no open handles and no kernel references."""
+        if inode.nlink == 0 and inode.opens == 0 and inode.lookups == 0:
+            self.free_inode(inode)
+
+    def free_inode(self, inode: Inode) -> None:
+        self._free_runs(inode.extents.remove(0, inode.extents.end_block()))
+        self.inodes.pop(inode.ino, None)
+        self.meta_dirty = True
+        self.layout_seq += 1
+
+    def _free_runs(self, runs: list[tuple[int, int]]) -> None:
+        if runs:
+            self.pending_free.extend(runs)
+            self.meta_dirty = True
+
+    # ------------------------------------------------------------------ allocation
+    def allocate(self, count: int, goal: int | None = None) -> list[tuple[int, int]]:
+        """`count` blocks as runs (phys, n), next-fit from `goal`. Raises ENOSPC."""
+        if count > self.free_blocks:
+            raise FsError(errno.ENOSPC)
+        bm = self.bitmap
+        start = self.sb.data_start
+        pos = goal if goal is not None and start <= goal < len(bm) else self._rover
+        runs: list[tuple[int, int]] = []
+        wrapped = False
+        while count:
+            i = bm.find(0, pos)
+            if i < 0:
+                if wrapped:  # free_blocks said there was room: the bitmap disagrees
+                    raise FsError(errno.ENOSPC)
+                wrapped, pos = True, start
+                continue
+            j = bm.find(1, i)
+            n = min(count, (j if j >= 0 else len(bm)) - i)
+            bm[i : i + n] = b"\x01" * n
+            runs.append((i, n))
+            count -= n
+            pos = i + n
+        self._rover = pos
+        self.free_blocks -= sum(n for _, n in runs)
+        return runs
+
+    def map_for_write(self, inode: Inode, first: int, nblocks: int) -> list[Segment]:
+        """Allocate holes in [first, first + nblocks) as unwritten extents; return the
+        segments of the range (all mapped now)."""
+        for seg in inode.extents.lookup(first, nblocks):
+            if seg.phys is not None:
+                continue
+            goal = self._goal(inode, seg.start)
+            fblock = seg.start
+            for phys, n in self.allocate(seg.count, goal):
+                inode.extents.insert(fblock, phys, n, unwritten=True)
+                fblock += n
+            self.dirty(inode, layout=True)
+        return inode.extents.lookup(first, nblocks)
+
+    def _goal(self, inode: Inode, fblock: int) -> int | None:
+        prev = inode.extents.lookup(max(0, fblock - 1), 1)[0] if fblock else None
+        return prev.phys + 1 if prev is not None and prev.phys is not None else None
+
+    # ------------------------------------------------------------------ image data I/O
+    async def _io(self, fn: Callable[..., T], *args: object, nbytes: int) -> T:
+        """Run blocking image I/O. Small transfers run inline on the trio thread: a thread
+        hop costs more than a 4 KiB pread from the host page cache (measured: see
+        docs/design.md); large ones and flushes go to a worker thread."""
+        if nbytes <= INLINE_IO_BYTES:
+            return fn(*args)
+        return await trio.to_thread.run_sync(fn, *args, limiter=self.io_limiter)
+
+    async def read_data(self, inode: Inode, off: int, size: int) -> bytearray:
+        """Bytes [off, off + size) clipped to i_size; holes and unwritten blocks read as
+        zeros. The caller keeps the range's blocks from being freed across the awaits."""
+        end = min(off + size, inode.size)
+        if end <= off:
+            return bytearray()
+        bs = self.bs
+        first = off // bs
+        segs = inode.extents.lookup(first, (end - 1) // bs - first + 1)
+        out = bytearray(end - off)
+        view = memoryview(out)
+        for seg in segs:
+            if not seg.readable:
+                continue
+            s = max(off, seg.start * bs)
+            e = min(end, (seg.start + seg.count) * bs)
+            img = seg.phys * bs + (s - seg.start * bs)  # type: ignore[operator]
+            await self._io(self.backend.readinto, img, view[s - off : e - off], nbytes=e - s)
+        return out
+
+    async def write_data(self, inode: Inode, off: int, data: bytes | memoryview) -> None:
+        """Write `data` at `off`: allocate, write, then publish (module docstring). Partially
+        covered new blocks get zeros around the data. The caller holds the locks that make
+        this safe (dio.py: sub-block or extending writes run exclusively)."""
+        size = len(data)
+        if size == 0:
+            return
+        bs = self.bs
+        end = off + size
+        first = off // bs
+        nblocks = (end - 1) // bs - first + 1
+        segs = self.map_for_write(inode, first, nblocks)
+        if bugs.enabled(Bug.SIZE_BEFORE_DATA):
+            self._publish(inode, first, nblocks, end)
+        src = memoryview(data)
+        for seg in segs:
+            seg_start, seg_end = seg.start * bs, (seg.start + seg.count) * bs
+            s, e = max(off, seg_start), min(end, seg_end)
+            img = seg.phys * bs  # type: ignore[operator]
+            if seg.unwritten and (s % bs or e % bs):
+                # zero-fill the whole new blocks around the data (never expose old bytes)
+                bs_s, bs_e = s // bs * bs, -(-e // bs) * bs
+                buf = bytearray(bs_e - bs_s)
+                buf[s - bs_s : e - bs_s] = src[s - off : e - off]
+                await self._io(
+                    self.backend.write, img + (bs_s - seg_start), buf, nbytes=len(buf)
+                )
+            else:
+                await self._io(
+                    self.backend.write, img + (s - seg_start), src[s - off : e - off],
+                    nbytes=e - s,
+                )
+        # awaits above: other tasks may have read (zeros) or written other ranges
+        self._publish(inode, first, nblocks, end)
+
+    def _publish(self, inode: Inode, first: int, nblocks: int, end: int) -> None:
+        """Step (3): extents written, then i_size (seed 003: i_size only after the I/O)."""
+        converted = inode.extents.set_written(first, nblocks)
+        if converted:
+            stats.add("extents.converted_blocks", converted)
+        grew = end > inode.size
+        if grew:
+            inode.size = end
+        inode.mtime_ns = inode.ctime_ns = time.time_ns()
+        self.dirty(inode, layout=bool(converted) or grew)
+
+    # ------------------------------------------------------------------ size and ranges
+    async def truncate(self, inode: Inode, size: int) -> None:
+        """Set i_size. Shrinking frees whole blocks past the end and zeroes the tail of the
+        last block on the image, so a later extension reads zeros there."""
+        bs = self.bs
+        if size < inode.size:
+            keep = -(-size // bs)
+            self._free_runs(inode.extents.remove(keep, max(0, inode.extents.end_block() - keep)))
+            if size % bs:
+                await self.zero_range_on_image(inode, size, keep * bs)
+        inode.size = size
+        inode.mtime_ns = inode.ctime_ns = time.time_ns()
+        self.dirty(inode, layout=True)
+
+    async def zero_range_on_image(self, inode: Inode, start: int, end: int) -> None:
+        """Write zeros over the written blocks of [start, end) (for partial blocks)."""
+        bs = self.bs
+        if end <= start:
+            return
+        for seg in inode.extents.lookup(start // bs, (end - 1) // bs - start // bs + 1):
+            if not seg.readable:
+                continue
+            s, e = max(start, seg.start * bs), min(end, (seg.start + seg.count) * bs)
+            img = seg.phys * bs + (s - seg.start * bs)  # type: ignore[operator]
+            await self._io(self.backend.write, img, bytes(e - s), nbytes=e - s)
+
+    async def punch(self, inode: Inode, start: int, end: int) -> None:
+        """Deallocate whole blocks of [start, end), zero the partial ones."""
+        bs = self.bs
+        first, last = -(-start // bs), end // bs
+        if first < last:
+            self._free_runs(inode.extents.remove(first, last - first))
+        if start % bs:
+            await self.zero_range_on_image(inode, start, min(end, first * bs))
+        if end % bs:
+            await self.zero_range_on_image(inode, max(start, last * bs), end)
+        inode.ctime_ns = inode.mtime_ns = time.time_ns()
+        self.dirty(inode, layout=True)
+
+    def preallocate(self, inode: Inode, start: int, end: int) -> None:
+        """fallocate mode 0 / KEEP_SIZE: allocate holes of [start, end) as unwritten."""
+        bs = self.bs
+        self.map_for_write(inode, start // bs, (end - 1) // bs - start // bs + 1)
+        inode.ctime_ns = time.time_ns()
+        self.dirty(inode)
+
+    # ------------------------------------------------------------------ attributes
+    def blocks_512(self, inode: Inode) -> int:
+        return inode.extents.mapped_blocks() * (self.bs // 512)
+
+    def statfs_counts(self) -> tuple[int, int, int]:
+        """(data blocks, free blocks, inodes in use)."""
+        return self.sb.data_blocks, self.free_blocks, len(self.inodes)
+
+    def unmount_cleanup(self) -> None:
+        for inode in [n for n in self.inodes.values() if n.nlink == 0]:
+            self.free_inode(inode)
+

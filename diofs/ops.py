@@ -1,0 +1,359 @@
+"""The pyfuse3 Operations: translate FUSE requests into diofs calls. The only module that
+raises pyfuse3.FUSEError.
+
+Every handler runs inside `_boundary`: diofs errors become their errno, OSError from the image
+keeps its errno, anything else is logged once with its traceback, answered with EIO, and
+switches the mount to failsafe (later writes fail with EIO, the image is flagged for fsck in
+the log) — pyfuse3 itself would end its main loop on any exception that is not FUSEError.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import json
+import logging
+import os
+import stat as S
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import pyfuse3
+
+from diofs import request, stats
+from diofs.buffered import Buffered
+from diofs.dio import Direct
+from diofs.durability import Durability
+from diofs.errors import FsError
+from diofs.format.metadata import Inode
+from diofs.fs import Filesystem
+from diofs.handles import HandleTable
+
+log = logging.getLogger(__name__)
+
+STATS_XATTR = b"user.diofs.stats"
+ENTRY_TIMEOUT = 1.0
+ATTR_TIMEOUT = 1.0
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+def _boundary(fn: F) -> F:
+    @functools.wraps(fn)
+    async def wrapper(self: Operations, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await fn(self, *args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except FsError as exc:
+            raise pyfuse3.FUSEError(exc.errno) from None
+        except OSError as exc:
+            if exc.errno is None:
+                raise pyfuse3.FUSEError(errno.EIO) from None
+            stats.add("errors.io")
+            raise pyfuse3.FUSEError(exc.errno) from None
+        except Exception:
+            if not self.failsafe:
+                log.exception("unexpected error in %s; mount is now failsafe, run fsck", fn.__name__)
+            self.failsafe = True
+            stats.add("errors.internal")
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+class Operations(pyfuse3.Operations):
+    supports_dot_lookup = True
+    enable_writeback_cache = False  # per-task reasoning needs synchronous WRITEs (fuse-facts 6b)
+    enable_acl = False
+
+    def __init__(self, fs: Filesystem, buffered: Buffered, direct: Direct, dur: Durability):
+        super().__init__()
+        self.fs = fs
+        self.buffered = buffered
+        self.direct = direct
+        self.durability = dur
+        self.handles = HandleTable()
+        self.failsafe = False
+
+    # ------------------------------------------------------------------ helpers
+    def _attrs(self, inode: Inode) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = inode.ino
+        a.generation = 0
+        a.entry_timeout = ENTRY_TIMEOUT
+        a.attr_timeout = ATTR_TIMEOUT
+        a.st_mode = inode.mode
+        a.st_nlink = inode.nlink
+        a.st_uid = inode.uid
+        a.st_gid = inode.gid
+        a.st_rdev = inode.rdev
+        a.st_size = inode.size
+        a.st_blksize = self.fs.bs
+        a.st_blocks = self.fs.blocks_512(inode)
+        a.st_atime_ns = inode.atime_ns
+        a.st_mtime_ns = inode.mtime_ns
+        a.st_ctime_ns = inode.ctime_ns
+        return a
+
+    def _entry(self, inode: Inode) -> pyfuse3.EntryAttributes:
+        inode.lookups += 1
+        return self._attrs(inode)
+
+    def _check_writable(self) -> None:
+        if self.failsafe:
+            raise FsError(errno.EIO)
+
+    # ------------------------------------------------------------------ namespace
+    @_boundary
+    async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> Any:
+        return self._entry(self.fs.lookup(parent_inode, name))
+
+    @_boundary
+    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
+        for ino, nlookup in inode_list:
+            inode = self.fs.inodes.get(ino)
+            if inode is not None:
+                inode.lookups = max(0, inode.lookups - nlookup)
+                self._maybe_free(inode)
+
+    def _maybe_free(self, inode: Inode) -> None:
+        self.fs.maybe_free(inode)
+        if inode.ino not in self.fs.inodes:
+            self.buffered.cache.drop_inode(inode.ino)
+            self.durability.forget(inode.ino)
+
+    @_boundary
+    async def getattr(self, inode: int, ctx: Any = None) -> Any:
+        return self._attrs(self.fs.get(inode))
+
+    @_boundary
+    async def setattr(self, inode: int, attr: Any, fields: Any, fh: Any, ctx: Any) -> Any:
+        node = self.fs.get(inode)
+        now = time.time_ns()
+        if fields.update_size:
+            self._check_writable()
+            if node.is_dir:
+                raise FsError(errno.EISDIR)
+            await self.direct.truncate(node, attr.st_size)
+        if fields.update_mode:
+            node.mode = (node.mode & ~0o7777) | (attr.st_mode & 0o7777)
+        if fields.update_uid:
+            node.uid = attr.st_uid
+        if fields.update_gid:
+            node.gid = attr.st_gid
+        if fields.update_atime:
+            node.atime_ns = attr.st_atime_ns
+        if fields.update_mtime:
+            node.mtime_ns = attr.st_mtime_ns
+        node.ctime_ns = now
+        self.fs.dirty(node)
+        return self._attrs(node)
+
+    @_boundary
+    async def readlink(self, inode: int, ctx: Any) -> bytes:
+        node = self.fs.get(inode)
+        if not S.S_ISLNK(node.mode):
+            raise FsError(errno.EINVAL)
+        return node.target
+
+    @_boundary
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any) -> Any:
+        self._check_writable()
+        return self._entry(self.fs.make_inode(parent_inode, name, mode, ctx.uid, ctx.gid, rdev))
+
+    @_boundary
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> Any:
+        self._check_writable()
+        node = self.fs.make_inode(parent_inode, name, S.S_IFDIR | (mode & 0o7777), ctx.uid, ctx.gid)
+        return self._entry(node)
+
+    @_boundary
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: Any) -> Any:
+        self._check_writable()
+        node = self.fs.make_inode(
+            parent_inode, name, S.S_IFLNK | 0o777, ctx.uid, ctx.gid, target=target
+        )
+        return self._entry(node)
+
+    @_boundary
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any) -> Any:
+        self._check_writable()
+        return self._entry(self.fs.link(inode, new_parent_inode, new_name))
+
+    @_boundary
+    async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        self._check_writable()
+        self._maybe_free(self.fs.unlink(parent_inode, name, want_dir=False))
+
+    @_boundary
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        self._check_writable()
+        self._maybe_free(self.fs.unlink(parent_inode, name, want_dir=True))
+
+    @_boundary
+    async def rename(
+        self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes,
+        flags: int, ctx: Any,
+    ) -> None:
+        self._check_writable()
+        if flags & ~(pyfuse3.RENAME_EXCHANGE | pyfuse3.RENAME_NOREPLACE):
+            raise FsError(errno.EINVAL)
+        replaced = self.fs.rename(
+            parent_inode_old, name_old, parent_inode_new, name_new,
+            noreplace=bool(flags & pyfuse3.RENAME_NOREPLACE),
+            exchange=bool(flags & pyfuse3.RENAME_EXCHANGE),
+        )
+        if replaced is not None:
+            self._maybe_free(replaced)
+
+    # ------------------------------------------------------------------ directories
+    @_boundary
+    async def opendir(self, inode: int, ctx: Any) -> int:
+        self.fs.get_dir(inode)
+        return inode
+
+    @_boundary
+    async def readdir(self, fh: int, start_id: int, token: Any) -> None:
+        d = self.fs.get_dir(fh)
+        # Cookies are positions in the (insertion-ordered) entry dict. Entries removed
+        # during a listing may shift later ones back by one: a name can be listed twice
+        # but never skipped, which POSIX allows.
+        for pos, (name, ino) in enumerate(list(d.entries.items())[start_id:], start_id + 1):  # type: ignore[union-attr]
+            child = self.fs.inodes.get(ino)
+            if child is None:
+                continue
+            if not pyfuse3.readdir_reply(token, name, self._attrs(child), pos):
+                return
+            child.lookups += 1
+
+    @_boundary
+    async def releasedir(self, fh: int) -> None:
+        return None
+
+    @_boundary
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        await self.durability.make_durable(metadata=True)
+
+    # ------------------------------------------------------------------ files
+    def _file_info(self, inode: Inode, flags: int, handle_fh: int) -> pyfuse3.FileInfo:
+        # direct_io stays off even for O_DIRECT handles: MAP_SHARED on a direct_io handle
+        # fails with ENODEV (fuse-facts 6a), and the kernel's O_DIRECT path reaches us anyway.
+        return pyfuse3.FileInfo(fh=handle_fh, keep_cache=True, direct_io=False)
+
+    @_boundary
+    async def open(self, inode: int, flags: int, ctx: Any) -> Any:
+        node = self.fs.get(inode)
+        if node.is_dir:
+            raise FsError(errno.EISDIR)
+        if flags & os.O_ACCMODE != os.O_RDONLY:
+            self._check_writable()
+        h = self.handles.open(node, flags, self.durability.sample(node.ino))
+        if flags & os.O_TRUNC and node.size:
+            await self.direct.truncate(node, 0)
+        return self._file_info(node, flags, h.fh)
+
+    @_boundary
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any) -> Any:
+        self._check_writable()
+        node = self.fs.make_inode(parent_inode, name, S.S_IFREG | (mode & 0o7777), ctx.uid, ctx.gid)
+        h = self.handles.open(node, flags, 0)
+        return self._file_info(node, flags, h.fh), self._entry(node)
+
+    @_boundary
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        h = self.handles.get(fh)
+        req = request.current()
+        flags = req.flags if req.tid else h.flags
+        if flags & os.O_DIRECT:
+            return await self.direct.read(h, off, size, req)
+        return await self.buffered.read(h, off, size, req)
+
+    @_boundary
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        self._check_writable()
+        h = self.handles.get(fh)
+        req = request.current()
+        flags = (req.flags | h.flags) if req.tid else h.flags
+        if flags & os.O_DIRECT:
+            return await self.direct.write(h, off, buf, req, flags)
+        return await self.buffered.write(h, off, buf, req, flags)
+
+    @_boundary
+    async def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
+        self._check_writable()
+        h = self.handles.get(fh)
+        if offset < 0 or length <= 0:
+            raise FsError(errno.EINVAL)
+        if mode & ~(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE):
+            raise FsError(errno.EOPNOTSUPP)
+        if mode & FALLOC_FL_PUNCH_HOLE and not mode & FALLOC_FL_KEEP_SIZE:
+            raise FsError(errno.EOPNOTSUPP)
+        await self.direct.fallocate(
+            h.inode, offset, offset + length,
+            punch=bool(mode & FALLOC_FL_PUNCH_HOLE),
+            zero=bool(mode & FALLOC_FL_ZERO_RANGE),
+            keep_size=bool(mode & FALLOC_FL_KEEP_SIZE),
+        )
+
+    @_boundary
+    async def flush(self, fh: int) -> None:
+        return None
+
+    @_boundary
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        h = self.handles.get(fh)
+        try:
+            await self.buffered.writeback.writeback_inode(h.inode.ino)
+        except OSError:
+            pass  # recorded by the writeback error handler; reported just below
+        await self.durability.make_durable(metadata=not datasync)
+        self.durability.check_and_advance(h)
+
+    @_boundary
+    async def release(self, fh: int) -> None:
+        h = self.handles.close(fh)
+        self._maybe_free(h.inode)
+
+    # ------------------------------------------------------------------ misc
+    @_boundary
+    async def statfs(self, ctx: Any) -> Any:
+        blocks, free, files = self.fs.statfs_counts()
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = s.f_frsize = self.fs.bs
+        s.f_blocks = blocks
+        s.f_bfree = s.f_bavail = free
+        s.f_files = files + 1_000_000
+        s.f_ffree = s.f_favail = 1_000_000
+        s.f_namemax = 255
+        return s
+
+    @_boundary
+    async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
+        self.fs.get(inode)
+        if inode == pyfuse3.ROOT_INODE and name == STATS_XATTR:
+            return json.dumps(self.stats_snapshot()).encode()
+        raise FsError(errno.ENODATA)
+
+    @_boundary
+    async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
+        return [STATS_XATTR] if inode == pyfuse3.ROOT_INODE else []
+
+    @_boundary
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
+        raise FsError(errno.ENOTSUP)
+
+    @_boundary
+    async def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:
+        raise FsError(errno.ENODATA)
+
+    def stats_snapshot(self) -> dict[str, float]:
+        blocks, free, files = self.fs.statfs_counts()
+        stats.set("fs.inodes", files)
+        stats.set("fs.free_blocks", free)
+        stats.set("fs.open_handles", len(self.handles))
+        return stats.snapshot()
