@@ -1,7 +1,11 @@
 """Last-resort handling of hung FUSE mounts, for the benchmark harness.
 
-Uses ``diofs.watchdog`` when it provides the same four functions; otherwise the minimal local
-versions below. All of them are synchronous and bounded in time: none of them touches the
+Public API (all synchronous): ``ensure_fusectl() -> bool``, ``connection_id(mnt) -> int``,
+``abort_connection(conn_id) -> bool``, ``lazy_unmount(mnt) -> bool`` and
+``rescue(mnt, conn_id, daemon_pid, client_pids, reason) -> str`` (report text). They wrap
+``diofs.watchdog`` when it is importable (its rescue adds kernel stacks of the daemon and the
+clients and a SIGUSR1 to the daemon for its Python stacks); otherwise the minimal local
+versions below are used. All of them are synchronous and bounded in time: none of them touches the
 mountpoint itself (a stat of a hung mount blocks), which is why the connection id must be taken
 with :func:`connection_id` right after the mount comes up, while it still answers.
 
@@ -26,7 +30,9 @@ def _local_ensure_fusectl() -> bool:
     try:
         subprocess.run(
             ["mount", "-t", "fusectl", "none", FUSECTL],
-            check=True, capture_output=True, timeout=10,
+            check=True,
+            capture_output=True,
+            timeout=10,
         )
     except (OSError, subprocess.SubprocessError):
         return False
@@ -60,13 +66,49 @@ def _local_lazy_unmount(mountpoint: str) -> bool:
     return False
 
 
+def _local_rescue(
+    mnt: str, conn_id: int | None, daemon_pid: int | None, client_pids: list[int], reason: str
+) -> str:
+    aborted = abort_connection(conn_id) if conn_id is not None else False
+    lazy_unmount(mnt)
+    return f"=== watchdog: {reason} ===\nmount {mnt}: conn {conn_id} aborted={aborted}"
+
+
 ensure_fusectl = _local_ensure_fusectl
 connection_id = _local_connection_id
 abort_connection = _local_abort_connection
 lazy_unmount = _local_lazy_unmount
-
-try:  # prefer the project's watchdog when it exists (written by another helper)
-    from diofs import watchdog as _wd  # type: ignore[attr-defined]
-except Exception:  # noqa: BLE001 - absent or broken: keep the local versions
-    _wd = None
+rescue = _local_rescue
 SOURCE = "benchmarks.fusewatch (local)"
+
+try:  # prefer the project's watchdog (diofs/watchdog.py) when it is importable
+    from diofs import watchdog as _wd
+except Exception:  # absent or broken: keep the local versions
+    _wd = None  # type: ignore[assignment]
+
+if _wd is not None:
+
+    def _wd_ensure_fusectl() -> bool:
+        try:
+            _wd.ensure_fusectl()
+        except OSError:
+            return False
+        return True
+
+    def _wd_lazy_unmount(mountpoint: str) -> bool:
+        _wd.lazy_unmount(mountpoint)
+        return not _wd.is_mounted(mountpoint, "")
+
+    def _wd_rescue(
+        mnt: str, conn_id: int | None, daemon_pid: int | None, client_pids: list[int], reason: str
+    ) -> str:
+        """Stack report, SIGUSR1 to the daemon, abort, lazy unmount (diofs.watchdog.rescue)."""
+        ref = _wd.MountRef(mnt=mnt, conn_id=conn_id, daemon_pid=daemon_pid)
+        return _wd.rescue([ref], client_pids, reason=reason)
+
+    ensure_fusectl = _wd_ensure_fusectl
+    connection_id = _wd.connection_id
+    abort_connection = _wd.abort_connection
+    lazy_unmount = _wd_lazy_unmount
+    rescue = _wd_rescue
+    SOURCE = "diofs.watchdog"

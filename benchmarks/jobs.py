@@ -10,6 +10,8 @@ Invariants:
   ``--invalidate=0`` after the runner has read the whole file once (``Job.prime``), so they
   measure the kernel page cache of the mount, not the peer's storage.
 - Sizes are bytes; latencies are microseconds (fio reports ns; converted once, here).
+  ``lat`` is fio's total latency (submission to completion): for libaio, an O_DSYNC write may
+  finish inside io_submit, so ``clat`` alone would show ~2 µs; the report shows ``lat``.
 - The data file is laid out once per peer (:func:`layout_argv`) before any job runs.
 """
 
@@ -42,35 +44,93 @@ def _fio(**opts: str | int) -> tuple[tuple[str, str], ...]:
 
 
 JOBS: tuple[Job, ...] = (
-    Job("seqread-1m-psync", "1 MiB seq read, O_DIRECT, psync", "MB/s",
-        fio=_fio(rw="read", bs="1M", direct=1, ioengine="psync", iodepth=1)),
-    Job("seqwrite-1m-psync", "1 MiB seq write, O_DIRECT, psync", "MB/s",
-        fio=_fio(rw="write", bs="1M", direct=1, ioengine="psync", iodepth=1)),
-    Job("seqread-1m-aio16", "1 MiB seq read, O_DIRECT, libaio QD16", "MB/s",
-        fio=_fio(rw="read", bs="1M", direct=1, ioengine="libaio", iodepth=16)),
-    Job("seqwrite-1m-aio16", "1 MiB seq write, O_DIRECT, libaio QD16", "MB/s",
-        fio=_fio(rw="write", bs="1M", direct=1, ioengine="libaio", iodepth=16)),
-    Job("randread-4k-aio16", "4 KiB rand read, O_DIRECT, libaio QD16", "IOPS",
-        fio=_fio(rw="randread", bs="4k", direct=1, ioengine="libaio", iodepth=16)),
-    Job("randwrite-4k-aio16", "4 KiB rand write, O_DIRECT, libaio QD16", "IOPS",
-        fio=_fio(rw="randwrite", bs="4k", direct=1, ioengine="libaio", iodepth=16)),
-    Job("randread-4k-psync", "4 KiB rand read, O_DIRECT, psync QD1", "IOPS",
-        fio=_fio(rw="randread", bs="4k", direct=1, ioengine="psync", iodepth=1)),
-    Job("randwrite-4k-psync", "4 KiB rand write, O_DIRECT, psync QD1", "IOPS",
-        fio=_fio(rw="randwrite", bs="4k", direct=1, ioengine="psync", iodepth=1)),
-    Job("randwrite-4k-dsync-qd1", "4 KiB rand write, O_DIRECT+O_DSYNC, libaio QD1", "IOPS",
-        fio=_fio(rw="randwrite", bs="4k", direct=1, sync="dsync", ioengine="libaio", iodepth=1)),
-    Job("randwrite-4k-dsync-aio16", "4 KiB rand write, O_DIRECT+O_DSYNC, libaio QD16", "IOPS",
-        fio=_fio(rw="randwrite", bs="4k", direct=1, sync="dsync", ioengine="libaio",
-                 iodepth=16)),
-    Job("reread-1m-cached", "1 MiB seq re-read, buffered, cached file", "MB/s", prime=True,
-        fio=_fio(rw="read", bs="1M", direct=0, ioengine="psync", iodepth=1, invalidate=0)),
-    Job("randread-4k-cached", "4 KiB rand read, buffered, cached file", "IOPS", prime=True,
-        fio=_fio(rw="randread", bs="4k", direct=0, ioengine="psync", iodepth=1, invalidate=0)),
-    Job("mmap-read-cached", "1 MiB seq read via mmap, cached file", "MB/s", prime=True,
-        fio=_fio(rw="read", bs="1M", ioengine="mmap", iodepth=1, invalidate=0)),
-    Job("meta-create-stat-unlink", "create+stat+unlink of small files (Python loop)", "ops/s",
-        kind="meta"),
+    Job(
+        "seqread-1m-psync",
+        "1 MiB seq read, O_DIRECT, psync",
+        "MB/s",
+        fio=_fio(rw="read", bs="1M", direct=1, ioengine="psync", iodepth=1),
+    ),
+    Job(
+        "seqwrite-1m-psync",
+        "1 MiB seq write, O_DIRECT, psync",
+        "MB/s",
+        fio=_fio(rw="write", bs="1M", direct=1, ioengine="psync", iodepth=1),
+    ),
+    Job(
+        "seqread-1m-aio16",
+        "1 MiB seq read, O_DIRECT, libaio QD16",
+        "MB/s",
+        fio=_fio(rw="read", bs="1M", direct=1, ioengine="libaio", iodepth=16),
+    ),
+    Job(
+        "seqwrite-1m-aio16",
+        "1 MiB seq write, O_DIRECT, libaio QD16",
+        "MB/s",
+        fio=_fio(rw="write", bs="1M", direct=1, ioengine="libaio", iodepth=16),
+    ),
+    Job(
+        "randread-4k-aio16",
+        "4 KiB rand read, O_DIRECT, libaio QD16",
+        "IOPS",
+        fio=_fio(rw="randread", bs="4k", direct=1, ioengine="libaio", iodepth=16),
+    ),
+    Job(
+        "randwrite-4k-aio16",
+        "4 KiB rand write, O_DIRECT, libaio QD16",
+        "IOPS",
+        fio=_fio(rw="randwrite", bs="4k", direct=1, ioengine="libaio", iodepth=16),
+    ),
+    Job(
+        "randread-4k-psync",
+        "4 KiB rand read, O_DIRECT, psync QD1",
+        "IOPS",
+        fio=_fio(rw="randread", bs="4k", direct=1, ioengine="psync", iodepth=1),
+    ),
+    Job(
+        "randwrite-4k-psync",
+        "4 KiB rand write, O_DIRECT, psync QD1",
+        "IOPS",
+        fio=_fio(rw="randwrite", bs="4k", direct=1, ioengine="psync", iodepth=1),
+    ),
+    Job(
+        "randwrite-4k-dsync-qd1",
+        "4 KiB rand write, O_DIRECT+O_DSYNC, libaio QD1",
+        "IOPS",
+        fio=_fio(rw="randwrite", bs="4k", direct=1, sync="dsync", ioengine="libaio", iodepth=1),
+    ),
+    Job(
+        "randwrite-4k-dsync-aio16",
+        "4 KiB rand write, O_DIRECT+O_DSYNC, libaio QD16",
+        "IOPS",
+        fio=_fio(rw="randwrite", bs="4k", direct=1, sync="dsync", ioengine="libaio", iodepth=16),
+    ),
+    Job(
+        "reread-1m-cached",
+        "1 MiB seq re-read, buffered, cached file",
+        "MB/s",
+        prime=True,
+        fio=_fio(rw="read", bs="1M", direct=0, ioengine="psync", iodepth=1, invalidate=0),
+    ),
+    Job(
+        "randread-4k-cached",
+        "4 KiB rand read, buffered, cached file",
+        "IOPS",
+        prime=True,
+        fio=_fio(rw="randread", bs="4k", direct=0, ioengine="psync", iodepth=1, invalidate=0),
+    ),
+    Job(
+        "mmap-read-cached",
+        "1 MiB seq read via mmap, cached file",
+        "MB/s",
+        prime=True,
+        fio=_fio(rw="read", bs="1M", ioengine="mmap", iodepth=1, invalidate=0),
+    ),
+    Job(
+        "meta-create-stat-unlink",
+        "create+stat+unlink of small files (Python loop)",
+        "ops/s",
+        kind="meta",
+    ),
 )
 
 JOBS_BY_NAME: dict[str, Job] = {j.name: j for j in JOBS}
@@ -97,8 +157,16 @@ def parse_size(text: str) -> int:
 def layout_argv(path: str, size: int) -> list[str]:
     """fio argv that lays out the data file (buffered sequential write + fsync)."""
     return [
-        "fio", "--name=layout", f"--filename={path}", f"--size={size}", "--rw=write",
-        "--bs=1M", "--direct=0", "--ioengine=psync", "--end_fsync=1", "--fallocate=none",
+        "fio",
+        "--name=layout",
+        f"--filename={path}",
+        f"--size={size}",
+        "--rw=write",
+        "--bs=1M",
+        "--direct=0",
+        "--ioengine=psync",
+        "--end_fsync=1",
+        "--fallocate=none",
         "--output-format=json",
     ]
 
@@ -107,16 +175,25 @@ def fio_argv(job: Job, path: str, size: int, runtime_s: float) -> list[str]:
     """fio argv for one run of ``job`` on the data file at ``path``."""
     assert job.kind == "fio", job
     argv = [
-        "fio", f"--name={job.name}", f"--filename={path}", f"--size={size}",
-        f"--runtime={runtime_s:g}", "--time_based", "--output-format=json",
-        "--fallocate=none", "--numjobs=1", "--group_reporting",
+        "fio",
+        f"--name={job.name}",
+        f"--filename={path}",
+        f"--size={size}",
+        f"--runtime={runtime_s:g}",
+        "--time_based",
+        "--output-format=json",
+        "--fallocate=none",
+        "--numjobs=1",
+        "--group_reporting",
+        "--lat_percentiles=1",
+        "--clat_percentiles=1",
     ]
     argv += [f"--{k}={v}" for k, v in job.fio]
     return argv
 
 
 def parse_fio_json(text: str) -> dict[str, Any]:
-    """Figures of one fio run: mbps, iops, clat_p50_us, clat_p99_us, fio_usr/sys_cpu, io_bytes.
+    """Figures of one fio run: mbps, iops, {lat,clat}_p{50,99}_us, fio_{usr,sys}_cpu_pct, io_bytes.
 
     Picks the direction (read or write) that moved bytes. fio may print warnings before the
     JSON document; they are skipped.
@@ -133,16 +210,17 @@ def parse_fio_json(text: str) -> dict[str, Any]:
         raise ValueError(f"fio job error {job['error']}")
     side = max(("read", "write"), key=lambda d: job.get(d, {}).get("io_bytes", 0))
     d = job[side]
-    pct = (d.get("clat_ns") or {}).get("percentile") or {}
-    p50 = pct.get("50.000000")
-    p99 = pct.get("99.000000")
-    return {
+    figs: dict[str, Any] = {}
+    for kind in ("lat", "clat"):  # lat = submission to completion; clat = after submission
+        pct = (d.get(f"{kind}_ns") or {}).get("percentile") or {}
+        for q in ("50", "99"):
+            v = pct.get(f"{q}.000000")
+            figs[f"{kind}_p{q}_us"] = v / 1000 if v is not None else None
+    return figs | {
         "direction": side,
         "io_bytes": d.get("io_bytes", 0),
         "mbps": d.get("bw_bytes", 0) / 1e6,
         "iops": d.get("iops", 0.0),
-        "clat_p50_us": p50 / 1000 if p50 is not None else None,
-        "clat_p99_us": p99 / 1000 if p99 is not None else None,
         "fio_usr_cpu_pct": job.get("usr_cpu"),
         "fio_sys_cpu_pct": job.get("sys_cpu"),
     }

@@ -80,15 +80,25 @@ def build_cpeer() -> Path:
         text = gzip.decompress(src.with_suffix(".c.gz").read_bytes()).decode()
     else:
         raise PeerUnavailable(f"cpeer: {src} not found (is libfuse3-dev installed?)")
-    text = _replace_once(text, "fd = open(buf, fi->flags & ~O_NOFOLLOW);",
-                         "fd = open(buf, fi->flags & ~(O_NOFOLLOW | O_DIRECT));"
-                         " /* diofs-bench variant */", "passthrough_ll.c open")
-    text = _replace_once(text, "(fi->flags | O_CREAT) & ~O_NOFOLLOW",
-                         "(fi->flags | O_CREAT) & ~(O_NOFOLLOW | O_DIRECT)",
-                         "passthrough_ll.c create")
+    text = _replace_once(
+        text,
+        "fd = open(buf, fi->flags & ~O_NOFOLLOW);",
+        "fd = open(buf, fi->flags & ~(O_NOFOLLOW | O_DIRECT)); /* diofs-bench variant */",
+        "passthrough_ll.c open",
+    )
+    text = _replace_once(
+        text,
+        "(fi->flags | O_CREAT) & ~O_NOFOLLOW",
+        "(fi->flags | O_CREAT) & ~(O_NOFOLLOW | O_DIRECT)",
+        "passthrough_ll.c create",
+    )
     try:
-        flags = subprocess.run(["pkg-config", "--cflags", "--libs", "fuse3"], check=True,
-                               capture_output=True, text=True).stdout.split()
+        flags = subprocess.run(
+            ["pkg-config", "--cflags", "--libs", "fuse3"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.split()
     except (OSError, subprocess.CalledProcessError) as exc:
         raise PeerUnavailable(f"cpeer: pkg-config fuse3 failed: {exc}") from exc
     key = hashlib.sha256((text + " ".join(flags)).encode()).hexdigest()[:12]
@@ -99,8 +109,8 @@ def build_cpeer() -> Path:
     out.mkdir(parents=True, exist_ok=True)
     csrc = out / f"passthrough_ll_nodirect-{key}.c"
     csrc.write_text(text)
-    r = subprocess.run(["gcc", "-Wall", "-O2", str(csrc), *flags, "-o", str(binary)],
-                       capture_output=True, text=True)
+    argv = ["gcc", "-Wall", "-O2", f"-I{LIBFUSE_EXAMPLES}", str(csrc), *flags, "-o", str(binary)]
+    r = subprocess.run(argv, capture_output=True, text=True)
     if r.returncode != 0:
         raise PeerUnavailable(f"cpeer: gcc failed:\n{r.stderr[-2000:]}")
     return binary
@@ -112,8 +122,22 @@ def _pyfuse3_sdist() -> Path:
             return d
     dl = CACHE / "sdist"
     dl.mkdir(parents=True, exist_ok=True)
-    r = subprocess.run([venv_python(), "-m", "pip", "download", "--no-deps", "--no-binary",
-                        ":all:", "-d", str(dl), "pyfuse3==3.5.0"], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            venv_python(),
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            "-d",
+            str(dl),
+            "pyfuse3==3.5.0",
+        ],
+        capture_output=True,
+        text=True,
+    )
     tgz = dl / "pyfuse3-3.5.0.tar.gz"
     if r.returncode != 0 or not tgz.exists():
         raise PeerUnavailable(f"pypeer: cannot get the pyfuse3 3.5.0 sdist: {r.stderr[-500:]}")
@@ -125,12 +149,18 @@ def _pyfuse3_sdist() -> Path:
 def build_pypeer() -> Path:
     """Write the Python peer variant (cached); returns the script's path."""
     text = (_pyfuse3_sdist() / "examples" / "passthroughfs.py").read_text()
-    text = _replace_once(text, "fd = os.open(self._inode_to_path(inode), flags)",
-                         "fd = os.open(self._inode_to_path(inode), flags & ~os.O_DIRECT)",
-                         "passthroughfs.py open")
-    text = _replace_once(text, "fd = os.open(path, flags | os.O_CREAT | os.O_TRUNC)",
-                         "fd = os.open(path, (flags | os.O_CREAT | os.O_TRUNC) & ~os.O_DIRECT)",
-                         "passthroughfs.py create")
+    text = _replace_once(
+        text,
+        "fd = os.open(self._inode_to_path(inode), flags)",
+        "fd = os.open(self._inode_to_path(inode), flags & ~os.O_DIRECT)",
+        "passthroughfs.py open",
+    )
+    text = _replace_once(
+        text,
+        "fd = os.open(path, flags | os.O_CREAT | os.O_TRUNC)",
+        "fd = os.open(path, (flags | os.O_CREAT | os.O_TRUNC) & ~os.O_DIRECT)",
+        "passthroughfs.py create",
+    )
     key = hashlib.sha256(text.encode()).hexdigest()[:12]
     out = CACHE / "pypeer"
     out.mkdir(parents=True, exist_ok=True)
@@ -189,8 +219,9 @@ class Peer:
             return None
         return (int(rest[11]) + int(rest[12])) / CLK_TCK
 
-    def abort(self) -> None:
-        pass
+    def abort(self, client_pids: list[int] | None = None, reason: str = "deadline") -> str:
+        """Free clients stuck on this peer; returns a watchdog report ("" without FUSE)."""
+        return ""
 
     def log_tail(self, n: int = 20) -> str:
         return ""
@@ -230,20 +261,29 @@ class FusePeer(Peer):
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
         log.write(f"--- {time.strftime('%H:%M:%S')} start: {' '.join(self.argv())}\n".encode())
         log.flush()
-        self.proc = subprocess.Popen(self.argv(), stdin=subprocess.DEVNULL, stdout=log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            self.argv(),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         log.close()
         deadline = time.monotonic() + self.mount_timeout_s
         while not os.path.ismount(self.mnt):
             if self.proc.poll() is not None:
                 rc = self.proc.returncode
                 self.proc = None
-                raise PeerUnavailable(f"{self.name}: daemon exited with {rc} before mounting; "
-                                      f"log {self.log_path}:\n{self.log_tail()}")
+                raise PeerUnavailable(
+                    f"{self.name}: daemon exited with {rc} before mounting; "
+                    f"log {self.log_path}:\n{self.log_tail()}"
+                )
             if time.monotonic() > deadline:
                 self._kill()
-                raise PeerUnavailable(f"{self.name}: not mounted after {self.mount_timeout_s}s; "
-                                      f"log {self.log_path}:\n{self.log_tail()}")
+                raise PeerUnavailable(
+                    f"{self.name}: not mounted after {self.mount_timeout_s}s; "
+                    f"log {self.log_path}:\n{self.log_tail()}"
+                )
             time.sleep(0.05)
         self.conn_id = fusewatch.connection_id(str(self.mnt))
 
@@ -253,11 +293,19 @@ class FusePeer(Peer):
     def daemon_pid(self) -> int | None:
         return self.proc.pid if self.proc is not None else None
 
-    def abort(self) -> None:
-        """Abort the FUSE connection (fails every request with ENOTCONN) and detach the mount."""
-        if self.conn_id is not None:
-            fusewatch.abort_connection(self.conn_id)
-        fusewatch.lazy_unmount(str(self.mnt))
+    def abort(self, client_pids: list[int] | None = None, reason: str = "deadline") -> str:
+        """Abort the FUSE connection (every request fails with ENOTCONN), detach the mount.
+
+        Returns the watchdog report (kernel stacks of daemon and ``client_pids`` when
+        diofs.watchdog is available; it also sends SIGUSR1 to the daemon first).
+        """
+        return fusewatch.rescue(
+            str(self.mnt),
+            self.conn_id,
+            self.daemon_pid(),
+            list(client_pids or []),
+            f"{self.name}: {reason}",
+        )
 
     def unmount(self, deadline_s: float = 20.0) -> None:
         """Unmount and reap the daemon; escalate to abort/lazy unmount/SIGKILL past deadline."""
@@ -265,22 +313,29 @@ class FusePeer(Peer):
             return
         clean = False
         if self._mounted_here():
-            um = subprocess.Popen(["fusermount3", "-u", str(self.mnt)], stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, start_new_session=True)
+            um = subprocess.Popen(
+                ["fusermount3", "-u", str(self.mnt)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
             try:
                 out, _ = um.communicate(timeout=deadline_s)
                 clean = um.returncode == 0
                 if not clean:
                     self.errors.append(f"fusermount3 -u failed: {out.decode().strip()}")
             except subprocess.TimeoutExpired:
-                self.errors.append(f"unmount hung for {deadline_s}s: aborted the connection")
-                self.abort()
+                report = self.abort(reason=f"unmount still running after {deadline_s}s")
+                self.errors.append(
+                    f"unmount hung for {deadline_s}s: aborted the connection\n" + report
+                )
                 with contextlib.suppress(ProcessLookupError):
                     um.kill()
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     um.wait(timeout=10)
-            if not clean:
-                self.abort()
+            else:
+                if not clean:
+                    self.abort(reason="fusermount3 -u failed")
         if self.proc is not None:
             try:
                 self.proc.wait(timeout=deadline_s if clean else 5)
@@ -329,8 +384,7 @@ class CPeer(FusePeer):
         self.backing.mkdir(exist_ok=True)
 
     def argv(self) -> list[str]:
-        return [str(self.binary), "-f", "-o", f"source={self.backing},fsname=cpeer",
-                str(self.mnt)]
+        return [str(self.binary), "-f", "-o", f"source={self.backing},fsname=cpeer", str(self.mnt)]
 
 
 class PyPeer(FusePeer):
@@ -339,11 +393,14 @@ class PyPeer(FusePeer):
     def prepare(self) -> None:
         super().prepare()
         self.python = venv_python()
-        r = subprocess.run([self.python, "-c", "import pyfuse3, trio"], capture_output=True,
-                           text=True)
+        r = subprocess.run(
+            [self.python, "-c", "import pyfuse3, trio"], capture_output=True, text=True
+        )
         if r.returncode != 0:
-            raise PeerUnavailable(f"pypeer: {self.python} cannot import pyfuse3 and trio: "
-                                  f"{r.stderr.strip().splitlines()[-1:]}")
+            raise PeerUnavailable(
+                f"pypeer: {self.python} cannot import pyfuse3 and trio: "
+                f"{r.stderr.strip().splitlines()[-1:]}"
+            )
         self.script = build_pypeer()
         self.backing = self.root / "backing"
         self.backing.mkdir(exist_ok=True)
@@ -355,8 +412,9 @@ class PyPeer(FusePeer):
 class DiofsPeer(FusePeer):
     name = "diofs"
 
-    def __init__(self, workdir: Path, image_size: str = "1G",
-                 extra_args: list[str] | None = None) -> None:
+    def __init__(
+        self, workdir: Path, image_size: str = "1G", extra_args: list[str] | None = None
+    ) -> None:
         super().__init__(workdir)
         self.image = self.root / "diofs.img"
         self.image_size = image_size
@@ -368,17 +426,34 @@ class DiofsPeer(FusePeer):
         if not (REPO / "diofs" / "cli" / "mount.py").exists():
             raise PeerUnavailable("diofs: diofs/cli/mount.py does not exist yet (skipped)")
         mkfs = REPO / ".venv" / "bin" / "mkfs.diofs"
-        argv = [str(mkfs)] if mkfs.exists() else [self.python, "-m", "diofs.cli.mkfs"]
-        r = subprocess.run([*argv, str(self.image), "--size", self.image_size],
-                           capture_output=True, text=True, cwd=REPO, timeout=120)
+        run_mkfs = "import sys; from diofs.cli.mkfs import main; sys.exit(main())"
+        argv = [str(mkfs)] if mkfs.exists() else [self.python, "-c", run_mkfs]
+        r = subprocess.run(
+            [*argv, str(self.image), "--size", self.image_size],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=120,
+        )
         if r.returncode != 0:
-            raise PeerUnavailable(f"diofs: mkfs failed ({r.returncode}): "
-                                  f"{(r.stderr or r.stdout).strip()[-1000:]}")
+            raise PeerUnavailable(
+                f"diofs: mkfs failed ({r.returncode}): {(r.stderr or r.stdout).strip()[-1000:]}"
+            )
+        if not self.image.exists():
+            raise PeerUnavailable(f"diofs: mkfs made no image ({' '.join(argv)})")
 
     def argv(self) -> list[str]:
-        return [self.python, *self.wrapper, str(REPO / "mount.py"), str(self.image),
-                str(self.mnt), "--foreground", "--log", str(self.root / "diofs.log"),
-                *self.extra_args]
+        return [
+            self.python,
+            *self.wrapper,
+            str(REPO / "mount.py"),
+            str(self.image),
+            str(self.mnt),
+            "--foreground",
+            "--log",
+            str(self.root / "diofs.log"),
+            *self.extra_args,
+        ]
 
     def log_tail(self, n: int = 20) -> str:
         out = super().log_tail(n)
@@ -389,8 +464,9 @@ class DiofsPeer(FusePeer):
         return out + "\n--- diofs.log:\n" + "\n".join(lines[-n:])
 
 
-def make_peer(name: str, workdir: Path, diofs_image_size: str = "1G",
-              diofs_args: list[str] | None = None) -> Peer:
+def make_peer(
+    name: str, workdir: Path, diofs_image_size: str = "1G", diofs_args: list[str] | None = None
+) -> Peer:
     if name == "local":
         return LocalPeer(workdir)
     if name == "cpeer":

@@ -5,7 +5,7 @@ The results document (``results.json``) is a plain dict:
   config    size, runtime, repeat, peers, jobs, meta_files
   peers     name -> {label, available, skip_reason, errors, restarts}
   jobs      [{name, title, metric}] in table order
-  runs      [{job, peer, rep, ok, error, mbps, iops, ops_per_s, clat_p50_us, clat_p99_us,
+  runs      [{job, peer, rep, ok, error, mbps, iops, ops_per_s, lat_p50_us, lat_p99_us,
               daemon_cpu_s, wall_s, ...}] in the order they ran
 
 Everything else (tables, ratios, charts) is derived from that document by the functions here,
@@ -40,8 +40,9 @@ def machine_facts() -> dict[str, Any]:
     model = None
     try:
         with open("/proc/cpuinfo") as f:
-            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")),
-                         None)
+            model = next(
+                (ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), None
+            )
     except OSError:
         pass
     py = venv_python()
@@ -78,13 +79,19 @@ def summarize(results: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
             s: dict[str, Any] = {"n": len(ok), "failed": len(runs) - len(ok)}
             if vals:
                 s.update(median=statistics.median(vals), min=min(vals), max=max(vals))
-            for key, src in (("p50_us", "clat_p50_us"), ("p99_us", "clat_p99_us"),
-                             ("cpu_s", "daemon_cpu_s")):
+            for key, src in (
+                ("p50_us", "lat_p50_us"),
+                ("p99_us", "lat_p99_us"),
+                ("cpu_s", "daemon_cpu_s"),
+            ):
                 xs = [r[src] for r in ok if r.get(src) is not None]
                 s[key] = statistics.median(xs) if xs else None
             ops = [_ops(job, r) for r in ok]
-            cpu_per = [r["daemon_cpu_s"] / o * 1e6 for r, o in zip(ok, ops, strict=True)
-                       if o and r.get("daemon_cpu_s") is not None]
+            cpu_per = [
+                r["daemon_cpu_s"] / o * 1e6
+                for r, o in zip(ok, ops, strict=True)
+                if o and r.get("daemon_cpu_s") is not None
+            ]
             s["cpu_us_per_op"] = statistics.median(cpu_per) if cpu_per else None
             per[peer] = s
         out[job.name] = per
@@ -156,20 +163,29 @@ def markdown(results: dict[str, Any]) -> str:
         "## Primary figure per job (median, min–max over repetitions)",
         "",
     ]
-    ratio_cols = [(a, b) for a, b in (("diofs", "pypeer"), ("diofs", "local"))
-                  if a in peers and b in peers]
-    head = ["job", "unit", *(SHORT[p] for p in peers),
-            *(f"{SHORT[a]} / {SHORT[b]}" for a, b in ratio_cols)]
+    ratio_cols = [
+        (a, b) for a, b in (("diofs", "pypeer"), ("diofs", "local")) if a in peers and b in peers
+    ]
+    head = [
+        "job",
+        "unit",
+        *(SHORT[p] for p in peers),
+        *(f"{SHORT[a]} / {SHORT[b]}" for a, b in ratio_cols),
+    ]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for jd in results["jobs"]:
         job = JOBS_BY_NAME[jd["name"]]
         per = summ[job.name]
-        row = [job.title, job.metric, *(_cell(job.metric, per.get(p)) for p in peers),
-               *(_ratio(per.get(a), per.get(b)) for a, b in ratio_cols)]
+        row = [
+            job.title,
+            job.metric,
+            *(_cell(job.metric, per.get(p)) for p in peers),
+            *(_ratio(per.get(a), per.get(b)) for a, b in ratio_cols),
+        ]
         lines.append("| " + " | ".join(row) + " |")
     lines += [
         "",
-        "## Completion latency p50 / p99 (µs, median over repetitions)",
+        "## Latency (submission to completion, fio `lat`) p50 / p99 (µs, median over repetitions)",
         "",
         "| job | " + " | ".join(SHORT[p] for p in peers) + " |",
         "|" + "---|" * (len(peers) + 1),
@@ -200,8 +216,11 @@ def markdown(results: dict[str, Any]) -> str:
             for p in fuse_peers:
                 s = per.get(p) or {}
                 cpu, per_op = s.get("cpu_s"), s.get("cpu_us_per_op")
-                cells.append("–" if cpu is None else
-                             f"{cpu:.2f}" + (f" ({per_op:.0f})" if per_op is not None else ""))
+                cells.append(
+                    "–"
+                    if cpu is None
+                    else f"{cpu:.2f}" + (f" ({per_op:.0f})" if per_op is not None else "")
+                )
             lines.append(f"| {job.title} | " + " | ".join(cells) + " |")
     errs = [r for r in results["runs"] if not r.get("ok")]
     peer_errs = [(p, e) for p, info in results["peers"].items() for e in info.get("errors", [])]
@@ -211,8 +230,12 @@ def markdown(results: dict[str, Any]) -> str:
             lines.append(f"- {r['peer']} / {r['job']} / rep {r['rep']}: {_one_line(r['error'])}")
         for p, e in peer_errs:
             lines.append(f"- {p}: {_one_line(e)}")
-    lines += ["", "\\* variant: O_DIRECT dropped from the backing open (as shipped, every "
-              "O_DIRECT write through it fails with EINVAL).", ""]
+    lines += [
+        "",
+        "\\* variant: O_DIRECT dropped from the backing open (as shipped, every "
+        "O_DIRECT write through it fails with EINVAL).",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -264,10 +287,13 @@ def plot(results: dict[str, Any], out: Path) -> str:
         ax.set_title(job.title, fontsize=8)
         ax.set_ylabel(job.metric, fontsize=8)
         ax.tick_params(labelsize=7)
-    for ax in list(axes.flat)[len(jobs):]:
+    for ax in list(axes.flat)[len(jobs) :]:
         ax.axis("off")
-    fig.suptitle(f"diofs vs peers ({results.get('started', '')}; * = no O_DIRECT on backing "
-                 "open; bars = median, whiskers = min–max)", fontsize=9)
+    fig.suptitle(
+        f"diofs vs peers ({results.get('started', '')}; * = no O_DIRECT on backing "
+        "open; bars = median, whiskers = min–max)",
+        fontsize=9,
+    )
     fig.tight_layout()
     path = out / "results.png"
     fig.savefig(path, dpi=110)

@@ -30,11 +30,25 @@ from typing import Any
 
 from benchmarks import fusewatch, report
 from benchmarks.jobs import (
-    DATA_FILE, JOBS, Job, fio_argv, layout_argv, parse_fio_json, parse_size, primary,
+    DATA_FILE,
+    JOBS,
+    Job,
+    fio_argv,
+    layout_argv,
+    parse_fio_json,
+    parse_size,
+    primary,
     select_jobs,
 )
 from benchmarks.peers import (
-    CACHE, PEER_NAMES, REPO, SHORT, Peer, PeerUnavailable, cleanup_workdir, make_peer,
+    CACHE,
+    PEER_NAMES,
+    REPO,
+    SHORT,
+    Peer,
+    PeerUnavailable,
+    cleanup_workdir,
+    make_peer,
     venv_python,
 )
 
@@ -60,7 +74,14 @@ class Options:
 
 
 class ChildFailed(Exception):
-    """A child (fio, metadata loop, priming) failed, hung or lost its file system."""
+    """A child (fio, metadata loop, priming) failed, hung or lost its file system.
+
+    ``report`` holds the watchdog report when the child hung ("" otherwise).
+    """
+
+    def __init__(self, message: str, report: str = "") -> None:
+        super().__init__(message)
+        self.report = report
 
 
 def _say(opts: Options, msg: str) -> None:
@@ -74,18 +95,25 @@ def run_child(argv: list[str], timeout_s: float, peer: Peer) -> str:
     On timeout: abort the peer's FUSE connection first (a child stuck in D state on a hung
     mount cannot be killed before that), then kill the child's process group, then reap it.
     """
-    child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             stdin=subprocess.DEVNULL, start_new_session=True)
+    child = subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         out, err = child.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        peer.abort()
+        name = Path(argv[0]).name
+        rep = peer.abort([child.pid], f"{name} still running after {timeout_s:.0f}s")
         with contextlib.suppress(ProcessLookupError):
             os.killpg(child.pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             child.communicate(timeout=15)
-        raise ChildFailed(f"{Path(argv[0]).name} hung for {timeout_s:.0f}s: aborted the FUSE "
-                          "connection and killed it") from None
+        raise ChildFailed(
+            f"{name} hung for {timeout_s:.0f}s: aborted the FUSE connection and killed it", rep
+        ) from None
     except BaseException:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(child.pid, signal.SIGKILL)
@@ -122,8 +150,14 @@ def recover(peer: Peer, opts: Options) -> None:
 
 def run_one(peer: Peer, job: Job, rep: int, opts: Options) -> dict[str, Any]:
     """One job on one peer; returns the run record (ok=False with error on failure)."""
-    rec: dict[str, Any] = {"job": job.name, "peer": peer.name, "rep": rep, "ok": False,
-                           "error": None, "runtime_s": opts.runtime_s}
+    rec: dict[str, Any] = {
+        "job": job.name,
+        "peer": peer.name,
+        "rep": rep,
+        "ok": False,
+        "error": None,
+        "runtime_s": opts.runtime_s,
+    }
     path = _data_path(peer)
     try:
         if job.prime:
@@ -131,13 +165,17 @@ def run_one(peer: Peer, job: Job, rep: int, opts: Options) -> dict[str, Any]:
         cpu0 = peer.daemon_cpu_s()
         t0 = time.monotonic()
         if job.kind == "fio":
-            out = run_child(fio_argv(job, str(path), opts.size_bytes, opts.runtime_s),
-                            opts.runtime_s + 60, peer)
+            out = run_child(
+                fio_argv(job, str(path), opts.size_bytes, opts.runtime_s), opts.runtime_s + 60, peer
+            )
             rec.update(parse_fio_json(out))
         else:
             d = peer.data_dir / f"meta-{rep}-{os.getpid()}"
-            out = run_child([venv_python(), str(METALOAD), str(d), str(opts.meta_files)],
-                            max(120.0, opts.meta_files / 50), peer)
+            out = run_child(
+                [venv_python(), str(METALOAD), str(d), str(opts.meta_files)],
+                max(120.0, opts.meta_files / 50),
+                peer,
+            )
             rec.update(json.loads(out.strip().splitlines()[-1]))
             rec["runtime_s"] = rec["elapsed_s"]
         rec["wall_s"] = time.monotonic() - t0
@@ -146,6 +184,8 @@ def run_one(peer: Peer, job: Job, rep: int, opts: Options) -> dict[str, Any]:
         rec["ok"] = True
     except (ChildFailed, ValueError, OSError, json.JSONDecodeError) as exc:
         rec["error"] = str(exc)
+        if getattr(exc, "report", ""):
+            rec["watchdog_report"] = exc.report
     if peer.is_fuse and not peer.alive():
         rc = getattr(getattr(peer, "proc", None), "returncode", None)
         msg = f"daemon died (exit {rc}); log tail:\n{peer.log_tail(12)}"
@@ -159,8 +199,8 @@ def _progress(job: Job, rec: dict[str, Any]) -> str:
     if not rec["ok"]:
         return head + " FAILED: " + " ".join((rec["error"] or "").split())[:200]
     txt = f"{report.fmt(job.metric, primary(job, rec)):>8} {job.metric:<5}"
-    if rec.get("clat_p99_us") is not None:
-        txt += f" p50 {rec['clat_p50_us']:.0f} µs p99 {rec['clat_p99_us']:.0f} µs"
+    if rec.get("lat_p99_us") is not None:
+        txt += f" p50 {rec['lat_p50_us']:.0f} µs p99 {rec['lat_p99_us']:.0f} µs"
     if rec.get("daemon_cpu_s") is not None:
         txt += f" cpu {rec['daemon_cpu_s']:.2f} s"
     return head + " " + txt
@@ -168,8 +208,12 @@ def _progress(job: Job, rec: dict[str, Any]) -> str:
 
 def _fs_type(path: Path) -> str | None:
     with contextlib.suppress(OSError, subprocess.SubprocessError):
-        r = subprocess.run(["findmnt", "-no", "FSTYPE", "-T", str(path)], capture_output=True,
-                           text=True, timeout=10)
+        r = subprocess.run(
+            ["findmnt", "-no", "FSTYPE", "-T", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
         return r.stdout.strip() or None
     return None
 
@@ -189,9 +233,13 @@ def run_bench(opts: Options) -> dict[str, Any]:
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
         "machine": report.machine_facts(),
         "config": {
-            "peers": list(opts.peers), "jobs": [j.name for j in opts.jobs],
-            "repeat": opts.repeat, "runtime_s": opts.runtime_s, "size_bytes": opts.size_bytes,
-            "meta_files": opts.meta_files, "diofs_args": opts.diofs_args,
+            "peers": list(opts.peers),
+            "jobs": [j.name for j in opts.jobs],
+            "repeat": opts.repeat,
+            "runtime_s": opts.runtime_s,
+            "size_bytes": opts.size_bytes,
+            "meta_files": opts.meta_files,
+            "diofs_args": opts.diofs_args,
             "workdir": str(workdir),
         },
         "peers": {},
@@ -200,8 +248,9 @@ def run_bench(opts: Options) -> dict[str, Any]:
     }
     results["machine"]["workdir_fs"] = _fs_type(workdir)
     if results["machine"]["workdir_fs"] != "ext4":
-        _say(opts, f"warning: work dir {workdir} is on {results['machine']['workdir_fs']}, "
-                   "not ext4")
+        _say(
+            opts, f"warning: work dir {workdir} is on {results['machine']['workdir_fs']}, not ext4"
+        )
     live: list[Peer] = []
     prev_term = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
@@ -209,8 +258,13 @@ def run_bench(opts: Options) -> dict[str, Any]:
             _say(opts, "warning: fusectl is not available: hung mounts cannot be aborted")
         for name in opts.peers:
             peer = make_peer(name, workdir, opts.diofs_image_size, opts.diofs_args)
-            info: dict[str, Any] = {"label": peer.label, "available": True, "skip_reason": None,
-                                    "errors": peer.errors, "restarts": 0}
+            info: dict[str, Any] = {
+                "label": peer.label,
+                "available": True,
+                "skip_reason": None,
+                "errors": peer.errors,
+                "restarts": 0,
+            }
             results["peers"][name] = info
             try:
                 peer.prepare()
@@ -237,7 +291,8 @@ def run_bench(opts: Options) -> dict[str, Any]:
                             recover(peer, opts)
                         except (PeerUnavailable, ChildFailed, OSError) as exc:
                             results["peers"][peer.name].update(
-                                available=False, skip_reason=f"stopped mid-run: {exc}")
+                                available=False, skip_reason=f"stopped mid-run: {exc}"
+                            )
                             peer.errors.append(str(exc))
                             _say(opts, f"    {peer.name}: dropped: {exc}")
                     results["peers"][peer.name]["restarts"] = peer.restarts
@@ -265,35 +320,60 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         prog="scripts/bench",
         description="diofs side by side with its peers (local disk, C and Python passthrough), "
-                    "interleaved, repeated; writes results.json, results.md and a chart.")
-    ap.add_argument("--peers", default=",".join(PEER_NAMES),
-                    help=f"comma-separated subset of {','.join(PEER_NAMES)} (default: all)")
-    ap.add_argument("--jobs", default=None, help="comma-separated job names (default: all; "
-                    "see --list-jobs)")
+        "interleaved, repeated; writes results.json, results.md and a chart.",
+    )
+    ap.add_argument(
+        "--peers",
+        default=",".join(PEER_NAMES),
+        help=f"comma-separated subset of {','.join(PEER_NAMES)} (default: all)",
+    )
+    ap.add_argument(
+        "--jobs", default=None, help="comma-separated job names (default: all; see --list-jobs)"
+    )
     ap.add_argument("--repeat", type=int, default=None, help="repetitions per job (default 3)")
     ap.add_argument("--runtime", type=float, default=None, help="seconds per fio job (default 5)")
     ap.add_argument("--size", default=None, help="data file size (default 256M)")
-    ap.add_argument("--meta-files", type=int, default=None,
-                    help="files in the metadata job (default 10000)")
-    ap.add_argument("--quick", action="store_true",
-                    help="runtime 2 s, repeat 1, size 64M, 2000 metadata files")
-    ap.add_argument("--out", type=Path, default=None,
-                    help="results dir (default bench-results/<timestamp>/ at the repo root)")
-    ap.add_argument("--workdir", type=Path, default=None,
-                    help="where mounts, backing dirs and the image go (default "
-                         "~/.cache/diofs-bench/work-*, removed afterwards)")
+    ap.add_argument(
+        "--meta-files", type=int, default=None, help="files in the metadata job (default 10000)"
+    )
+    ap.add_argument(
+        "--quick", action="store_true", help="runtime 2 s, repeat 1, size 64M, 2000 metadata files"
+    )
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="results dir (default bench-results/<timestamp>/ at the repo root)",
+    )
+    ap.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="where mounts, backing dirs and the image go (default "
+        "~/.cache/diofs-bench/work-*, removed afterwards)",
+    )
     ap.add_argument("--keep-workdir", action="store_true")
     ap.add_argument("--diofs-image-size", default="1G")
-    ap.add_argument("--diofs-opts", default="",
-                    help="extra arguments for mount.py, one shell-quoted string "
-                         "(e.g. \"-o cache_size=128M\")")
+    ap.add_argument(
+        "--diofs-opts",
+        default="",
+        help='extra arguments for mount.py, one shell-quoted string (e.g. "-o cache_size=128M")',
+    )
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument("--list-jobs", action="store_true", help="print the job table and exit")
-    ap.add_argument("--report", type=Path, default=None, metavar="RESULTS_JSON",
-                    help="rebuild results.md and the chart from a results.json and exit")
-    ap.add_argument("--profile", default=None, metavar="JOB",
-                    help="run JOB once on diofs with the daemon under a profiler; print top "
-                         "functions")
+    ap.add_argument(
+        "--report",
+        type=Path,
+        default=None,
+        metavar="RESULTS_JSON",
+        help="rebuild results.md and the chart from a results.json and exit",
+    )
+    ap.add_argument(
+        "--profile",
+        default=None,
+        metavar="JOB",
+        help="run JOB once on diofs with the daemon under a profiler; print top functions",
+    )
     ap.add_argument("--profiler", choices=("py-spy", "cprofile"), default="py-spy")
     return ap.parse_args(argv)
 
@@ -309,13 +389,17 @@ def options_from_args(a: argparse.Namespace) -> Options:
     except ValueError as exc:
         raise SystemExit(f"bench: {exc}") from None
     return Options(
-        peers=peers, jobs=jobs,
+        peers=peers,
+        jobs=jobs,
         repeat=a.repeat if a.repeat is not None else (1 if q else 3),
         runtime_s=a.runtime if a.runtime is not None else (2.0 if q else 5.0),
         size_bytes=parse_size(a.size or ("64M" if q else "256M")),
         meta_files=a.meta_files if a.meta_files is not None else (2000 if q else 10_000),
-        out=a.out, workdir=a.workdir, keep_workdir=a.keep_workdir,
-        diofs_image_size=a.diofs_image_size, diofs_args=shlex.split(a.diofs_opts),
+        out=a.out,
+        workdir=a.workdir,
+        keep_workdir=a.keep_workdir,
+        diofs_image_size=a.diofs_image_size,
+        diofs_args=shlex.split(a.diofs_opts),
         plots=not a.no_plots,
     )
 

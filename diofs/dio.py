@@ -41,7 +41,7 @@ from diofs.durability import Durability, wants_sync
 from diofs.errors import FsError
 from diofs.format.metadata import Inode
 from diofs.fs import Filesystem
-from diofs.handles import Handle
+from diofs.handles import DioContext, Handle
 from diofs.locks import FaultMarker, LockTable
 from diofs.locks.rwsem import RwSem
 from diofs.request import Request
@@ -51,7 +51,7 @@ class Direct:
     def __init__(
         self, fs: Filesystem, cache: PageCache, writeback: Writeback, locks: LockTable,
         marker: FaultMarker, durability: Durability, *, dio_align: int,
-        locked_shootdown: bool = False, write_delay: float = 0.0,
+        locked_shootdown: bool = False, write_delay: float = 0.0, persistent_ctx: bool = False,
     ) -> None:
         self.fs = fs
         self.cache = cache
@@ -62,6 +62,7 @@ class Direct:
         self.dio_align = dio_align
         self.locked_shootdown = locked_shootdown
         self.write_delay = write_delay  # demo hook: holds BLOCK longer (seconds)
+        self.persistent_ctx = persistent_ctx  # --mlock: reuse one DioContext per handle
         self._rwsems: dict[int, RwSem] = {}
 
     @asynccontextmanager
@@ -88,14 +89,23 @@ class Direct:
             stats.add("dio.shootdown_pages", self.cache.drop_range(ino, start, end))
 
     # ------------------------------------------------------------------ direct I/O
-    async def read(self, h: Handle, off: int, size: int, req: Request) -> bytes:
+    async def read(self, h: Handle, off: int, size: int, req: Request) -> memoryview:
         self._check_alignment(off, size)
         inode = h.inode
-        async with self._rwsem(inode.ino, exclusive=False):
-            await self.writeback.writeback_range(inode.ino, off, off + size)
-            data = await self.fs.read_data(inode, off, size)
+        if self.persistent_ctx and h.dio_ctx is None:
+            h.dio_ctx = DioContext()
+        buf = h.dio_ctx.take(size) if h.dio_ctx is not None else None
+        if buf is None:
+            stats.add("dio.buffer_allocs")
+        try:
+            async with self._rwsem(inode.ino, exclusive=False):
+                await self.writeback.writeback_range(inode.ino, off, off + size)
+                data = await self.fs.read_data(inode, off, size, into=buf)
+        finally:
+            if buf is not None:
+                h.dio_ctx.give_back()  # type: ignore[union-attr]  # reply is sent before any checkpoint
         stats.add("dio.bytes_read", len(data))
-        return bytes(data)
+        return data
 
     async def write(self, h: Handle, off: int, buf: bytes, req: Request, flags: int) -> int:
         inode = h.inode

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import mmap
 import stat as S
 import time
 from collections.abc import Callable
@@ -367,25 +368,34 @@ class Filesystem:
             return fn(*args)
         return await trio.to_thread.run_sync(fn, *args, limiter=self.io_limiter)
 
-    async def read_data(self, inode: Inode, off: int, size: int) -> bytearray:
+    async def read_data(
+        self, inode: Inode, off: int, size: int, into: bytearray | mmap.mmap | None = None
+    ) -> memoryview:
         """Bytes [off, off + size) clipped to i_size; holes and unwritten blocks read as
-        zeros. The caller keeps the range's blocks from being freed across the awaits."""
+        zeros. `into` (at least `size` bytes) is reused instead of a new buffer (the direct-I/O
+        context). The caller keeps the range's blocks from being freed across the awaits."""
         end = min(off + size, inode.size)
         if end <= off:
-            return bytearray()
+            return memoryview(b"")
         bs = self.bs
         first = off // bs
         segs = inode.extents.lookup(first, (end - 1) // bs - first + 1)
-        out = bytearray(end - off)
-        view = memoryview(out)
+        if into is None:
+            view = memoryview(bytearray(end - off))
+        else:
+            view = memoryview(into)[: end - off]
         for seg in segs:
             if not seg.readable:
+                if into is not None:
+                    s = max(off, seg.start * bs)
+                    e = min(end, (seg.start + seg.count) * bs)
+                    view[s - off : e - off] = bytes(e - s)
                 continue
             s = max(off, seg.start * bs)
             e = min(end, (seg.start + seg.count) * bs)
             img = seg.phys * bs + (s - seg.start * bs)  # type: ignore[operator]
             await self._io(self.backend.readinto, img, view[s - off : e - off], nbytes=e - s)
-        return out
+        return view
 
     async def write_data(self, inode: Inode, off: int, data: bytes | memoryview) -> None:
         """Write `data` at `off`: allocate, write, then publish (module docstring). Partially

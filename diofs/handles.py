@@ -8,11 +8,42 @@ open-time flags here are the fallback when the binding reports none.
 from __future__ import annotations
 
 import itertools
+import mmap
 import os
 from dataclasses import dataclass, field
 
+from diofs import stats
 from diofs.cache.readahead import Readahead
 from diofs.format.metadata import Inode
+
+DIO_CONTEXT_BYTES = 1 << 20  # the kernel's largest direct chunk (max_read, fuse-facts row 2)
+
+
+class DioContext:
+    """The persistent per-handle direct-I/O context (SPEC 7, seed 000: keep one `struct dio`
+    per file for mlockall(MCL_FUTURE) callers that must not allocate on the I/O path).
+
+    One page-aligned anonymous mapping, locked by mlockall, reused by every direct read of
+    the handle. It is free again as soon as the handler returns: pyfuse3 copies the reply
+    into the kernel before the next trio checkpoint, so no other task can see it in use.
+    Concurrent requests on one handle (AIO) find it busy and fall back to a fresh buffer,
+    counted in `dio.buffer_allocs`.
+    """
+
+    def __init__(self) -> None:
+        self.buffer = mmap.mmap(-1, DIO_CONTEXT_BYTES)
+        self.busy = False
+        stats.add("dio.contexts")
+
+    def take(self, size: int) -> mmap.mmap | None:
+        if self.busy or size > DIO_CONTEXT_BYTES:
+            return None
+        self.busy = True
+        stats.add("dio.context_reuses")
+        return self.buffer
+
+    def give_back(self) -> None:
+        self.busy = False
 
 
 @dataclass(slots=True, eq=False)
@@ -22,7 +53,7 @@ class Handle:
     flags: int
     wb_err_seen: int  # errseq cursor: writeback errors up to this sequence were reported
     readahead: Readahead = field(default_factory=Readahead)
-    dio_buffer: bytearray | None = None  # persistent direct-I/O context (--mlock, seed 000)
+    dio_ctx: DioContext | None = None  # persistent direct-I/O context (--mlock)
 
     @property
     def writable(self) -> bool:

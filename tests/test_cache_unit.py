@@ -232,7 +232,7 @@ def test_readahead_small_reads_in_one_page_keep_window() -> None:
     assert ra.window(0, 1) == 4
     assert ra.window(0, 1) == 4  # second 1 KiB read in page 0
     assert ra.window(1, 1) == 8
-    assert ra.window(3, 2) == 16  # unaligned read starting in the previous read's last page
+    assert ra.window(1, 2) == 16  # unaligned read starting in the previous read's last page
     first = Readahead()
     assert first.window(50, 4) == 4  # first read not at 0: random
 
@@ -247,7 +247,10 @@ async def test_writeback_batches_contiguous_runs() -> None:
     cache.write(2, 0, 0, page(42))
     await wb.writeback_all()
     assert sorted(img.calls) == [
-        (1, 0, 4 * PS), (1, 4 * PS, 2 * PS), (1, 8 * PS, 2 * PS), (2, 0, PS)
+        (1, 0, 4 * PS),
+        (1, 4 * PS, 2 * PS),
+        (1, 8 * PS, 2 * PS),
+        (2, 0, PS),
     ]
     assert stats.get("writeback.writes") == 4 and stats.get("writeback.pages") == 9
     assert cache.dirty_bytes() == 0 and cache.writeback_bytes() == 0
@@ -301,7 +304,9 @@ async def test_redirty_during_writeback_stays_dirty() -> None:
     assert img.read(1, 0, 2) == b"22" and not cache.is_dirty(1, 0)
 
 
-async def test_writeback_range_waits_for_in_flight_writeback() -> None:
+async def test_writeback_range_waits_for_in_flight_writeback(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     cache, img, _errs, wb = make(age_s=1.0)
     cache.write(1, 0, 0, page(1))
     img.gate = trio.Event()
@@ -366,10 +371,11 @@ async def test_age_based_background_writeback(autojump_clock: trio.testing.MockC
         cache.write(1, 5, 0, page(5))
         await trio.sleep(2.0)
         assert img.calls == []  # t=4: nothing is 5 s old
-        await trio.sleep(3.6)  # t=7.6: page 0 is old (checked at t=5 or 7.5), page 5 not
+        # The worker wakes every age_s / 2 = 2.5 s: at t=5 page 0 is 5 s old, page 5 is 3 s.
+        await trio.sleep(1.5)
         assert img.calls == [(1, 0, PS)]
         assert cache.dirty_indexes(1) == [5]
-        await trio.sleep(2.5)  # t=10.1: page 5 (dirtied at t=2) written by t=10
+        await trio.sleep(2.1)  # t=7.6: page 5 (dirtied at t=2) was written at t=7.5
         assert img.calls == [(1, 0, PS), (1, 5 * PS, PS)]
         assert cache.dirty_bytes() == 0
         nursery.cancel_scope.cancel()
@@ -406,7 +412,9 @@ async def test_error_reported_once_and_pages_left_clean() -> None:
     assert len(errs.seen) == 1
 
 
-async def test_worker_error_reported_once_and_raised_to_waiting_fsync() -> None:
+async def test_worker_error_reported_once_and_raised_to_waiting_fsync(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     cache, img, errs, wb = make(age_s=1.0)
     cache.write(1, 0, 0, page(1))
     img.gate = trio.Event()
@@ -433,13 +441,16 @@ async def test_worker_error_reported_once_and_raised_to_waiting_fsync() -> None:
 
 async def test_discarded_pages_under_writeback_are_not_written_or_recached() -> None:
     cache, img, _errs, wb = make(concurrency=1)
-    cache.write(1, 0, 0, page(1))  # run A holds the only slot
-    cache.write(1, 2, 0, page(2))  # run B, queued
-    cache.write(1, 3, 0, page(3))
+    cache.write(1, 0, 0, page(1))
     img.gate = trio.Event()
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(wb.writeback_inode, 1)
+        nursery.start_soon(wb.writeback_range, 1, 0, PS)  # run A holds the only slot
         await img.started.wait()
+        cache.write(1, 2, 0, page(2))
+        cache.write(1, 3, 0, page(3))
+        nursery.start_soon(wb.writeback_range, 1, 2 * PS, 4 * PS)  # run B, queued
+        await trio.testing.wait_all_tasks_blocked()
+        assert cache.under_writeback(1, 3) and len(img.calls) == 1
         assert cache.drop_range(1, 0, 3 * PS, discard_dirty=True) == 2  # pages 0 and 2
         img.gate.set()
     # Run A had started: its write lands; run B had not: only page 3 is written.
@@ -449,7 +460,7 @@ async def test_discarded_pages_under_writeback_are_not_written_or_recached() -> 
     assert cache.peek(1, 0) == page(7)
 
 
-async def test_cancelled_writeback_redirties() -> None:
+async def test_cancelled_writeback_redirties(autojump_clock: trio.testing.MockClock) -> None:
     cache, img, _errs, wb = make()
     cache.write(1, 0, 0, page(1))
     img.gate = trio.Event()
@@ -485,3 +496,97 @@ async def test_wait_for_room_throttles_and_releases(autojump_clock: trio.testing
         assert released
         assert cache.dirty_bytes() + cache.writeback_bytes() <= 8 * PS
         nursery.cancel_scope.cancel()
+
+
+async def test_wait_writeback_range_waits_for_dropped_in_flight_pages() -> None:
+    cache, img, _errs, wb = make()
+    cache.write(1, 0, 0, page(1))
+    img.gate = trio.Event()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(wb.writeback_inode, 1)
+        await img.started.wait()
+        cache.drop_range(1, 0, PS, discard_dirty=True)  # punch: too late to stop the write
+        assert cache.cached_indexes(1) == [] and cache.writeback_bytes() == PS
+        waited = False
+
+        async def punch() -> None:
+            nonlocal waited
+            await wb.wait_writeback_range(1, 0, PS)
+            waited = True
+
+        nursery.start_soon(punch)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not waited
+        img.gate.set()
+    assert waited and cache.writeback_bytes() == 0
+    await wb.wait_writeback_range(1)  # nothing in flight: returns at once
+
+
+@pytest.mark.parametrize("seed", range(6))
+async def test_random_ops_against_a_model(
+    seed: int, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Buffered writes, fills, direct writes with shootdown, punches and fsyncs against a
+    model of the file, with the background worker and a small cache; at the end the image
+    equals the model. Foreground operations are serialized (the pagecache lock's job);
+    the worker and the image writes (with random delays) run concurrently with them."""
+    import random
+
+    rnd = random.Random(seed)
+    npages = 24
+    cache = PageCache(PS, 8 * PS, clock_ns=mock_clock_ns)
+    img = FakeImage()
+    img.files[1] = bytearray(npages * PS)
+    truth = bytearray(npages * PS)
+
+    async def slow_write(ino: int, off: int, data: bytes) -> None:
+        await trio.sleep(rnd.random() * 0.3)
+        await img.write(ino, off, data)
+
+    wb = Writeback(cache, slow_write, age_s=0.5, max_run_bytes=4 * PS, on_error=Errors())
+
+    def fill(index: int) -> None:
+        if cache.peek(1, index) is None:
+            assert not cache.under_writeback(1, index)
+            cache.insert_clean(1, index, img.read(1, index * PS, PS))
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(wb.run)
+        for _ in range(300):
+            op = rnd.random()
+            off = rnd.randrange(npages * PS)
+            n = rnd.randrange(1, min(3 * PS, npages * PS - off) + 1)
+            data = bytes([rnd.randrange(1, 256)]) * n
+            if op < 0.45:  # buffered write (read-modify-write of the edge pages)
+                await wb.wait_for_room()
+                fill(off // PS)
+                fill((off + n - 1) // PS)
+                cache.write_range(1, off, data)
+                truth[off : off + n] = data
+            elif op < 0.65:  # buffered read
+                for index in range(off // PS, (off + n - 1) // PS + 1):
+                    fill(index)
+                    assert cache.lookup(1, index) == truth[index * PS : (index + 1) * PS]
+            elif op < 0.8:  # direct write: write back + wait, shoot down, write, shoot down
+                await wb.writeback_range(1, off, off + n)
+                cache.drop_range(1, off, off + n)
+                await img.write(1, off, data)
+                truth[off : off + n] = data
+                cache.drop_range(1, off, off + n)
+            elif op < 0.88:  # punch whole pages
+                first, last = off // PS, (off + n - 1) // PS
+                cache.drop_range(1, first * PS, (last + 1) * PS, discard_dirty=True)
+                await wb.wait_writeback_range(1, first * PS, (last + 1) * PS)
+                zeros = bytes((last + 1 - first) * PS)
+                await img.write(1, first * PS, zeros)
+                truth[first * PS : (last + 1) * PS] = zeros
+            elif op < 0.95:  # fsync
+                await wb.writeback_inode(1)
+                assert cache.dirty_indexes(1) == []
+            else:
+                await trio.sleep(rnd.random())
+            assert cache.used_bytes() <= cache.limit_bytes or cache.dirty_bytes() > 0
+        await wb.writeback_all()
+        nursery.cancel_scope.cancel()
+    assert img.files[1] == truth
+    assert cache.dirty_bytes() == 0 and cache.writeback_bytes() == 0

@@ -6,7 +6,9 @@ and time only passes on the autojump MockClock (pytest-trio's `autojump_clock` f
 
 from __future__ import annotations
 
+import functools
 import gc
+import inspect
 import random
 
 import pytest
@@ -48,6 +50,16 @@ class Holder:
                 self.lock.release(self.state, self.owner)
                 self.released = True
                 self.lock._check_invariants()
+
+
+class _ManualHolder(Holder):
+    """Acquires and then waits forever; the test releases by hand and cancels it."""
+
+    async def run(self) -> None:
+        with self.cancel_scope:
+            await self.lock.acquire(self.state, self.owner)
+            self.acquired = True
+            await trio.sleep_forever()
 
 
 async def start(
@@ -227,14 +239,6 @@ async def test_batch_handover_admits_all_waiters_at_once() -> None:
         assert stats.get("locks.handovers") == 1
         for h in adds:
             await finish(h)
-
-
-class _ManualHolder(Holder):
-    async def run(self) -> None:  # releases by hand in the test
-        with self.cancel_scope:
-            await self.lock.acquire(self.state, self.owner)
-            self.acquired = True
-            await trio.sleep_forever()
 
 
 async def test_batches_alternate_and_late_arrivals_join_their_pending_batch() -> None:
@@ -645,3 +649,24 @@ async def test_random_workload_keeps_invariants(
 
 def _flip(state: State) -> State:
     return BLOCK if state is ADD else ADD
+
+
+# -- a deadline on every async test: a stranded waiter must fail the test, not hang it --------
+
+
+def _with_deadline(fn):  # type: ignore[no-untyped-def]
+    # Virtual seconds under the autojump clock (a hang jumps straight to the deadline),
+    # real seconds otherwise.
+    seconds = 10_000 if "autojump_clock" in inspect.signature(fn).parameters else 10
+
+    @functools.wraps(fn)
+    async def wrapper(*args, **kwargs):  # type: ignore[no-untyped-def]
+        with trio.fail_after(seconds):
+            return await fn(*args, **kwargs)
+
+    return wrapper
+
+
+for _name, _fn in list(globals().items()):
+    if _name.startswith("test_") and inspect.iscoroutinefunction(_fn):
+        globals()[_name] = _with_deadline(_fn)

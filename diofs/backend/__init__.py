@@ -1,0 +1,121 @@
+"""The Backend protocol and `open_backend`: where every byte of the image is read and written.
+
+A backend is a synchronous object over one image (a regular file or a block device). The daemon
+calls it from worker threads (`trio.to_thread.run_sync`), so every backend must accept concurrent
+`read` / `readinto` / `write` / `flush` calls from several threads. `close()` must not race with
+anything: the caller closes only once all I/O has returned.
+
+Kinds (mount option `backend=`):
+    raw    `raw.RawImage`: pread / pwrite / fdatasync on the image.
+    crash  `crash.CrashBackend`: raw, plus a log of every write and flush from which
+           `python -m diofs.backend.crash materialize` rebuilds the image as after a power cut.
+    fault  `fault.FaultBackend`: raw, plus errors (EIO, ENOSPC, ...) injected by a JSON spec
+           file that tests rewrite while the daemon runs.
+
+Contract shared by all kinds:
+    - byte ranges are half-open `[off, off + n)` and must lie inside `[0, size())`, else
+      `ValueError` (a caller bug, never an I/O error); `size()` is fixed at open;
+    - `read` returns exactly `size` bytes, `readinto` fills `buf` exactly, `write` writes all of
+      `data` (short transfers are retried inside);
+    - I/O failures raise `OSError` with the image's errno (callers map `exc.errno`);
+    - `flush()` makes every write that returned before `flush()` was called durable
+      (fdatasync on the image); it says nothing about writes still in progress.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from typing import Protocol, runtime_checkable
+
+from diofs.errors import DiofsError
+
+__all__ = ["KINDS", "Backend", "open_backend"]
+
+KINDS = ("raw", "crash", "fault")
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """Synchronous, thread-safe access to one image. See the module docstring for the rules."""
+
+    def read(self, off: int, size: int) -> bytes:
+        """Return the `size` bytes at `off`; ValueError if `off + size > self.size()`."""
+        ...
+
+    def readinto(self, off: int, buf: memoryview) -> None:
+        """Fill `buf` (all of it) with the bytes at `off`; same range rule as `read`."""
+        ...
+
+    def write(self, off: int, data: bytes | bytearray | memoryview) -> None:
+        """Write all of `data` at `off`; same range rule as `read`."""
+        ...
+
+    def flush(self) -> None:
+        """Make every write that returned before this call durable (fdatasync)."""
+        ...
+
+    def size(self) -> int:
+        """The image size in bytes (fixed at open)."""
+        ...
+
+    def close(self) -> None:
+        """Release the image; idempotent. No call may be in progress."""
+        ...
+
+
+def open_backend(
+    path: str,
+    kind: str = "raw",
+    *,
+    crash_log: str | None = None,
+    fault_spec: str | None = None,
+    writable: bool = True,
+) -> Backend:
+    """Open the image at `path` as a backend of `kind` ("raw", "crash" or "fault").
+
+    `crash_log` is required for "crash" (the log path; `<crash_log>.base` receives a copy of
+    the image as it is now), `fault_spec` for "fault" (a JSON spec path; it may not exist yet).
+    Every problem (missing image, not a regular file or block device, permission, bad spec,
+    unwritable log) raises `DiofsError` with a one-line message.
+    """
+    from diofs.backend.raw import RawImage  # local imports: raw has no import-time cost anyway
+
+    if kind not in KINDS:
+        raise DiofsError(f"unknown backend {kind!r} (known: {', '.join(KINDS)})")
+    if kind == "crash" and not crash_log:
+        raise DiofsError("backend=crash needs crash_log=PATH")
+    if kind == "fault" and not fault_spec:
+        raise DiofsError("backend=fault needs fault_spec=PATH")
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise DiofsError(f"image {path} does not exist") from None
+    except OSError as exc:
+        raise DiofsError(f"cannot access image {path}: {exc.strerror}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise DiofsError(f"image {path} is a directory")
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+        raise DiofsError(f"image {path} is not a regular file or block device")
+    try:
+        raw = RawImage(path, writable=writable)
+    except PermissionError:
+        mode = "read-write" if writable else "reading"
+        raise DiofsError(f"cannot open image {path} for {mode}: permission denied") from None
+    except OSError as exc:
+        raise DiofsError(f"cannot open image {path}: {exc.strerror}") from None
+    if kind == "raw":
+        return raw
+    try:
+        if kind == "crash":
+            from diofs.backend.crash import CrashBackend
+
+            assert crash_log is not None
+            return CrashBackend(raw, crash_log)
+        from diofs.backend.fault import FaultBackend
+
+        assert fault_spec is not None
+        return FaultBackend(raw, fault_spec)
+    except BaseException:
+        raw.close()
+        raise

@@ -34,6 +34,6 @@ cache.readahead_pages.
 
 from diofs.cache.pages import Page, PageCache
 from diofs.cache.readahead import Readahead
-from diofs.cache.writeback import WriteFn, Writeback
+from diofs.cache.writeback import Writeback, WriteFn
 
 __all__ = ["Page", "PageCache", "Readahead", "WriteFn", "Writeback"]

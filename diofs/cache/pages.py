@@ -205,12 +205,35 @@ class PageCache:
         Same rules as `insert_clean` per page; returns the number of pages inserted."""
         view = memoryview(data)
         ps = self.page_size
-        inserted = 0
+        n = len(view)
+        inserted = new = 0
         index = first
-        for off in range(0, len(view), ps):
-            if self._insert_one(ino, index, view[off : off + ps]):
+        pages = self._inodes.get(ino)
+        if pages is None:
+            pages = self._inodes[ino] = {}
+        wb = self._wb.get(ino, ())
+        lru = self._lru
+        full_end = n - n % ps
+        for off in range(0, full_end, ps):  # fast path: whole pages, new or clean
+            page = pages.get(index)
+            if index in wb:
+                pass
+            elif page is None:
+                page = Page(bytearray(view[off : off + ps]))
+                pages[index] = page
+                lru[(ino, index)] = page
+                new += 1
+            elif not page.dirty:
+                page.data[:] = view[off : off + ps]
+                lru.move_to_end((ino, index))
                 inserted += 1
             index += 1
+        self._npages += new
+        inserted += new
+        if not pages:
+            del self._inodes[ino]
+        if full_end < n and self._insert_one(ino, index, view[full_end:]):
+            inserted += 1
         if inserted:
             stats.add("cache.fills", inserted)
             self._after_insert()
@@ -278,8 +301,8 @@ class PageCache:
             self._after_insert()
         else:
             page.data[offset_in_page : offset_in_page + n] = data
-            self._mark_dirty(ino, index, page)
-        self._gauge_dirty()
+            if not page.dirty:
+                self._mark_dirty(ino, index, page)
 
     def write_range(self, ino: int, off: int, data: bytes | bytearray | memoryview) -> None:
         """Copy `data` to byte offset `off`, dirtying every page it touches.
@@ -316,7 +339,6 @@ class PageCache:
             pos += take
         if inserted:
             self._after_insert()
-        self._gauge_dirty()
 
     def _mark_dirty(self, ino: int, index: int, page: Page) -> None:
         if page.dirty:
@@ -330,6 +352,7 @@ class PageCache:
         if s is None:
             s = self._dirty_by_ino[ino] = set()
         s.add(index)
+        stats.set("cache.dirty_pages", len(self._dirty))
 
     def _mark_clean(self, ino: int, index: int, page: Page) -> None:
         page.dirty = False
@@ -371,7 +394,7 @@ class PageCache:
         """Indexes of `mapping` (a dict/set of indexes) of pages touching [start, end)."""
         first, last = start >> self._shift, (end - 1) >> self._shift
         if last - first < 64:
-            return (i for i in range(first, last + 1) if i in mapping)  # type: ignore[operator]
+            return (i for i in range(first, last + 1) if i in mapping)
         return (i for i in list(mapping) if first <= i <= last)
 
     def drop_range(self, ino: int, start: int, end: int, *, discard_dirty: bool = False) -> int:

@@ -148,9 +148,17 @@ class Writeback:
         except Exception as exc:
             run.error = exc
             stats.add("writeback.errors")
-            log.warning("writeback of inode %d pages %d..%d failed: %s",
-                        run.ino, run.indexes[0], run.indexes[-1], exc)
-            self._on_error(run.ino, exc)
+            log.warning(
+                "writeback of inode %d pages %d..%d failed: %s",
+                run.ino,
+                run.indexes[0],
+                run.indexes[-1],
+                exc,
+            )
+            try:
+                self._on_error(run.ino, exc)
+            except Exception:  # a bug in the reporter must not kill the worker
+                log.exception("on_error callback failed for inode %d", run.ino)
         except BaseException:
             redirty = True  # cancelled before or during the write: keep the data dirty
             raise
@@ -237,6 +245,16 @@ class Writeback:
         for run in waited:
             if run.error is not None:
                 raise run.error
+
+    async def wait_writeback_range(self, ino: int, start: int = 0, end: int = _END) -> None:
+        """Wait, without starting anything, for the writebacks in flight on pages of `ino`
+        touching [start, end), including pages already dropped. Errors are not raised (they
+        went to on_error). Use after `drop_range(..., discard_dirty=True)` in punch hole /
+        truncate before freeing blocks, so that a write already started cannot land in
+        them afterwards."""
+        for run in self._cache.writeback_tokens(ino, start, end):
+            assert isinstance(run, _Run)
+            await run.done.wait()
 
     async def writeback_inode(self, ino: int) -> None:
         await self.writeback_range(ino, 0, _END)

@@ -160,6 +160,7 @@ class Daemon:
             fs, self.cache, self.writeback, locks, marker, self.durability,
             dio_align=o.dio_align or fs.sb.dio_align,
             locked_shootdown=o.shootdown == "locked", write_delay=o.dio_delay,
+            persistent_ctx=self.mlock,
         )
         self.ops = Operations(fs, self.buffered, self.direct, self.durability)
         self.locks = locks

@@ -6,6 +6,8 @@ Primitives (details and race scenarios: docs/concurrency.md):
     LockTable       per mount: ino -> PagecacheLock, created lazily, forgotten when idle
     FaultMarker     per mount: (tid, ino) -> count; "this tid is inside its own DIO BLOCK
                     section of ino" (bcachefs faults_disabled_mapping; fault_marker.py)
+    RwSem           per inode (rwsem.py, owned by dio.py): the I/O rwsem of direct I/O,
+                    truncate and fallocate, like Linux i_rwsem; always OUTSIDE PagecacheLock
     trio atomicity  code between two checkpoints runs alone; per-inode metadata and extent
                     state need no lock object, only "no await inside the critical step"
 
@@ -13,41 +15,72 @@ Lock ordering (outer first; each edge names where the nesting happens):
 
   kernel folio lock             (taken by the kernel BEFORE it sends a fault/readahead READ,
                                  released only when that READ is answered: fuse-facts row 3)
-    ->PagecacheLock ADD         (cache fill for a READ: diofs.cache, fill path)
-      ->inode metadata/extents  (no lock: plain trio code between checkpoints)
-        ->image I/O             (trio.to_thread.run_sync, named CapacityLimiter; worker
-                                 threads touch no diofs state)
+    ->PagecacheLock ADD         (buffered.Buffered._fill: read miss + readahead)
+      ->inode metadata/extents  (no lock object: plain trio code between checkpoints)
+        ->image I/O             (fs.read_data -> trio.to_thread.run_sync, named
+                                 CapacityLimiter; worker threads touch no diofs state)
 
-  [DIO WRITE, truncate, punch hole, zero range: no kernel lock is held for the daemon]
-    ->PagecacheLock BLOCK       (diofs.dio write path; truncate / fallocate in the fs layer)
-      ->FaultMarker (tid, ino)  (diofs.dio: marked() inside BLOCK, shortest span, M2)
+  [buffered WRITE: Writeback.wait_for_room() first, outside every lock]
+    ->PagecacheLock ADD         (buffered.Buffered.write -> _write_pages)
+      ->image I/O               (read-modify-write of a partial page)
+
+  [direct WRITE: no kernel lock is held for the daemon]
+  inode RwSem (locks/rwsem.py)  (dio.Direct._rwsem: shared, or exclusive if extending or
+                                 sub-block)
+    ->PagecacheLock BLOCK       (dio.Direct.write)
+      ->FaultMarker (tid, ino)  (dio.Direct.write: marked() inside BLOCK, rule M2)
+        ->page writeback wait   (Writeback.writeback_range: takes no diofs lock)
+        ->inode metadata/extents
+          ->image I/O           (fs.write_data)
+    [after release, before the reply: sync flush (durability.sync_write)]
+
+  [truncate, punch hole, zero range, preallocate]
+  inode RwSem exclusive         (dio.Direct._blocking)
+    ->PagecacheLock BLOCK       (dio.Direct._blocking, owner 0)
+      ->page writeback wait     (Writeback.writeback_range)
         ->inode metadata/extents
           ->image I/O
+    [after release: request.invalidate_kernel_range from a thread]
+
+  [direct READ]
+  inode RwSem shared            (dio.Direct.read; takes no PagecacheLock)
+    ->page writeback wait
+      ->image I/O
 
   [READ with faults_disabled(tid, ino): the writer's own fault while its chunk holds BLOCK]
   kernel folio lock
-    ->(no PagecacheLock)        (diofs.cache faults-disabled path: reads the image,
-      ->image I/O                inserts nothing into the daemon cache)
+    ->(no PagecacheLock)        (buffered.Buffered._read_faults_disabled: reads the image,
+      ->image I/O                overlays cached pages, inserts nothing)
+
+  [background writeback, memory-pressure writeback: no diofs lock at all]
+  page "under writeback" state  (cache.writeback: such pages refuse fills)
+    ->image I/O
 
   At most one PagecacheLock per task. If a path ever needs two inodes (none does today), it
   takes them in ascending ino order, both in the same state: with a fair lock even two shared
   holders can deadlock through queued waiters of the other state.
 
-Never, under any PagecacheLock state of any inode:
-  - invalidate the kernel page cache: pyfuse3.invalidate_inode or a raw
-    FUSE_NOTIFY_INVAL_INODE write. The kernel locks the folios first and waits for them; a
-    READ that holds a folio lock may be waiting for our lock (ABBA, fuse-facts row 3:
-    measured hang, unkillable client). Even holding ADD is not safe: once a BLOCK waiter
-    exists, new ADD requests queue behind it. Invalidate after release, before replying.
-    The only exception is the opt-in mount option `shootdown=locked`, which exists to
-    demonstrate the hang: it invalidates while holding BLOCK, and the FaultMarker makes the
-    task's OWN faults safe; other processes faulting the file still deadlock (row 3), so it
-    is never the default.
+Never:
+  - invalidate the kernel page cache (pyfuse3.invalidate_inode or a raw
+    FUSE_NOTIFY_INVAL_INODE write) while holding any PagecacheLock state of any inode. The
+    kernel locks the folios first and waits for them; a READ that holds a folio lock may be
+    waiting for our lock (ABBA, fuse-facts row 3: measured hang, unkillable client). Even
+    holding ADD is not safe: once a BLOCK waiter exists, new ADD requests queue behind it.
+    Invalidate after release, before replying. The only exception is the opt-in mount
+    option `shootdown=locked`, which exists to demonstrate the hang: it invalidates while
+    holding BLOCK, and the FaultMarker makes the task's OWN faults safe; other processes
+    faulting the file still deadlock (row 3), so it is never the default.
   - await a page-cache fill of the same inode (a fill's completion, a READ's reply) from a
-    DIO handler: with direct_io=False the fault READs for chunk N+1 arrive while chunk N is
-    outstanding (row 2), and such a fill waits for the ADD state our BLOCK excludes.
-  - request the other state of a lock this task already holds (self-deadlock; not detected).
-  - wait for anything that only a new FUSE request can deliver (see below).
+    DIO handler. Under BLOCK the fill waits for the ADD state we exclude; without BLOCK the
+    kernel may send that READ only after our reply (direct_io=True runs chunks strictly
+    one after another, and with direct_io=False the faults of chunk N+1 follow chunk N's
+    request: fuse-facts row 2).
+  - request the other state of a lock this task already holds (self-deadlock; not detected),
+    or take an inode RwSem (it is the outer lock).
+  - wait for a PagecacheLock in writeback (a cache WriteFn): dio.Direct.write waits for the
+    writeback of its range while holding BLOCK.
+  - while holding a PagecacheLock, wait for anything that only a new FUSE request can
+    deliver (see below).
 
 pyfuse3 worker model: pyfuse3.main(min_tasks, max_tasks) runs up to max_tasks worker tasks,
 each reading one request from /dev/fuse and running its handler to completion before it reads
@@ -55,11 +88,12 @@ again. A handler waiting for a PagecacheLock occupies its worker. If all max_tas
 wait, nobody reads /dev/fuse, and a request that would let them proceed is never read. diofs
 keeps this a stall and never a deadlock by the rules above: a lock holder never waits for a
 new request (no invalidation under the lock; no waiting on fills), so holders always finish
-and release. The mount runs pyfuse3.main with a high max_tasks (well above the number of
-requests the kernel keeps in flight per inode: 4 DIO chunks plus their fault READs, row 2),
-so waiters do not stall unrelated requests. In `shootdown=locked` mode the holder does wait
-for the kernel, which needs the task's own fault READs read and answered: that mode is only
-safe while a worker is free, one more reason it is a demonstration, not a default.
+and release. The mount runs pyfuse3.main with a high max_tasks (cli/mount.py: 64 by
+default, `-o max_tasks=N`; well above what the kernel keeps in flight per inode, about 4 DIO
+chunks plus their fault READs, row 2), so waiters do not stall unrelated requests. In
+`shootdown=locked` mode the holder does wait for the kernel, which needs the task's own
+fault READs read and answered: that mode is only safe while a worker is free, one more
+reason it is a demonstration, not a default.
 
 Exports: State, PagecacheLock, LockStatistics, LockTable, FaultMarker.
 """

@@ -212,7 +212,7 @@ class PagecacheLock:
         """Rules (b) and (d): admit every waiter of `state`, in FIFO order, in one step."""
         queue = self._waiters[state]
         n = len(queue)
-        for waiter in list(queue)[:1]:
+        for waiter in queue:
             self._grant(state, waiter.owner)
             trio.lowlevel.reschedule(waiter.task)
         queue.clear()
@@ -281,9 +281,9 @@ class PagecacheLock:
 
     def idle(self) -> bool:
         """No holders and no waiters."""
-        return self._holders == 0 and not self._waiters[State.ADD] and not self._waiters[
-            State.BLOCK
-        ]
+        return (
+            self._holders == 0 and not self._waiters[State.ADD] and not self._waiters[State.BLOCK]
+        )
 
     def statistics(self) -> LockStatistics:
         waiting: dict[str, dict[int, int]] = {}
@@ -293,9 +293,7 @@ class PagecacheLock:
                 counts[w.owner] = counts.get(w.owner, 0) + 1
             waiting[st.value] = counts
         return LockStatistics(
-            holders={
-                st.value: (self._holders if st is self._state else 0) for st in State
-            },
+            holders={st.value: (self._holders if st is self._state else 0) for st in State},
             waiters={st.value: len(self._waiters[st]) for st in State},
             owners={st.value: dict(self._owners[st]) for st in State},
             waiting_owners=waiting,
@@ -338,9 +336,7 @@ class LockTable:
     """
 
     def __init__(self) -> None:
-        self._all: weakref.WeakValueDictionary[int, PagecacheLock] = (
-            weakref.WeakValueDictionary()
-        )
+        self._all: weakref.WeakValueDictionary[int, PagecacheLock] = weakref.WeakValueDictionary()
         self._busy: dict[int, PagecacheLock] = {}
 
     def get(self, ino: int) -> PagecacheLock:
@@ -351,7 +347,9 @@ class LockTable:
             self._all[ino] = lock
         return lock
 
-    def pagecache_add(self, ino: int, owner: int = 0) -> contextlib.AbstractAsyncContextManager[None]:
+    def pagecache_add(
+        self, ino: int, owner: int = 0
+    ) -> contextlib.AbstractAsyncContextManager[None]:
         """`async with table.pagecache_add(ino, tid):` (bch2_pagecache_add_get)."""
         return self.get(ino).add(owner)
 

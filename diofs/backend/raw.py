@@ -1,0 +1,99 @@
+"""RawImage: the image file (or block device) accessed with pread / pwrite / fdatasync.
+
+Invariants:
+    - one file descriptor, opened O_RDWR (or O_RDONLY when not writable), O_CLOEXEC;
+    - positional I/O only (os.pread / os.preadv / os.pwrite), so concurrent calls from several
+      worker threads need no lock: the kernel keeps no shared file position for them;
+    - every range must lie inside `[0, size())` (ValueError otherwise); `size()` is measured
+      once at open (st_size, or the end offset for a block device);
+    - short transfers are retried until complete; a read that hits end-of-file inside the
+      size measured at open (the image shrank under us) raises OSError(EIO);
+    - OSError from the kernel propagates unchanged (callers map `exc.errno`).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+
+__all__ = ["RawImage", "check_range"]
+
+
+def check_range(off: int, n: int, size: int) -> None:
+    """ValueError unless `[off, off + n)` lies inside `[0, size)`."""
+    if off < 0 or n < 0 or off + n > size:
+        raise ValueError(f"range [{off}, {off + n}) outside the image [0, {size})")
+
+
+class RawImage:
+    """pread / pwrite on one image. Thread-safe without locks (positional I/O only)."""
+
+    def __init__(self, path: str, *, writable: bool = True) -> None:
+        self.path = path
+        self.writable = writable
+        flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
+        self._fd = os.open(path, flags)
+        try:
+            self._size = os.lseek(self._fd, 0, os.SEEK_END)  # st_size is 0 for block devices
+        except BaseException:
+            os.close(self._fd)
+            raise
+        self._closed = False
+
+    @property
+    def fd(self) -> int:
+        """The image's file descriptor (for copying it; do not move its file position)."""
+        return self._fd
+
+    def size(self) -> int:
+        return self._size
+
+    def read(self, off: int, size: int) -> bytes:
+        check_range(off, size, self._size)
+        data = os.pread(self._fd, size, off)
+        if len(data) == size:
+            return data
+        buf = bytearray(size)
+        buf[: len(data)] = data
+        self._readinto(off + len(data), memoryview(buf)[len(data) :])
+        return bytes(buf)
+
+    def readinto(self, off: int, buf: memoryview) -> None:
+        mv = memoryview(buf).cast("B") if buf.format != "B" or buf.ndim != 1 else buf
+        check_range(off, mv.nbytes, self._size)
+        self._readinto(off, mv)
+
+    def _readinto(self, off: int, mv: memoryview) -> None:
+        done = 0
+        n = mv.nbytes
+        while done < n:
+            got = os.preadv(self._fd, [mv[done:]], off + done)
+            if got == 0:
+                raise OSError(errno.EIO, f"short read at {off + done}: image {self.path} shrank")
+            done += got
+
+    def write(self, off: int, data: bytes | bytearray | memoryview) -> None:
+        mv = memoryview(data)
+        if mv.format != "B" or mv.ndim != 1:
+            mv = mv.cast("B")
+        n = mv.nbytes
+        check_range(off, n, self._size)
+        if not self.writable:
+            raise OSError(errno.EROFS, f"image {self.path} is open read-only")
+        done = os.pwrite(self._fd, mv, off)
+        while done < n:
+            put = os.pwrite(self._fd, mv[done:], off + done)
+            if put == 0:
+                raise OSError(errno.EIO, f"short write at {off + done} on image {self.path}")
+            done += put
+
+    def flush(self) -> None:
+        os.fdatasync(self._fd)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            os.close(self._fd)
+
+    def __repr__(self) -> str:
+        return f"RawImage({self.path!r}, size={self._size}, writable={self.writable})"

@@ -1,0 +1,125 @@
+"""Who made the current FUSE request, with which flags; the kernel-cache invalidation hook.
+
+This is the one module that reads the diofs extensions of the patched pyfuse3 binding
+(patches/pyfuse3-3.5.0-diofs.patch, installed by scripts/setup). Everything else asks here.
+
+Where each field comes from (notes/fuse-facts.md):
+- `Request.tid` is `fuse_req_ctx(req)->pid`, which is the **thread id** of the calling
+  thread, not the process id (row 1b). It is 0 for requests the kernel makes on its own
+  behalf: RELEASE and writeback WRITEs. Stock pyfuse3 gives no pid at all to read/write.
+- `Request.flags` is `fi->flags` of the request: the file's f_flags at the time of the
+  request. It is the only truth about O_DIRECT and O_[D]SYNC (row 1c): O_DIRECT set with
+  fcntl(F_SETFL) after open, and RWF_DSYNC/RWF_SYNC given to pwritev2, show up here but never
+  at open time. FLUSH and FSYNC carry flags 0 (libfuse leaves them unset).
+- The binding publishes both in `pyfuse3.request_context`, a ContextVar set at the start of
+  the read, write, flush, fsync, release and fallocate handlers (in that request's trio task)
+  and reset to (0, 0) before every other request. `current()` outside those handlers returns
+  `Request(0, 0)`.
+- `invalidate_kernel_range` wraps `pyfuse3.invalidate_inode_range`, which passes a byte range
+  to `fuse_lowlevel_notify_inval_inode` (stock pyfuse3 can only invalidate the whole file,
+  row 7). It blocks until the kernel has locked and dropped every cached page in the range; a
+  page that is locked because a READ of it is waiting for diofs is only dropped once diofs
+  answers that READ (row 3: the ABBA deadlock).
+- The patched binding also offers `pyfuse3.set_auto_inval_data(False)`, which the mount calls
+  before `pyfuse3.init`: with FUSE_CAP_AUTO_INVAL_DATA, an mtime change seen in GETATTR makes
+  the kernel drop the whole file's cache, which lost data under threaded mmap + O_DIRECT
+  (row 9). diofs is the only writer of its image and invalidates explicitly instead.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from dataclasses import dataclass
+
+import pyfuse3
+
+from diofs.errors import EXIT_MOUNT_FAILED, DiofsError
+
+#: The value of pyfuse3.DIOFS_PATCH_VERSION this module is written against.
+PATCH_VERSION = 1
+
+# off_t is a signed 64-bit integer: lengths beyond it mean "to the end of the file".
+_OFF_T_MAX = (1 << 63) - 1
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """Identity and flags of one FUSE data request.
+
+    `tid`: thread id of the caller, 0 for kernel-initiated requests (writeback, RELEASE).
+    `flags`: the request's fi->flags (open(2) flag bits as of this request).
+    """
+
+    tid: int
+    flags: int
+
+    @property
+    def direct(self) -> bool:
+        """O_DIRECT is set for this request (also when it was added by fcntl after open)."""
+        return bool(self.flags & os.O_DIRECT)
+
+    @property
+    def dsync(self) -> bool:
+        """The O_DSYNC bit is set: the data must be durable before the reply.
+
+        True for O_DSYNC, O_SYNC (which includes the O_DSYNC bit) and RWF_DSYNC/RWF_SYNC.
+        """
+        return bool(self.flags & os.O_DSYNC)
+
+    @property
+    def sync(self) -> bool:
+        """Full O_SYNC (both __O_SYNC and O_DSYNC bits): data and metadata must be durable."""
+        return self.flags & os.O_SYNC == os.O_SYNC
+
+
+def current() -> Request:
+    """The request handled by the calling task (`Request(0, 0)` outside data handlers)."""
+    tid, flags = pyfuse3.request_context.get()
+    return Request(tid, flags)
+
+
+def check_binding() -> None:
+    """Raise DiofsError (exit code EXIT_MOUNT_FAILED) unless pyfuse3 carries the diofs patch."""
+    version = getattr(pyfuse3, "DIOFS_PATCH_VERSION", None)
+    ok = (
+        isinstance(version, int)
+        and version >= PATCH_VERSION
+        and hasattr(pyfuse3, "request_context")
+        and hasattr(pyfuse3, "invalidate_inode_range")
+        and hasattr(pyfuse3, "set_auto_inval_data")
+        and hasattr(pyfuse3.Operations, "fallocate")
+    )
+    if not ok:
+        raise DiofsError(
+            "pyfuse3 lacks the diofs patch (request identity, fallocate); run scripts/setup",
+            EXIT_MOUNT_FAILED,
+        )
+
+
+def invalidate_kernel_range(ino: int, start: int, end: int) -> None:
+    """Drop the kernel's cached pages of inode `ino` overlapping [start, end), and its attrs.
+
+    `end == 0` (or any `end` beyond off_t) means "up to the end of the file", the kernel's
+    own convention for a zero length; otherwise an empty range (`end <= start`) does nothing.
+    The kernel widens the range to whole pages. An inode the kernel has never looked up
+    (ENOENT) has nothing cached and is ignored; other errors raise OSError.
+
+    BLOCKING: call it from a thread (`trio.to_thread.run_sync`), and never call it while
+    holding a diofs lock a READ may wait on: the kernel keeps a page locked until diofs
+    answers the READ that fills it, and this call waits for that page lock (fuse-facts
+    row 3). Invalidate after releasing the lock, before replying.
+    """
+    if start < 0:
+        raise ValueError(f"negative start {start}")
+    if end == 0 or end > _OFF_T_MAX:
+        length = 0
+    elif end <= start:
+        return
+    else:
+        length = end - start
+    try:
+        pyfuse3.invalidate_inode_range(ino, start, length)
+    except OSError as exc:
+        if exc.errno != errno.ENOENT:
+            raise

@@ -1,0 +1,166 @@
+"""Smoke tests of the benchmark harness (benchmarks/, scripts/bench).
+
+Fast: the job table, fio argv building and JSON parsing, and the report built from a small fake
+result set run without fio or FUSE. One real fio job (1 s, 16 MiB, local disk peer only) proves
+the run loop end to end; it is skipped when fio is not installed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from benchmarks import jobs, report
+from benchmarks.jobs import JOBS, JOBS_BY_NAME, fio_argv, parse_fio_json, select_jobs
+from benchmarks.profile import summarize_collapsed
+from benchmarks.runner import Options, run_bench
+
+
+def test_job_table_is_consistent() -> None:
+    assert len(JOBS_BY_NAME) == len(JOBS)
+    for job in JOBS:
+        assert job.metric in ("MB/s", "IOPS", "ops/s")
+        if job.kind != "fio":
+            continue
+        argv = fio_argv(job, "/x/bench.dat", 1 << 20, 2)
+        assert "--output-format=json" in argv and "--time_based" in argv
+        assert "--runtime=2" in argv and "--filename=/x/bench.dat" in argv
+        if job.prime:
+            assert "--invalidate=0" in argv and "--direct=1" not in argv
+        else:
+            assert "--direct=1" in argv
+    dsync = [j for j in JOBS if ("sync", "dsync") in j.fio]
+    assert sorted(dict(j.fio)["iodepth"] for j in dsync) == ["1", "16"]
+    assert [j.name for j in select_jobs("mmap-read-cached,seqread-1m-psync")] == [
+        "seqread-1m-psync",
+        "mmap-read-cached",
+    ]
+    with pytest.raises(ValueError):
+        select_jobs("no-such-job")
+    assert jobs.parse_size("256M") == 256 << 20 and jobs.parse_size("1G") == 1 << 30
+
+
+def _fio_doc(side: str, bw: int, iops: float) -> str:
+    other = "write" if side == "read" else "read"
+    pct = {"50.000000": 100_000, "99.000000": 900_000}
+    return "fio: some warning\n" + json.dumps(
+        {
+            "jobs": [
+                {
+                    "error": 0,
+                    "usr_cpu": 1.5,
+                    "sys_cpu": 20.0,
+                    side: {
+                        "io_bytes": 10,
+                        "bw_bytes": bw,
+                        "iops": iops,
+                        "lat_ns": {"percentile": pct},
+                        "clat_ns": {"percentile": pct},
+                    },
+                    other: {"io_bytes": 0, "bw_bytes": 0, "iops": 0.0},
+                }
+            ]
+        }
+    )
+
+
+def test_parse_fio_json_picks_the_busy_direction() -> None:
+    f = parse_fio_json(_fio_doc("write", 2_000_000, 500.0))
+    assert f["direction"] == "write" and f["mbps"] == 2.0 and f["iops"] == 500.0
+    assert f["lat_p50_us"] == 100.0 and f["lat_p99_us"] == 900.0
+
+
+def _fake_results() -> dict:
+    names = ["seqread-1m-psync", "randread-4k-aio16", "meta-create-stat-unlink"]
+    peers = ["diofs", "pypeer", "cpeer", "local"]
+    base = {"diofs": 400.0, "pypeer": 200.0, "cpeer": 800.0, "local": 1000.0}
+    runs = []
+    for rep in range(3):
+        for name in names:
+            key = {"MB/s": "mbps", "IOPS": "iops", "ops/s": "ops_per_s"}[JOBS_BY_NAME[name].metric]
+            for p in peers:
+                ok = not (p == "pypeer" and name == "randread-4k-aio16" and rep == 2)
+                r = {
+                    "job": name,
+                    "peer": p,
+                    "rep": rep,
+                    "ok": ok,
+                    "runtime_s": 5.0,
+                    "error": None if ok else "daemon died (exit 1)",
+                    "daemon_cpu_s": None if p == "local" else 1.0,
+                }
+                if ok:
+                    r[key] = base[p] * (1 + rep / 10)
+                    r["iops"] = r.get("iops", r[key])
+                    r["lat_p50_us"], r["lat_p99_us"] = 50.0, 500.0
+                    if name.startswith("meta"):
+                        r["files"] = 100
+                runs.append(r)
+    return {
+        "started": "2025-01-01 00:00:00",
+        "machine": {"kernel": "6.18", "cpu_count": 2},
+        "config": {
+            "peers": peers,
+            "jobs": names,
+            "repeat": 3,
+            "runtime_s": 5.0,
+            "size_bytes": 256 << 20,
+            "meta_files": 100,
+        },
+        "peers": {p: {"label": p, "available": True, "errors": []} for p in peers},
+        "jobs": [{"name": n} for n in names],
+        "runs": runs,
+    }
+
+
+def test_report_from_fake_results(tmp_path: Path) -> None:
+    results = _fake_results()
+    summ = report.summarize(results)
+    s = summ["seqread-1m-psync"]["diofs"]
+    assert (s["median"], s["min"], s["max"], s["n"]) == pytest.approx((440.0, 400.0, 480.0, 3))
+    assert summ["randread-4k-aio16"]["pypeer"]["failed"] == 1
+    md = report.markdown(results)
+    assert "| 1 MiB seq read, O_DIRECT, psync | MB/s | 440 (400–480) |" in md
+    assert "diofs / Python peer*" in md and "diofs / local disk" in md
+    row = next(ln for ln in md.splitlines() if ln.startswith("| 1 MiB seq read"))
+    assert row.endswith("| 2.00 | 0.40 |")
+    assert "pypeer / randread-4k-aio16 / rep 2: daemon died" in md
+    report.write_results(results, tmp_path)
+    assert json.loads((tmp_path / "results.json").read_text())["runs"] == results["runs"]
+    status = report.plot(results, tmp_path)
+    assert status.startswith(("chart:", "plots skipped"))
+
+
+def test_collapsed_stack_summary() -> None:
+    own, incl, total = summarize_collapsed(
+        "main (m.py:1);read (ops.py:10) 3\nmain (m.py:1);read (ops.py:12) 2\n"
+        "main (m.py:1);write (ops.py:20) 5\n"
+    )
+    assert total == 10
+    assert own[0] == ("read (ops.py)", 5) or own[0] == ("write (ops.py)", 5)
+    assert dict(incl)["main (m.py)"] == 10
+
+
+@pytest.mark.skipif(shutil.which("fio") is None, reason="fio is not installed")
+def test_one_second_fio_job_on_local_disk(tmp_path: Path) -> None:
+    opts = Options(
+        peers=["local"],
+        jobs=[JOBS_BY_NAME["seqread-1m-psync"]],
+        repeat=1,
+        runtime_s=1,
+        size_bytes=16 << 20,
+        meta_files=10,
+        out=tmp_path / "out",
+        workdir=tmp_path / "work",
+        plots=False,
+        quiet=True,
+    )
+    results = run_bench(opts)
+    (run,) = results["runs"]
+    assert run["ok"], run["error"]
+    assert run["mbps"] > 0 and run["lat_p50_us"] > 0
+    assert (tmp_path / "out" / "results.md").exists()
+    assert not (tmp_path / "work").exists()
