@@ -37,6 +37,8 @@ from diofs.request import Request
 
 log = logging.getLogger(__name__)
 
+MAX_FILE_SIZE = 1 << 52  # sparse files may be far larger than the image
+
 
 class Buffered:
     def __init__(
@@ -60,7 +62,7 @@ class Buffered:
             return
         n = min(len(data), inode.size - off)
         if n > 0:
-            await self.fs.write_data(inode, off, memoryview(data)[:n])
+            await self.fs.write_data(inode, off, memoryview(data)[:n], touch=False)
 
     # ------------------------------------------------------------------ reads
     async def read(self, h: Handle, off: int, size: int, req: Request) -> bytes:
@@ -134,25 +136,33 @@ class Buffered:
         if flags & os.O_APPEND:
             off = inode.size
         end = off + len(buf)
-        if end > self.fs.sb.data_blocks * self.fs.bs * 4:
-            raise FsError(errno.EFBIG)  # far beyond what the image could ever hold
+        if end > MAX_FILE_SIZE:
+            raise FsError(errno.EFBIG)
         await self.writeback.wait_for_room()
         async with self.locks.pagecache_add(inode.ino, req.tid):
-            await self._write_pages(inode, off, buf)
-        stats.add("cache.bytes_written", len(buf))
+            written = await self._write_pages(inode, off, buf)
+        stats.add("cache.bytes_written", written)
         sync, full = wants_sync(flags)
         if sync:
-            await self.writeback.writeback_range(inode.ino, off, end)
+            await self.writeback.writeback_range(inode.ino, off, off + written)
             await self.durability.sync_write(full_sync=full)
-        return len(buf)
+        return written
 
-    async def _write_pages(self, inode: Inode, off: int, buf: bytes) -> None:
+    async def _write_pages(self, inode: Inode, off: int, buf: bytes) -> int:
+        """Copy `buf` into cache pages; returns the bytes written (short on ENOSPC)."""
         ps = self.ps
         end = off + len(buf)
         src = memoryview(buf)
         ino = inode.ino
         for idx in range(off // ps, (end - 1) // ps + 1):
             s, e = max(off, idx * ps), min(end, (idx + 1) * ps)
+            try:  # ENOSPC here, at write(), not at writeback
+                await self.fs.retry_on_enospc(lambda i=idx: self.fs.reserve(inode, i))
+            except FsError:
+                if s == off:
+                    raise
+                end = s
+                break
             whole = s == idx * ps and e == (idx + 1) * ps
             if not whole and self.cache.peek(ino, idx) is None:
                 if idx * ps >= inode.size:
@@ -169,4 +179,5 @@ class Buffered:
                 self.fs.dirty(inode, layout=True)
         inode.mtime_ns = inode.ctime_ns = time.time_ns()
         self.fs.dirty(inode)
+        return end - off
 

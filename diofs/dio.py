@@ -168,7 +168,7 @@ class Direct:
             if punch or zero:
                 await self.fs.punch(inode, start, min(end, max(inode.size, start)))
             if not punch:
-                self.fs.preallocate(inode, start, end)
+                await self.fs.retry_on_enospc(lambda: self.fs.preallocate(inode, start, end))
                 if not keep_size and end > inode.size:
                     inode.size = end
                     self.fs.dirty(inode, layout=True)

@@ -61,6 +61,10 @@ class Filesystem:
         self.bitmap = loaded.md.bitmap
         self.free_blocks = self.bitmap.count(0, self.sb.data_start)
         self.pending_free: list[tuple[int, int]] = []
+        # Delayed allocation: file blocks (ino -> set) that dirty cached pages will need at
+        # writeback, reserved at write() time so that ENOSPC is reported there, not later.
+        self.reserved: dict[int, set[int]] = {}
+        self.reserved_count = 0
         self.meta_dirty = False
         # Bumped whenever extents or i_size change: fdatasync and O_DSYNC need a commit only
         # if this moved past what the last commit covered (timestamps alone do not count).
@@ -304,6 +308,7 @@ class Filesystem:
             self.free_inode(inode)
 
     def free_inode(self, inode: Inode) -> None:
+        self.unreserve(inode.ino, 0, 1 << 62)
         self._free_runs(inode.extents.remove(0, inode.extents.end_block()))
         self.inodes.pop(inode.ino, None)
         self.meta_dirty = True
@@ -315,9 +320,38 @@ class Filesystem:
             self.meta_dirty = True
 
     # ------------------------------------------------------------------ allocation
+    @property
+    def available_blocks(self) -> int:
+        return self.free_blocks - self.reserved_count
+
+    def reserve(self, inode: Inode, fblock: int) -> None:
+        """Reserve a block for a dirty cached page over a hole (delayed allocation)."""
+        r = self.reserved.setdefault(inode.ino, set())
+        if fblock in r or inode.extents.lookup(fblock, 1)[0].phys is not None:
+            return
+        if self.available_blocks < 1:
+            raise FsError(errno.ENOSPC)
+        r.add(fblock)
+        self.reserved_count += 1
+
+    def unreserve(self, ino: int, first: int, count: int) -> int:
+        """Release reservations of file blocks [first, first + count); returns how many."""
+        r = self.reserved.get(ino)
+        if not r:
+            return 0
+        if count >= len(r):
+            gone = {b for b in r if first <= b < first + count}
+        else:
+            gone = {b for b in range(first, first + count) if b in r}
+        r -= gone
+        if not r:
+            del self.reserved[ino]
+        self.reserved_count -= len(gone)
+        return len(gone)
+
     def allocate(self, count: int, goal: int | None = None) -> list[tuple[int, int]]:
         """`count` blocks as runs (phys, n), next-fit from `goal`. Raises ENOSPC."""
-        if count > self.free_blocks:
+        if count > self.available_blocks:
             raise FsError(errno.ENOSPC)
         bm = self.bitmap
         start = self.sb.data_start
@@ -344,6 +378,7 @@ class Filesystem:
     def map_for_write(self, inode: Inode, first: int, nblocks: int) -> list[Segment]:
         """Allocate holes in [first, first + nblocks) as unwritten extents; return the
         segments of the range (all mapped now)."""
+        self.unreserve(inode.ino, first, nblocks)
         for seg in inode.extents.lookup(first, nblocks):
             if seg.phys is not None:
                 continue
@@ -397,7 +432,9 @@ class Filesystem:
             await self._io(self.backend.readinto, img, view[s - off : e - off], nbytes=e - s)
         return view
 
-    async def write_data(self, inode: Inode, off: int, data: bytes | memoryview) -> None:
+    async def write_data(
+        self, inode: Inode, off: int, data: bytes | memoryview, *, touch: bool = True
+    ) -> None:
         """Write `data` at `off`: allocate, write, then publish (module docstring). Partially
         covered new blocks get zeros around the data. The caller holds the locks that make
         this safe (dio.py: sub-block or extending writes run exclusively)."""
@@ -408,9 +445,9 @@ class Filesystem:
         end = off + size
         first = off // bs
         nblocks = (end - 1) // bs - first + 1
-        segs = self.map_for_write(inode, first, nblocks)
+        segs = await self.retry_on_enospc(lambda: self.map_for_write(inode, first, nblocks))
         if bugs.enabled(Bug.SIZE_BEFORE_DATA):
-            self._publish(inode, first, nblocks, end)
+            self._publish(inode, first, nblocks, end, touch)
         src = memoryview(data)
         for seg in segs:
             seg_start, seg_end = seg.start * bs, (seg.start + seg.count) * bs
@@ -430,9 +467,9 @@ class Filesystem:
                     nbytes=e - s,
                 )
         # awaits above: other tasks may have read (zeros) or written other ranges
-        self._publish(inode, first, nblocks, end)
+        self._publish(inode, first, nblocks, end, touch)
 
-    def _publish(self, inode: Inode, first: int, nblocks: int, end: int) -> None:
+    def _publish(self, inode: Inode, first: int, nblocks: int, end: int, touch: bool) -> None:
         """Step (3): extents written, then i_size (seed 003: i_size only after the I/O)."""
         converted = inode.extents.set_written(first, nblocks)
         if converted:
@@ -440,7 +477,8 @@ class Filesystem:
         grew = end > inode.size
         if grew:
             inode.size = end
-        inode.mtime_ns = inode.ctime_ns = time.time_ns()
+        if touch:  # writeback of buffered data keeps the mtime of the write() itself
+            inode.mtime_ns = inode.ctime_ns = time.time_ns()
         self.dirty(inode, layout=bool(converted) or grew)
 
     # ------------------------------------------------------------------ size and ranges
@@ -450,6 +488,7 @@ class Filesystem:
         bs = self.bs
         if size < inode.size:
             keep = -(-size // bs)
+            self.unreserve(inode.ino, keep, 1 << 62)
             self._free_runs(inode.extents.remove(keep, max(0, inode.extents.end_block() - keep)))
             if size % bs:
                 await self.zero_range_on_image(inode, size, keep * bs)
@@ -474,6 +513,7 @@ class Filesystem:
         bs = self.bs
         first, last = -(-start // bs), end // bs
         if first < last:
+            self.unreserve(inode.ino, first, last - first)
             self._free_runs(inode.extents.remove(first, last - first))
         if start % bs:
             await self.zero_range_on_image(inode, start, min(end, first * bs))
@@ -494,8 +534,21 @@ class Filesystem:
         return inode.extents.mapped_blocks() * (self.bs // 512)
 
     def statfs_counts(self) -> tuple[int, int, int]:
-        """(data blocks, free blocks, inodes in use)."""
-        return self.sb.data_blocks, self.free_blocks, len(self.inodes)
+        """(data blocks, free blocks, inodes in use). Free counts blocks waiting for the
+        next commit (pending_free) and excludes reservations."""
+        pending = sum(n for _, n in self.pending_free)
+        return self.sb.data_blocks, self.available_blocks + pending, len(self.inodes)
+
+    async def retry_on_enospc(self, fn: Callable[[], T]) -> T:
+        """Run `fn`; on ENOSPC with freed blocks waiting for a commit, commit and retry once
+        (the way ext4 forces a journal commit before giving up)."""
+        try:
+            return fn()
+        except FsError as exc:
+            if exc.errno != errno.ENOSPC or not self.pending_free:
+                raise
+        await self.commit()
+        return fn()
 
     def unmount_cleanup(self) -> None:
         for inode in [n for n in self.inodes.values() if n.nlink == 0]:

@@ -85,7 +85,7 @@ def mount_factory(request: pytest.FixtureRequest, tmp_path: Path, fuse_required:
     dump_path = tmp_path / "test-stacks.txt"
     dump_file = open(dump_path, "w")  # noqa: SIM115 - closed below
     faulthandler.dump_traceback_later(timeout, exit=False, file=dump_file)
-    deadline = watchdog.Deadline(timeout, factory.refs)
+    deadline = watchdog.Deadline(timeout, factory.refs, on_expire=factory.mark_rescued)
     try:
         yield factory
     finally:

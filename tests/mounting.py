@@ -414,6 +414,12 @@ class MountFactory:
             m.start()
         return m
 
+    def mark_rescued(self, report: str) -> None:
+        """The watchdog rescued every mount of this test (called by the per-test deadline)."""
+        for m in self.mounts:
+            if m.daemon is not None:
+                m.rescued.append(report)
+
     def refs(self) -> list[watchdog.MountRef]:
         return [m.ref for m in self.mounts if m.daemon is not None]
 

@@ -7,10 +7,12 @@ import os
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from diofs import watchdog
 from tests.mounting import REPO, Mount, MountFactory, cli, cli_env, run_cli
 
 MiB = 1 << 20
@@ -112,6 +114,20 @@ def snapshot(root: str, read_atime_of: set[str] = frozenset({"times"})) -> dict[
     return result
 
 
+FIELDS = ("kind", "mode", "uid", "gid", "size", "mtime_ns", "atime_ns", "nlink", "link_group",
+          "content")
+
+
+def describe_diff(path: str, before: tuple, after: tuple) -> str:
+    parts = []
+    for name, b, a in zip(FIELDS, before, after, strict=True):
+        if a != b:
+            if name == "content":
+                b, a = f"<{len(b)} bytes>", f"<{len(a)} bytes>"
+            parts.append(f"{name}: {b} -> {a}")
+    return f"{path}: " + ", ".join(parts)
+
+
 def test_tree_survives_unmount_fsck_remount(mounted: Mount) -> None:
     build_tree(mounted.path())
     before = snapshot(mounted.path())
@@ -121,8 +137,9 @@ def test_tree_survives_unmount_fsck_remount(mounted: Mount) -> None:
     mounted.start()
     after = snapshot(mounted.path())
     assert sorted(after) == sorted(before)
-    for path in before:
-        assert after[path] == before[path], path
+    diffs = [describe_diff(path, before[path], after[path])
+             for path in sorted(before) if after[path] != before[path]]
+    assert not diffs, f"{len(diffs)} paths differ after remount:\n" + "\n".join(diffs[:20])
     statfs_after = os.statvfs(mounted.mnt)
     assert statfs_after.f_bfree == statfs_before.f_bfree
 
@@ -138,6 +155,27 @@ def test_sparse_file_stays_sparse_after_remount(mounted: Mount) -> None:
     with open(mounted.path("s"), "rb") as f:
         f.seek(29 * MiB)
         assert f.read() == bytes(MiB) + b"x"
+
+
+def test_explicit_mtime_survives_unmount(mounted: Mount) -> None:
+    """utime() after a buffered write: the later writeback must not overwrite the mtime."""
+    with open(mounted.path("f"), "wb") as f:
+        f.write(b"data" * 1000)
+    os.utime(mounted.path("f"), ns=(1_000_000_000_000_000_001, 1_111_111_111_222_222_222))
+    mounted.remount()
+    st = os.stat(mounted.path("f"))
+    assert st.st_mtime_ns == 1_111_111_111_222_222_222
+    assert st.st_atime_ns == 1_000_000_000_000_000_001
+
+
+def test_write_time_mtime_survives_unmount(mounted: Mount) -> None:
+    """mtime is the time of the write(), not of the writeback at unmount."""
+    with open(mounted.path("f"), "wb") as f:
+        f.write(b"data" * 1000)
+    mtime = os.stat(mounted.path("f")).st_mtime_ns
+    time.sleep(0.05)  # so that a writeback-time mtime would differ measurably
+    mounted.remount()
+    assert os.stat(mounted.path("f")).st_mtime_ns == mtime
 
 
 def test_remount_twice_and_modify_in_between(mounted: Mount) -> None:
@@ -157,6 +195,8 @@ def test_remount_twice_and_modify_in_between(mounted: Mount) -> None:
 def test_open_unlinked_file_is_gone_after_remount(mounted: Mount) -> None:
     with open(mounted.path("f"), "wb") as f:
         f.write(b"x" * MiB)
+        f.flush()
+        os.fsync(f.fileno())
     free = os.statvfs(mounted.mnt).f_bfree
     fd = os.open(mounted.path("f"), os.O_RDONLY)
     os.unlink(mounted.path("f"))
@@ -198,8 +238,8 @@ def _assert_refused(m: Mount) -> None:
             proc = subprocess.run(argv, capture_output=True, text=True, timeout=30, cwd=REPO,
                                   env=cli_env(), stdin=subprocess.DEVNULL, check=False)
         finally:
-            if os.path.ismount(m.mnt):
-                subprocess.run(["fusermount3", "-u", "-z", str(m.mnt)], check=False)
+            if watchdog.is_mounted(m.mnt):
+                watchdog.lazy_unmount(m.mnt)
                 pytest.fail(f"{argv} mounted a corrupted image")
         assert proc.returncode != 0, f"{argv} accepted a corrupted image"
         lines = proc.stderr.strip().splitlines()

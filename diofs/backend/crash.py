@@ -1,7 +1,8 @@
 """Crash simulation: log every write and flush, then rebuild the image as after a power cut.
 
 On-line part, `CrashBackend` (mount option `backend=crash,crash_log=LOG`):
-    - at open, the image is copied to `LOG.base` (sparse-aware), the state at mount;
+    - at open, the image is copied to `LOG.base` (sparse-aware), the state at mount; an
+      existing LOG and LOG.base are replaced (one log per mount);
     - every `write` goes to the real image (so the daemon reads its own writes) and is appended
       to LOG as a WRITE record (seq, offset, length, data); every `flush` appends a FLUSH record
       and then fdatasyncs the image;
@@ -93,7 +94,8 @@ def base_path(crash_log: str) -> str:
 
 def _write_all(fd: int, parts: list[bytes | memoryview]) -> None:
     """os.writev all of `parts`, retrying short writes (one call in the common case)."""
-    views = [mv for mv in map(memoryview, parts) if mv.nbytes]
+    views = [memoryview(p) for p in parts]
+    views = [v for v in views if v.nbytes]
     while views:
         put = os.writev(fd, views)
         if put == 0:

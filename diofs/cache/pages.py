@@ -19,6 +19,8 @@ Invariants (every method is synchronous, so each one is atomic under trio):
   clean -> dirty transition stamped with `clock_ns()`; redirtying a dirty page keeps its stamp;
 - a key under writeback refuses fills (`insert_clean` ignores it): the image may not yet
   hold the bytes being written, so a fill could cache stale data;
+- `used_bytes() <= limit_bytes` except by dirty pages, pages under writeback and the
+  max(2, min(HOT_PAGES, limit / 8)) most recent clean pages (or one insert's worth);
 - `used_bytes() == page_size * (number of mapped pages)`; pages dropped while under
   writeback are no longer mapped nor counted, but their key stays in `_wb` (and in
   `writeback_bytes()`) until the write ends.
@@ -36,6 +38,7 @@ from collections.abc import Callable, Iterable, Iterator
 from diofs import stats
 
 _END = 1 << 63  # "to the end of the file" for byte ranges
+HOT_PAGES = 16  # most recent clean pages automatic eviction leaves (at most limit/8, at least 2)
 
 
 class Page:
@@ -77,6 +80,7 @@ class PageCache:
         self.limit_bytes = limit_bytes
         self.clock_ns = clock_ns
         self._shift = page_size.bit_length() - 1
+        self._hot_pages = max(2, min(HOT_PAGES, (limit_bytes // page_size) // 8))
         self._zero = bytes(page_size)
         self._inodes: dict[int, dict[int, Page]] = {}
         self._lru: OrderedDict[tuple[int, int], Page] = OrderedDict()
@@ -198,7 +202,7 @@ class PageCache:
         may be older than the page); an existing clean page is replaced in place."""
         if self._insert_one(ino, index, data):
             stats.add("cache.fills")
-            self._after_insert()
+            self._after_insert(1)
 
     def insert_clean_run(self, ino: int, first: int, data: bytes | bytearray | memoryview) -> int:
         """Fill consecutive pages first, first+1, ... from one buffer (last one zero-padded).
@@ -236,7 +240,7 @@ class PageCache:
             inserted += 1
         if inserted:
             stats.add("cache.fills", inserted)
-            self._after_insert()
+            self._after_insert(inserted)
         return inserted
 
     def _insert_one(self, ino: int, index: int, data: bytes | bytearray | memoryview) -> bool:
@@ -273,9 +277,9 @@ class PageCache:
         self._after_insert()
         return page.data
 
-    def _after_insert(self) -> None:
+    def _after_insert(self, inserted: int = 1) -> None:
         if self._npages << self._shift > self.limit_bytes:
-            self.evict_clean(self.limit_bytes)
+            self.evict_clean(self.limit_bytes, keep_pages=max(inserted, self._hot_pages))
         self._gauge_used()
 
     # ---------------------------------------------------------------- writes
@@ -308,7 +312,10 @@ class PageCache:
         """Copy `data` to byte offset `off`, dirtying every page it touches.
 
         Every page only partly covered must be cached already; otherwise raises
-        KeyError((ino, index)) for the first such page *before* changing anything."""
+        KeyError((ino, index)) for the first such page *before* changing anything.
+        Read-modify-write: read both edge pages from the image first, then insert both
+        and call this with no await in between (automatic eviction keeps at least the two
+        most recent clean pages, but an await lets other tasks' fills evict them)."""
         view = memoryview(data)
         n = len(view)
         if n == 0:
@@ -460,13 +467,20 @@ class PageCache:
 
     # ---------------------------------------------------------------- eviction
 
-    def evict_clean(self, target_bytes: int) -> int:
+    def evict_clean(self, target_bytes: int, *, keep_pages: int = 0) -> int:
         """Evict least recently used clean pages (never dirty or under writeback) until
-        used_bytes() <= target_bytes or none is left; returns pages evicted."""
+        used_bytes() <= target_bytes or only the `keep_pages` most recently used clean
+        pages are left; returns pages evicted; counts cache.evictions.
+
+        Inserts call it with keep_pages = max(pages inserted, 2 <= min(HOT_PAGES, limit / 8
+        pages)): when the cache is
+        full of dirty pages, a request's own fills (edge pages of a write, the pages of a
+        read) survive until it has used them, at the cost of exceeding the limit by that
+        many clean pages until the next insert."""
         lru = self._lru
         evicted = 0
         target_pages = target_bytes >> self._shift
-        while self._npages > target_pages and lru:
+        while self._npages > target_pages and len(lru) > keep_pages:
             (ino, index), page = lru.popitem(last=False)
             pages = self._inodes[ino]
             del pages[index]

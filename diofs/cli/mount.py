@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import faulthandler
+import fcntl
 import logging
 import os
 import signal
@@ -112,6 +113,17 @@ def mlockall() -> None:
         raise DiofsError(f"mlockall failed: {os.strerror(err)}")
 
 
+def lock_image(image: str) -> int:
+    """An exclusive flock on the image for the daemon's lifetime: one mount per image."""
+    fd = os.open(image, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise DiofsError(f"image {image} is in use (mounted elsewhere?)", EXIT_MOUNTPOINT) from None
+    return fd
+
+
 class Daemon:
     """Owns the mount's objects; `serve()` is the one trio.run of the process."""
 
@@ -119,6 +131,7 @@ class Daemon:
         self.mnt = mnt
         self.opts = opts
         self.mlock = mlock
+        self._image_lock = lock_image(image)
         self.backend = open_backend(
             image, opts.backend, crash_log=opts.crash_log, fault_spec=opts.fault_spec
         )

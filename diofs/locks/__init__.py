@@ -61,8 +61,9 @@ Lock ordering (outer first; each edge names where the nesting happens):
   holders can deadlock through queued waiters of the other state.
 
 Never:
-  - invalidate the kernel page cache (pyfuse3.invalidate_inode or a raw
-    FUSE_NOTIFY_INVAL_INODE write) while holding any PagecacheLock state of any inode. The
+  - invalidate the kernel page cache (request.invalidate_kernel_range, i.e. the patched
+    pyfuse3.invalidate_inode_range; pyfuse3.invalidate_inode; a raw FUSE_NOTIFY_INVAL_INODE
+    write) while holding any PagecacheLock state of any inode. The
     kernel locks the folios first and waits for them; a READ that holds a folio lock may be
     waiting for our lock (ABBA, fuse-facts row 3: measured hang, unkillable client). Even
     holding ADD is not safe: once a BLOCK waiter exists, new ADD requests queue behind it.
