@@ -162,6 +162,7 @@ def run_one(peer: Peer, job: Job, rep: int, opts: Options) -> dict[str, Any]:
     try:
         if job.prime:
             run_child(["dd", f"if={path}", "of=/dev/null", "bs=1M"], 120, peer)
+        stats0 = diofs_stats(peer)
         cpu0 = peer.daemon_cpu_s()
         t0 = time.monotonic()
         if job.kind == "fio":
@@ -182,6 +183,8 @@ def run_one(peer: Peer, job: Job, rep: int, opts: Options) -> dict[str, Any]:
         cpu1 = peer.daemon_cpu_s()
         rec["daemon_cpu_s"] = cpu1 - cpu0 if cpu0 is not None and cpu1 is not None else None
         rec["ok"] = True
+        if stats0 is not None and (stats1 := diofs_stats(peer)) is not None:
+            rec["diofs_stats_delta"] = stats_delta(stats0, stats1)
     except (ChildFailed, ValueError, OSError, json.JSONDecodeError) as exc:
         rec["error"] = str(exc)
         if getattr(exc, "report", ""):
@@ -192,6 +195,39 @@ def run_one(peer: Peer, job: Job, rep: int, opts: Options) -> dict[str, Any]:
         rec["ok"] = False
         rec["error"] = (rec["error"] + "; " if rec["error"] else "") + msg
     return rec
+
+
+_GET_STATS = (
+    "import os, sys; sys.stdout.write(os.getxattr(sys.argv[1], 'user.diofs.stats').decode())"
+)
+
+
+def diofs_stats(peer: Peer) -> dict[str, Any] | None:
+    """The diofs daemon's stats snapshot (xattr ``user.diofs.stats``), None if unavailable.
+
+    Read in a child with a deadline: a getxattr on a hung mount would block this process.
+    """
+    if peer.name != "diofs":
+        return None
+    try:
+        out = run_child([venv_python(), "-c", _GET_STATS, str(peer.data_dir)], 15, peer)
+        doc = json.loads(out)
+    except (ChildFailed, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def stats_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """Counters that changed between two flat snapshots (numbers as differences)."""
+    out: dict[str, Any] = {}
+    for k, v in after.items():
+        b = before.get(k)
+        if isinstance(v, int | float) and isinstance(b, int | float) and not isinstance(v, bool):
+            if v != b:
+                out[k] = v - b
+        elif v != b:
+            out[k] = v
+    return out
 
 
 def _progress(job: Job, rec: dict[str, Any]) -> str:

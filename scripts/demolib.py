@@ -1,0 +1,65 @@
+"""Shared machinery of the demos (scripts/demo_<bug>.py): mount a fresh image with the
+protection on and again with `--bug NAME`, run the same real workload on both, and print the
+two results side by side with exact counts.
+
+A demo module defines:
+    BUG          the --bug switch it demonstrates (kebab-case, diofs.bugs)
+    TITLE        one line: what goes wrong without the protection
+    run(factory, bug_on) -> dict[str, int | str]   the workload; `factory` is a
+                 tests.mounting.MountFactory (mounts are cleaned up, and rescued by the
+                 watchdog if they hang, by `compare`)
+    BAD_KEY      the count that must be 0 with the protection and > 0 with the bug
+Mounts come from tests/mounting.py, the same code the test suite uses: every mount is
+unmounted, a hang is caught by the watchdog (stack report, fusectl abort, lazy unmount).
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from tests.mounting import MountFactory  # noqa: E402
+
+
+def run_side(demo: ModuleType, bug_on: bool) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix=f"diofs-demo-{demo.BUG}-") as tmp:
+        factory = MountFactory(Path(tmp))
+        try:
+            result = demo.run(factory, bug_on)
+        except Exception as exc:  # report, never a traceback without context
+            result = {"error": f"{type(exc).__name__}: {exc}".splitlines()[0][:200]}
+            if "--debug" in sys.argv:
+                traceback.print_exc()
+        finally:
+            for m in factory.mounts:  # demos with the bug on may leave damage behind
+                m.expect_dirty()
+                m.expect_log(r".*")
+            problems = factory.cleanup()
+        if problems:
+            result["cleanup"] = "; ".join(problems)[:300]
+        return result
+
+
+def compare(demo: ModuleType) -> bool:
+    """Run both sides, print them, return True if the demo showed what it should."""
+    print(f"== --bug {demo.BUG}: {demo.TITLE}")
+    on = run_side(demo, bug_on=False)
+    off = run_side(demo, bug_on=True)
+    keys = list(dict.fromkeys([*on, *off]))
+    width = max(len(k) for k in keys) + 2
+    print(f"   {'':{width}}{'protection on':>22}{'--bug ' + demo.BUG:>30}")
+    for k in keys:
+        print(f"   {k:{width}}{str(on.get(k, '-')):>22}{str(off.get(k, '-')):>30}")
+    bad_on, bad_off = on.get(demo.BAD_KEY), off.get(demo.BAD_KEY)
+    shown = bad_on == 0 and isinstance(bad_off, int) and bad_off > 0
+    verdict = "shown" if shown else "NOT SHOWN"
+    print(f"   => {demo.BAD_KEY}: {bad_on} with the protection, {bad_off} without: {verdict}\n")
+    return shown
