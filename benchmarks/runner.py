@@ -198,7 +198,7 @@ def run_one(peer: Peer, job: Job, rep: int, opts: Options) -> dict[str, Any]:
 
 
 _GET_STATS = (
-    "import os, sys; sys.stdout.write(os.getxattr(sys.argv[1], 'user.diofs.stats').decode())"
+    "import os, sys; sys.stdout.write(open(os.path.join(sys.argv[1], '.diofs-stats')).read())"
 )
 
 
@@ -288,7 +288,10 @@ def run_bench(opts: Options) -> dict[str, Any]:
             opts, f"warning: work dir {workdir} is on {results['machine']['workdir_fs']}, not ext4"
         )
     live: list[Peer] = []
-    prev_term = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    try:  # SIGTERM unmounts like Ctrl-C does (only possible from the main thread)
+        prev_term = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    except ValueError:
+        prev_term = None
     try:
         if any(p != "local" for p in opts.peers) and not fusewatch.ensure_fusectl():
             _say(opts, "warning: fusectl is not available: hung mounts cannot be aborted")
@@ -341,7 +344,8 @@ def run_bench(opts: Options) -> dict[str, Any]:
             peer.unmount()
             if peer.is_fuse:
                 results["peers"][peer.name]["daemon_log"] = peer.log_tail(40)
-        signal.signal(signal.SIGTERM, prev_term)
+        if prev_term is not None:
+            signal.signal(signal.SIGTERM, prev_term)
         if not opts.keep_workdir:
             cleanup_workdir(workdir)
     results["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")

@@ -144,7 +144,15 @@ class Buffered:
         stats.add("cache.bytes_written", written)
         sync, full = wants_sync(flags)
         if sync:
-            await self.writeback.writeback_range(inode.ino, off, off + written)
+            try:
+                await self.writeback.writeback_range(inode.ino, off, off + written)
+            except OSError:
+                # This write reports the error, so this fd has seen it: consume it here (as
+                # generic_write_sync -> file_check_and_advance_wb_err does), or the FSYNC the
+                # kernel sends with the fd's next sync write would report it a second time.
+                # Other fds still get it at their next fsync.
+                self.durability.check_and_advance(h)
+                raise
             await self.durability.sync_write(full_sync=full)
         return written
 

@@ -61,8 +61,19 @@ class Coalescer:
             self._started += 1
             run_no = self._started
             try:
+                import time as _t
+                _t0 = _t.perf_counter_ns()
+                _n = self._waiters.get(run_no, 0)
                 with trio.CancelScope(shield=True):
                     await self._fn()
+                _t1 = _t.perf_counter_ns()
+                stats.add("gc.fn_us", (_t1 - _t0) // 1000)
+                stats.add("gc.batch_at_start", _n)
+                stats.set("gc.max_batch", max(stats.get("gc.max_batch"), _n))
+                stats.add(f"gc.hist_{_n}")
+                if getattr(self, "_last_end", 0):
+                    stats.add("gc.gap_us", (_t0 - self._last_end) // 1000)
+                self._last_end = _t1
             except Exception as exc:
                 self._errors[run_no] = exc
             finally:
@@ -105,7 +116,7 @@ class Durability:
         e.seq += 1
         e.errno = getattr(exc, "errno", None) or errno.EIO
         stats.add("errors.writeback")
-        log.error("writeback of inode %d failed: %s", ino, exc)
+        # not logged here: Writeback._write_run already logged it, once, with the page range
 
     def sample(self, ino: int) -> int:
         """The cursor a newly opened handle starts from (errors before it are not its own)."""

@@ -73,6 +73,10 @@ class Filesystem:
         self.commit_lock = trio.Lock()
         self._rover = self.sb.data_start
         self.io_limiter = trio.CapacityLimiter(4)
+        # Demo hook (`-o data_delay=S`): `write_data` sleeps this long between allocating
+        # (and, with --bug size-before-data, publishing) and writing the data, when the range
+        # has new or unwritten blocks or extends the file: a deterministic race window.
+        self.data_delay = 0.0
 
     # ------------------------------------------------------------------ loading, commits
     @classmethod
@@ -446,8 +450,11 @@ class Filesystem:
         first = off // bs
         nblocks = (end - 1) // bs - first + 1
         segs = await self.retry_on_enospc(lambda: self.map_for_write(inode, first, nblocks))
+        delay = self.data_delay and (end > inode.size or any(s.unwritten for s in segs))
         if bugs.enabled(Bug.SIZE_BEFORE_DATA):
             self._publish(inode, first, nblocks, end, touch)
+        if delay:
+            await trio.sleep(self.data_delay)  # demo hook (see __init__)
         src = memoryview(data)
         for seg in segs:
             seg_start, seg_end = seg.start * bs, (seg.start + seg.count) * bs

@@ -444,13 +444,13 @@ def run_with_deadline(
             return Result(proc.exitcode, "", "", True, report, pid=proc.pid)
         parent_conn.close()
         if payload is None:
-            return Result(proc.exitcode, "", "child died without a result", False, "",
-                          pid=proc.pid)
+            return Result(proc.exitcode, "", "child died without a result", False, "", pid=proc.pid)
         kind, value = payload
         if kind == "ok":
             return Result(proc.exitcode, "", "", False, "", value=value, pid=proc.pid)
-        return Result(proc.exitcode if proc.exitcode is not None else 1, "", value, False, "",
-                      pid=proc.pid)
+        return Result(
+            proc.exitcode if proc.exitcode is not None else 1, "", value, False, "", pid=proc.pid
+        )
 
     popen = subprocess.Popen(
         list(target),

@@ -34,10 +34,15 @@ DEFAULT_DEADLINE_S = 120.0
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("diofs")
-    group.addoption("--stress", action="store_true", default=False,
-                    help="run long stress tests (marked stress)")
-    group.addoption("--deadline", type=float, default=DEFAULT_DEADLINE_S,
-                    help="per-test deadline in seconds for tests that mount (default 120)")
+    group.addoption(
+        "--stress", action="store_true", default=False, help="run long stress tests (marked stress)"
+    )
+    group.addoption(
+        "--deadline",
+        type=float,
+        default=DEFAULT_DEADLINE_S,
+        help="per-test deadline in seconds for tests that mount (default 120)",
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -78,8 +83,9 @@ def _deadline_s(request: pytest.FixtureRequest) -> float:
 
 
 @pytest.fixture
-def mount_factory(request: pytest.FixtureRequest, tmp_path: Path, fuse_required: None,
-                  _fusectl: str | None) -> Iterator[MountFactory]:
+def mount_factory(
+    request: pytest.FixtureRequest, tmp_path: Path, fuse_required: None, _fusectl: str | None
+) -> Iterator[MountFactory]:
     factory = MountFactory(tmp_path)
     timeout = _deadline_s(request)
     dump_path = tmp_path / "test-stacks.txt"
@@ -95,8 +101,11 @@ def mount_factory(request: pytest.FixtureRequest, tmp_path: Path, fuse_required:
         problems = factory.cleanup()
         if deadline.expired:
             stacks = dump_path.read_text(errors="replace")
-            problems.insert(0, f"test exceeded its deadline of {timeout}s\n"
-                               f"{deadline.report}\n--- test process stacks ---\n{stacks}")
+            problems.insert(
+                0,
+                f"test exceeded its deadline of {timeout}s\n"
+                f"{deadline.report}\n--- test process stacks ---\n{stacks}",
+            )
         with contextlib.suppress(OSError):
             os.unlink(dump_path)
         if problems:

@@ -164,3 +164,22 @@ def test_one_second_fio_job_on_local_disk(tmp_path: Path) -> None:
     assert run["mbps"] > 0 and run["lat_p50_us"] > 0
     assert (tmp_path / "out" / "results.md").exists()
     assert not (tmp_path / "work").exists()
+
+
+def test_stats_delta_keeps_changed_counters_only() -> None:
+    from benchmarks.runner import stats_delta
+
+    d = stats_delta({"a": 1, "b": 2, "s": "x"}, {"a": 4, "b": 2, "s": "y", "c": 1})
+    assert d == {"a": 3, "s": "y", "c": 1}
+
+
+def test_script_lists_jobs() -> None:
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "bench"
+    r = subprocess.run(
+        [sys.executable, str(script), "--list-jobs"], capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 0, r.stderr
+    assert all(j.name in r.stdout for j in JOBS)

@@ -34,9 +34,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 import pyfuse3
+import pytest
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -205,9 +204,8 @@ def _is_mounted(mnt: Path) -> bool:
 
 def _conn_abort(st_dev: int) -> None:
     path = f"/sys/fs/fuse/connections/{os.minor(st_dev)}/abort"
-    with contextlib.suppress(OSError):
-        with open(path, "w") as f:
-            f.write("1")
+    with contextlib.suppress(OSError), open(path, "w") as f:
+        f.write("1")
 
 
 @contextlib.contextmanager

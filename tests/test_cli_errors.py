@@ -20,12 +20,21 @@ from tests.mounting import REPO, MountFactory, cli, cli_env, fuse_unavailable_re
 
 
 def run(argv: list[str], timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=REPO,
-                          env=cli_env(), stdin=subprocess.DEVNULL, check=False)
+    return subprocess.run(
+        argv,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+        env=cli_env(),
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
 
 
-def assert_one_line_error(proc: subprocess.CompletedProcess[str], prog: str,
-                          contains: str | None = None) -> str:
+def assert_one_line_error(
+    proc: subprocess.CompletedProcess[str], prog: str, contains: str | None = None
+) -> str:
     assert proc.returncode != 0, f"exit 0; stdout={proc.stdout!r} stderr={proc.stderr!r}"
     assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr
     lines = proc.stderr.strip().splitlines()
@@ -36,17 +45,18 @@ def assert_one_line_error(proc: subprocess.CompletedProcess[str], prog: str,
     return lines[0]
 
 
-def mount_cmd(image: Path | str, mnt: Path | str, *args: str, foreground: bool = False
-              ) -> list[str]:
+def mount_cmd(
+    image: Path | str, mnt: Path | str, *args: str, foreground: bool = False
+) -> list[str]:
     """The mount command: mount.diofs (daemonizing) or `python mount.py ... --foreground`."""
     if foreground:
-        return [sys.executable, str(REPO / "mount.py"), str(image), str(mnt), "--foreground",
-                *args]
+        return [sys.executable, str(REPO / "mount.py"), str(image), str(mnt), "--foreground", *args]
     return [*cli("mount.diofs"), str(image), str(mnt), *args]
 
 
-def try_mount(image: Path | str, mnt: Path | str, *args: str, foreground: bool = False
-              ) -> subprocess.CompletedProcess[str]:
+def try_mount(
+    image: Path | str, mnt: Path | str, *args: str, foreground: bool = False
+) -> subprocess.CompletedProcess[str]:
     """Run a mount that is expected to fail; make sure nothing stays mounted either way."""
     was_mounted = watchdog.is_mounted(mnt)
     try:
@@ -60,8 +70,7 @@ def try_mount(image: Path | str, mnt: Path | str, *args: str, foreground: bool =
 def unmount_unexpected(mnt: Path | str) -> None:
     """Cleanly unmount a mount that should not exist, and wait for its daemon to exit."""
     conn_id = watchdog.connection_id(mnt)
-    subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True, timeout=60,
-                   check=False)
+    subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True, timeout=60, check=False)
     deadline = time.monotonic() + 30
     while watchdog.connection_waiting(conn_id) is not None and time.monotonic() < deadline:
         time.sleep(0.05)  # the fusectl entry disappears when the daemon has closed /dev/fuse
@@ -117,9 +126,16 @@ def test_mkfs_image_is_directory(tmp_path: Path) -> None:
     assert_one_line_error(proc, "mkfs.diofs")
 
 
-@pytest.mark.parametrize("args", [["--block-size", "1000"], ["--block-size", "0"],
-                                  ["--dio-align", "3"], ["--dio-align", "8192"],
-                                  ["--block-size", "x"]])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--block-size", "1000"],
+        ["--block-size", "0"],
+        ["--dio-align", "3"],
+        ["--dio-align", "8192"],
+        ["--block-size", "x"],
+    ],
+)
 def test_mkfs_bad_geometry(tmp_path: Path, args: list[str]) -> None:
     proc = run([*cli("mkfs.diofs"), str(tmp_path / "img"), "--size", "64M", *args])
     assert_one_line_error(proc, "mkfs.diofs")
@@ -153,8 +169,7 @@ def test_fsck_truncated_image(image: Path) -> None:
 @pytest.mark.parametrize("content", ["zeros", "random", "empty"])
 def test_fsck_foreign_image(tmp_path: Path, content: str) -> None:
     img = tmp_path / "foreign"
-    img.write_bytes({"zeros": bytes(8 << 20), "random": os.urandom(8 << 20), "empty": b""}
-                    [content])
+    img.write_bytes({"zeros": bytes(8 << 20), "random": os.urandom(8 << 20), "empty": b""}[content])
     assert_one_line_error(run([*cli("fsck.diofs"), str(img)]), "fsck.diofs")
 
 
@@ -173,24 +188,27 @@ def test_mount_missing_image(tmp_path: Path, mnt: Path, foreground: bool) -> Non
 
 
 @FOREGROUND
-def test_mount_truncated_image(image: Path, mnt: Path, foreground: bool,
-                               needs_mount_runtime: None) -> None:
+def test_mount_truncated_image(
+    image: Path, mnt: Path, foreground: bool, needs_mount_runtime: None
+) -> None:
     os.truncate(image, 4096)
     assert_one_line_error(try_mount(image, mnt, foreground=foreground), "mount.diofs")
 
 
 @FOREGROUND
 @pytest.mark.parametrize("content", ["zeros", "random"])
-def test_mount_foreign_image(tmp_path: Path, mnt: Path, content: str, foreground: bool,
-                             needs_mount_runtime: None) -> None:
+def test_mount_foreign_image(
+    tmp_path: Path, mnt: Path, content: str, foreground: bool, needs_mount_runtime: None
+) -> None:
     img = tmp_path / "foreign"
     img.write_bytes(bytes(16 << 20) if content == "zeros" else os.urandom(16 << 20))
     assert_one_line_error(try_mount(img, mnt, foreground=foreground), "mount.diofs")
 
 
 @FOREGROUND
-def test_mount_corrupted_superblock(image: Path, mnt: Path, foreground: bool,
-                                    needs_mount_runtime: None) -> None:
+def test_mount_corrupted_superblock(
+    image: Path, mnt: Path, foreground: bool, needs_mount_runtime: None
+) -> None:
     with open(image, "r+b") as f:
         f.seek(0)
         raw = bytearray(f.read(4096))
@@ -216,9 +234,20 @@ def test_mount_mountpoint_is_file(image: Path, tmp_path: Path, foreground: bool)
 
 
 @FOREGROUND
-@pytest.mark.parametrize("opt", ["bogus=1", "cache_size=lots", "cache_size=1K", "backend=tape",
-                                 "shootdown=maybe", "dio_align=3", "backend=crash",
-                                 "backend=fault", "dio_align="])
+@pytest.mark.parametrize(
+    "opt",
+    [
+        "bogus=1",
+        "cache_size=lots",
+        "cache_size=1K",
+        "backend=tape",
+        "shootdown=maybe",
+        "dio_align=3",
+        "backend=crash",
+        "backend=fault",
+        "dio_align=",
+    ],
+)
 def test_mount_bad_option(image: Path, mnt: Path, opt: str, foreground: bool) -> None:
     proc = try_mount(image, mnt, "-o", opt, foreground=foreground)
     assert_one_line_error(proc, "mount.diofs")
@@ -237,8 +266,9 @@ def test_mount_missing_arguments(foreground: bool) -> None:
 
 
 @FOREGROUND
-def test_mount_busy_mountpoint(mount_factory: MountFactory, tmp_path: Path,
-                               foreground: bool) -> None:
+def test_mount_busy_mountpoint(
+    mount_factory: MountFactory, tmp_path: Path, foreground: bool
+) -> None:
     first = mount_factory()
     mount_before = watchdog.find_mount(first.mnt)
     second_image = tmp_path / "second"

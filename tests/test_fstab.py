@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 
 from diofs import watchdog
+from diofs.cli.stats import read_stats
 from tests.mounting import REPO, cli, cli_env, fuse_unavailable_reason, run_cli
 
 HELPER = Path("/sbin/mount.fuse.diofs")
@@ -63,16 +64,24 @@ def mounted_by_mount8(argv: list[str], mnt: Path) -> Iterator[None]:
     """Run a mount(8) command, require success, yield, then unmount and check the daemon."""
     env = cli_env()
     env.pop("PATH", None)  # mount(8) drops PATH for its helpers anyway
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=env,
-                          check=False, stdin=subprocess.DEVNULL)
+    proc = subprocess.run(
+        argv,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        check=False,
+        stdin=subprocess.DEVNULL,
+    )
     conn_id = watchdog.connection_id(mnt) if watchdog.is_mounted(mnt) else None
     pids = _daemon_pids(mnt)
     try:
         assert proc.returncode == 0, f"{argv} failed ({proc.returncode}): {proc.stderr}"
         assert watchdog.is_mounted(mnt), f"{argv} returned 0 but nothing is mounted"
         yield
-        um = subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True, text=True,
-                            timeout=60, check=False)
+        um = subprocess.run(
+            ["fusermount3", "-u", str(mnt)], capture_output=True, text=True, timeout=60, check=False
+        )
         assert um.returncode == 0, um.stderr
         deadline = time.monotonic() + 30
         while any(watchdog.process_alive(p) for p in pids):
@@ -137,7 +146,7 @@ def _use(mnt: Path) -> None:
 
 
 def json_ok(mnt: Path) -> bool:
-    return isinstance(os.getxattr(mnt, "user.diofs.stats"), bytes)
+    return isinstance(read_stats(mnt), dict)
 
 
 def test_mount_t_fuse_diofs(image: Path, mnt: Path, helper: Path) -> None:
@@ -155,9 +164,11 @@ def test_fstab_line(image: Path, mnt: Path, helper: Path, tmp_path: Path) -> Non
     with mounted_by_mount8(["mount", "-T", str(fstab), str(mnt)], mnt):
         _use(mnt)
     # the data is on the image: mount it again through the same line
-    with mounted_by_mount8(["mount", "-T", str(fstab), str(mnt)], mnt):
-        with open(mnt / "hello", "rb") as f:
-            assert f.read() == b"hello fstab"
+    with (
+        mounted_by_mount8(["mount", "-T", str(fstab), str(mnt)], mnt),
+        open(mnt / "hello", "rb") as f,
+    ):
+        assert f.read() == b"hello fstab"
 
 
 def test_mount_fuse3_hash_syntax(image: Path, mnt: Path) -> None:

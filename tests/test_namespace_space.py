@@ -76,8 +76,10 @@ def test_statfs_free_space_drops_and_rises(mounted: Mount) -> None:
     assert before - after_write >= 8 * MiB, (before, after_write)
     assert before - after_write <= 9 * MiB, (before, after_write)
     os.unlink(p)
-    wait_until(lambda: free_bytes(mounted.path()) >= before - 256 * 1024,
-               f"free space did not come back after unlink ({before} before)")
+    wait_until(
+        lambda: free_bytes(mounted.path()) >= before - 256 * 1024,
+        f"free space did not come back after unlink ({before} before)",
+    )
 
 
 def test_statfs_counts_unflushed_buffered_writes(mounted: Mount) -> None:

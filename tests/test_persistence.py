@@ -64,8 +64,9 @@ def build_tree(root: str) -> None:
         f.write(b"times")
     os.utime(j("times"), ns=(1_234_567_890_123_456_789, 1_111_111_111_222_222_222))
     os.utime(j("a", "b"), ns=(1_300_000_000_000_000_001, 1_300_000_000_000_000_002))
-    os.utime(j("sym"), ns=(1_400_000_000_000_000_003, 1_400_000_000_000_000_004),
-             follow_symlinks=False)
+    os.utime(
+        j("sym"), ns=(1_400_000_000_000_000_003, 1_400_000_000_000_000_004), follow_symlinks=False
+    )
     # a renamed and an unlinked file
     with open(j("before_rename"), "wb") as f:
         f.write(b"renamed")
@@ -108,14 +109,33 @@ def snapshot(root: str, read_atime_of: set[str] = frozenset({"times"})) -> dict[
             group = groups.setdefault(st.st_ino, rel) if st.st_nlink > 1 else None
             atime = st.st_atime_ns if rel in read_atime_of else None
             kind = stat.S_IFMT(st.st_mode)
-            result[rel] = (kind, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
-                           st.st_size if not stat.S_ISDIR(st.st_mode) else None,
-                           st.st_mtime_ns, atime, st.st_nlink, group, contents.get(rel))
+            result[rel] = (
+                kind,
+                stat.S_IMODE(st.st_mode),
+                st.st_uid,
+                st.st_gid,
+                st.st_size if not stat.S_ISDIR(st.st_mode) else None,
+                st.st_mtime_ns,
+                atime,
+                st.st_nlink,
+                group,
+                contents.get(rel),
+            )
     return result
 
 
-FIELDS = ("kind", "mode", "uid", "gid", "size", "mtime_ns", "atime_ns", "nlink", "link_group",
-          "content")
+FIELDS = (
+    "kind",
+    "mode",
+    "uid",
+    "gid",
+    "size",
+    "mtime_ns",
+    "atime_ns",
+    "nlink",
+    "link_group",
+    "content",
+)
 
 
 def describe_diff(path: str, before: tuple, after: tuple) -> str:
@@ -137,8 +157,11 @@ def test_tree_survives_unmount_fsck_remount(mounted: Mount) -> None:
     mounted.start()
     after = snapshot(mounted.path())
     assert sorted(after) == sorted(before)
-    diffs = [describe_diff(path, before[path], after[path])
-             for path in sorted(before) if after[path] != before[path]]
+    diffs = [
+        describe_diff(path, before[path], after[path])
+        for path in sorted(before)
+        if after[path] != before[path]
+    ]
     assert not diffs, f"{len(diffs)} paths differ after remount:\n" + "\n".join(diffs[:20])
     statfs_after = os.statvfs(mounted.mnt)
     assert statfs_after.f_bfree == statfs_before.f_bfree
@@ -231,12 +254,21 @@ def _assert_refused(m: Mount) -> None:
     out = fsck.stdout + fsck.stderr
     assert out.strip(), "fsck exited non-zero without saying why"
     assert "Traceback" not in out, out
-    for argv in ([*cli("mount.diofs"), str(m.image), str(m.mnt)],
-                 [sys.executable, str(REPO / "mount.py"), str(m.image), str(m.mnt),
-                  "--foreground"]):
+    for argv in (
+        [*cli("mount.diofs"), str(m.image), str(m.mnt)],
+        [sys.executable, str(REPO / "mount.py"), str(m.image), str(m.mnt), "--foreground"],
+    ):
         try:
-            proc = subprocess.run(argv, capture_output=True, text=True, timeout=30, cwd=REPO,
-                                  env=cli_env(), stdin=subprocess.DEVNULL, check=False)
+            proc = subprocess.run(
+                argv,
+                capture_output=True,
+                text=True,
+                timeout=30,
+                cwd=REPO,
+                env=cli_env(),
+                stdin=subprocess.DEVNULL,
+                check=False,
+            )
         finally:
             if watchdog.is_mounted(m.mnt):
                 watchdog.lazy_unmount(m.mnt)

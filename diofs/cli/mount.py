@@ -6,9 +6,10 @@ everything back, commits the metadata and exits 0.
 
 Options (-o k=v,...): cache_size=64M, dio_align=N (a multiple of the image's), writeback_age=S,
 commit_interval=S, shootdown=unlocked|locked, backend=raw|crash|fault, crash_log=PATH,
-fault_spec=PATH, max_tasks=N, fill_delay=S and dio_delay=S (demo hooks that widen race
-windows). Unknown -o options are passed to FUSE only if they are known FUSE options
-(allow_other, default_permissions, ro...).
+fault_spec=PATH, max_tasks=N, fill_delay=S, dio_delay=S and data_delay=S (demo hooks that
+widen race windows; data_delay: a data write into new blocks or past EOF sleeps between
+allocating and writing its data). Unknown -o options are passed to FUSE only if they are
+known FUSE options (allow_other, default_permissions, ro...).
 """
 
 from __future__ import annotations
@@ -39,8 +40,8 @@ from diofs.locks import FaultMarker, LockTable
 log = logging.getLogger(__name__)
 
 FUSE_PASSTHROUGH = {"allow_other", "default_permissions", "ro", "rw", "noatime", "nodev",
-                    "nosuid", "dev", "suid", "exec", "noexec", "auto", "noauto", "user",
-                    "nouser", "_netdev", "relatime", "atime"}
+                    "nosuid", "dev", "suid", "exec", "noexec", "relatime", "atime"}
+MOUNT8_ONLY = {"auto", "noauto", "user", "nouser", "_netdev", "nofail", "defaults"}  # fstab
 MCL_CURRENT, MCL_FUTURE = 1, 2
 
 
@@ -57,6 +58,7 @@ class Options:
     max_tasks: int = 64
     fill_delay: float = 0.0
     dio_delay: float = 0.0
+    data_delay: float = 0.0
     fuse: tuple[str, ...] = ()
 
 
@@ -71,7 +73,9 @@ def parse_options(items: list[str]) -> Options:
                     o.cache_size = parse_size(value)
                 elif key == "dio_align":
                     o.dio_align = int(value)
-                elif key in ("writeback_age", "commit_interval", "fill_delay", "dio_delay"):
+                elif key in (
+                    "writeback_age", "commit_interval", "fill_delay", "dio_delay", "data_delay"
+                ):
                     setattr(o, key, float(value))
                 elif key == "max_tasks":
                     o.max_tasks = int(value)
@@ -83,6 +87,8 @@ def parse_options(items: list[str]) -> Options:
                     setattr(o, key, os.path.abspath(value))
                 elif key in FUSE_PASSTHROUGH and not value:
                     fuse.append(key)
+                elif key in MOUNT8_ONLY and not value:
+                    pass
                 else:
                     raise DiofsError(f"bad mount option {item!r}")
             except ValueError:
@@ -175,6 +181,7 @@ class Daemon:
             locked_shootdown=o.shootdown == "locked", write_delay=o.dio_delay,
             persistent_ctx=self.mlock,
         )
+        fs.data_delay = o.data_delay
         self.ops = Operations(fs, self.buffered, self.direct, self.durability)
         self.locks = locks
         fuse_opts = set(pyfuse3.default_options)

@@ -1,26 +1,28 @@
 """diofs stats MOUNTPOINT: print the daemon's counters as JSON (SPEC 9).
 
-Transport: the root directory's extended attribute `user.diofs.stats` (diofs.ops).
+Transport: the virtual file `.diofs-stats` in the root directory (diofs.ops), read with one
+open + read; it is not listed by readdir and not stored in the image.
 """
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 
 from diofs.cli.common import ArgumentParser, run_main
 from diofs.errors import DiofsError
 
-STATS_XATTR = "user.diofs.stats"
+STATS_NAME = ".diofs-stats"
 
 
-def read_stats(mountpoint: str) -> dict[str, float]:
+def read_stats(mountpoint: str | os.PathLike[str]) -> dict[str, float]:
+    path = os.path.join(mountpoint, STATS_NAME)
     try:
-        raw = os.getxattr(mountpoint, STATS_XATTR)
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise DiofsError(f"{mountpoint} is not a mounted diofs filesystem") from None
     except OSError as exc:
-        if exc.errno in (errno.ENODATA, errno.ENOTSUP):
-            raise DiofsError(f"{mountpoint} is not a mounted diofs filesystem") from None
         raise DiofsError(f"cannot read stats of {mountpoint}: {exc.strerror}") from None
     return json.loads(raw)
 

@@ -13,10 +13,15 @@ import trio
 
 
 class RwSem:
-    __slots__ = ("_readers", "_writer", "_writers_waiting", "_changed")
+    __slots__ = ("_readers", "_readers_waiting", "_writer", "_writers_waiting", "_changed")
 
     def __init__(self) -> None:
         self._readers = 0
+        # Waiting shared holders count for idle(): Direct._rwsem drops an idle RwSem from its
+        # table, and a reader still waiting on a dropped one would later share it with a
+        # writer that made a fresh RwSem (an extending direct write and a direct read of the
+        # same inode ran concurrently before this was counted).
+        self._readers_waiting = 0
         self._writer = False
         self._writers_waiting = 0
         self._changed = trio.Event()
@@ -26,12 +31,18 @@ class RwSem:
         self._changed = trio.Event()
 
     def idle(self) -> bool:
-        return not (self._readers or self._writer or self._writers_waiting)
+        return not (
+            self._readers or self._readers_waiting or self._writer or self._writers_waiting
+        )
 
     @asynccontextmanager
     async def shared(self) -> AsyncIterator[None]:
-        while self._writer or self._writers_waiting:
-            await self._changed.wait()
+        self._readers_waiting += 1
+        try:
+            while self._writer or self._writers_waiting:
+                await self._changed.wait()
+        finally:
+            self._readers_waiting -= 1
         self._readers += 1
         try:
             yield

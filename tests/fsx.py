@@ -1,0 +1,528 @@
+"""fsx-like randomized exerciser of the buffered path, checked against an in-memory model.
+
+Every operation is applied to the real file(s) on a diofs mount and to a `bytearray` model;
+every read (buffered through a long-lived fd, "cold" buffered after dropping the kernel's page
+cache so that the daemon cache serves it, MAP_SHARED, O_DIRECT) is compared with the model,
+and so is st_size after every operation. On the first mismatch `FsxMismatch` is raised with
+the last 30 operations and the first differing offset.
+
+Operations (weights in `WEIGHTS`): buffered pwrite (possibly past EOF, leaving a hole), pread,
+cold pread (posix_fadvise(POSIX_FADV_DONTNEED) first: the kernel's clean pages of the file are
+dropped, so the READ reaches the daemon's page cache), ftruncate up/down, mmap(MAP_SHARED)
+read, mmap write + msync(MS_SYNC) (sometimes without msync: the kernel writes back later),
+O_DIRECT pread/pwrite (offsets and lengths multiples of `dio_align`, page-aligned buffers),
+fallocate PUNCH_HOLE|KEEP_SIZE and ZERO_RANGE (with and without KEEP_SIZE), fsync, close and
+reopen, a whole-file cold check, and remount (unmount + mount through the test harness; only
+when the caller passes `remount`).
+
+Use from tests: `Fsx(mnt, seed=..., remount=m.remount).run(ops)`. From the command line:
+    .venv/bin/python -m tests.fsx MNT --ops N --seed S      # an existing diofs mount
+    .venv/bin/python -m tests.fsx --ops N --seed S          # own temporary mount, remounts on
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import ctypes
+import errno
+import mmap
+import os
+import random
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+PAGE = 4096
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+
+def fallocate(fd: int, mode: int, off: int, length: int) -> None:
+    if _libc.fallocate(fd, mode, off, length) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+def drop_kernel_cache(fd: int) -> None:
+    """Drop the kernel's clean cached pages of the file, so that the next buffered read is a
+    READ request served by the daemon (its page cache or the image). Measured to work on
+    diofs mounts (keep_cache=True): POSIX_FADV_DONTNEED invalidates the clean pages of the
+    file's mapping whatever the filesystem. Pages mapped into some process stay."""
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+
+def cold_read(path: str, off: int, size: int) -> bytes:
+    """A buffered read through a fresh fd after dropping the kernel's cache of the file."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        drop_kernel_cache(fd)
+        return read_full(fd, off, size)
+    finally:
+        os.close(fd)
+
+
+def read_full(fd: int, off: int, size: int) -> bytes:
+    """pread until `size` bytes or EOF."""
+    parts = []
+    while size > 0:
+        b = os.pread(fd, size, off)
+        if not b:
+            break
+        parts.append(b)
+        off += len(b)
+        size -= len(b)
+    return b"".join(parts)
+
+
+def direct_pread(fd: int, off: int, size: int) -> bytes:
+    with mmap.mmap(-1, max(size, PAGE)) as buf:
+        n = os.preadv(fd, [memoryview(buf)[:size]], off)
+        return bytes(buf[:n])
+
+
+def direct_pwrite(fd: int, off: int, data: bytes) -> int:
+    with mmap.mmap(-1, max(len(data), PAGE)) as buf:
+        buf[: len(data)] = data
+        return os.pwritev(fd, [memoryview(buf)[: len(data)]], off)
+
+
+class FsxMismatch(AssertionError):
+    """The file disagrees with the model (or an op failed unexpectedly)."""
+
+
+WEIGHTS = {
+    "write": 20,
+    "read": 12,
+    "coldread": 10,
+    "truncate": 6,
+    "mapread": 6,
+    "mapwrite": 6,
+    "dioread": 8,
+    "diowrite": 8,
+    "punch": 4,
+    "zero": 3,
+    "fsync": 3,
+    "reopen": 2,
+    "check": 2,
+    "syncwrite": 3,
+    "append": 2,
+    "copy": 2,
+}
+REMOUNT_WEIGHT = 0.3
+
+
+class _File:
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.model = bytearray()
+        self.fd = -1  # buffered O_RDWR
+        self.dfd = -1  # O_DIRECT O_RDWR
+
+
+class Fsx:
+    """One randomized run. `remount()` (optional) unmounts and mounts the same image again at
+    the same mountpoint; the exerciser closes its fds before and reopens them after."""
+
+    def __init__(
+        self,
+        mnt: str | os.PathLike[str],
+        *,
+        seed: int,
+        nfiles: int = 2,
+        max_size: int = 1 << 20,
+        max_len: int = 64 << 10,
+        dio_align: int = 512,
+        remount: Callable[[], None] | None = None,
+        weights: dict[str, float] | None = None,
+        log_ops: int = 30,
+    ) -> None:
+        self.mnt = os.fspath(mnt)
+        self.seed = seed
+        self.rng = random.Random(seed)
+        self.max_size = max_size
+        self.max_len = max_len
+        self.dio_align = dio_align
+        self.remount_fn = remount
+        w = dict(weights or WEIGHTS)
+        if remount is not None:
+            w.setdefault("remount", REMOUNT_WEIGHT)
+        else:
+            w.pop("remount", None)
+        self.ops = list(w)
+        self.cum = list(w.values())
+        self.files = [_File(os.path.join(self.mnt, f"fsx-{seed}-{i}")) for i in range(nfiles)]
+        self.log: collections.deque[str] = collections.deque(maxlen=log_ops)
+        self.counts: collections.Counter[str] = collections.Counter()
+        self.n = 0
+        self.elapsed = 0.0
+
+    # ------------------------------------------------------------------ plumbing
+    def _open(self, f: _File) -> None:
+        f.fd = os.open(f.path, os.O_RDWR | os.O_CREAT, 0o644)
+        f.dfd = os.open(f.path, os.O_RDWR | os.O_DIRECT)
+
+    def _close(self, f: _File) -> None:
+        for fd in (f.fd, f.dfd):
+            if fd >= 0:
+                os.close(fd)
+        f.fd = f.dfd = -1
+
+    def open_all(self) -> None:
+        for f in self.files:
+            self._open(f)
+
+    def close_all(self) -> None:
+        for f in self.files:
+            self._close(f)
+
+    def _fail(self, f: _File, what: str, got: bytes | None = None, want: bytes | None = None,
+              base: int = 0) -> None:
+        lines = [f"fsx seed={self.seed} op #{self.n} on {os.path.basename(f.path)}: {what}"]
+        if got is not None and want is not None:
+            n = min(len(got), len(want))
+            first = next((i for i in range(n) if got[i] != want[i]), n)
+            lines.append(
+                f"  first differing offset {base + first} (got {len(got)} bytes, want "
+                f"{len(want)}); got {got[first:first + 16].hex()} want "
+                f"{want[first:first + 16].hex()}"
+            )
+            last = max((i for i in range(n) if got[i] != want[i]), default=first)
+            lines.append(f"  last differing offset in the range {base + last}")
+        lines.append(f"  model size {len(f.model)}; last {len(self.log)} ops:")
+        lines.extend(f"    {entry}" for entry in self.log)
+        raise FsxMismatch("\n".join(lines))
+
+    def _note(self, f: _File, desc: str) -> None:
+        """Record the op with its arguments before doing it (so a failing op is logged)."""
+        self.log[-1] = f"#{self.n} {os.path.basename(f.path)}: {desc}"
+
+    def _check_read(self, f: _File, off: int, size: int, got: bytes, what: str) -> None:
+        want = bytes(f.model[off : off + size])
+        if got != want:
+            self._fail(f, f"{what}: data differs from the model", got, want, off)
+
+    def _check_size(self, f: _File, what: str) -> None:
+        st = os.fstat(f.fd).st_size
+        if st != len(f.model):
+            self._fail(f, f"{what}: st_size {st} != model size {len(f.model)}")
+
+    def _range(self, limit: int, align: int = 1, min_len: int = 1) -> tuple[int, int]:
+        """(off, len) with off + len <= limit (if possible), aligned to `align`."""
+        r = self.rng
+        x = r.random()
+        if x < 0.3:
+            size = r.randint(1, 64)  # small writes/reads: sub-page RMW
+        elif x < 0.34:
+            size = r.randint(self.max_len, 4 * self.max_len)  # large: past the inline limit
+        else:
+            size = r.randint(1, self.max_len)
+        size = max(min_len, size // align * align) if align > 1 else size
+        hi = max(0, limit - size)
+        off = r.randint(0, hi) // align * align
+        return off, size
+
+    def _rand_bytes(self, n: int) -> bytes:
+        # a recognizable pattern: op number in every 8-byte word, then random tail
+        head = self.n.to_bytes(4, "little")
+        return (head + self.rng.randbytes(4)) * (n // 8) + self.rng.randbytes(n % 8)
+
+    # ------------------------------------------------------------------ ops
+    def op_write(self, f: _File) -> str:
+        off, size = self._range(self.max_size)
+        data = self._rand_bytes(size)
+        self._note(f, f"write {off:#x}+{size:#x}")
+        n = os.pwrite(f.fd, data, off)
+        if n != size:
+            self._fail(f, f"short write {n} of {size}")
+        self._model_write(f, off, data)
+        return f"write {off:#x}+{size:#x}"
+
+    def op_syncwrite(self, f: _File) -> str:
+        off, size = self._range(self.max_size)
+        data = self._rand_bytes(size)
+        flag, name = self.rng.choice([(os.RWF_DSYNC, "RWF_DSYNC"), (os.RWF_SYNC, "RWF_SYNC")])
+        self._note(f, f"syncwrite({name}) {off:#x}+{size:#x}")
+        n = os.pwritev(f.fd, [data], off, flag)
+        if n != size:
+            self._fail(f, f"short write {n} of {size}")
+        self._model_write(f, off, data)
+        return f"syncwrite({name}) {off:#x}+{size:#x}"
+
+    def op_append(self, f: _File) -> str:
+        size = self.rng.randint(1, self.max_len // 4)
+        if len(f.model) + size > self.max_size:
+            return "append (file full, skipped)"
+        data = self._rand_bytes(size)
+        self._note(f, f"append {len(f.model):#x}+{size:#x}")
+        fd = os.open(f.path, os.O_WRONLY | os.O_APPEND)
+        try:
+            n = os.write(fd, data)
+        finally:
+            os.close(fd)
+        if n != size:
+            self._fail(f, f"short append {n} of {size}")
+        self._model_write(f, len(f.model), data)
+        return f"append +{size:#x}"
+
+    def op_copy(self, f: _File) -> str:
+        others = [g for g in self.files if g is not f]
+        if not others:
+            return "copy (one file, skipped)"
+        src = self.rng.choice(others)
+        soff, size = self._range(len(src.model) + 4096)
+        doff = self.rng.randint(0, max(0, self.max_size - size))
+        self._note(f, f"copy_file_range {os.path.basename(src.path)} {soff:#x}+{size:#x} "
+                      f"-> {doff:#x}")
+        done = 0
+        while done < size:
+            n = os.copy_file_range(src.fd, f.fd, size - done, soff + done, doff + done)
+            if n == 0:
+                break
+            done += n
+        want = bytes(src.model[soff : soff + size])
+        if done != len(want):
+            self._fail(f, f"copy_file_range copied {done}, model has {len(want)} bytes")
+        if want:
+            self._model_write(f, doff, want)
+        return f"copy_file_range {os.path.basename(src.path)} {soff:#x}+{size:#x} -> {doff:#x}"
+
+    def _model_write(self, f: _File, off: int, data: bytes) -> None:
+        end = off + len(data)
+        if end > len(f.model):
+            f.model.extend(bytes(end - len(f.model)))
+        f.model[off:end] = data
+
+    def op_read(self, f: _File) -> str:
+        off, size = self._range(len(f.model) + 8192)
+        self._note(f, f"read {off:#x}+{size:#x}")
+        got = read_full(f.fd, off, size)
+        self._check_read(f, off, size, got, "read")
+        return f"read {off:#x}+{size:#x}"
+
+    def op_coldread(self, f: _File) -> str:
+        off, size = self._range(len(f.model) + 8192)
+        self._note(f, f"coldread {off:#x}+{size:#x}")
+        drop_kernel_cache(f.fd)
+        got = read_full(f.fd, off, size)
+        self._check_read(f, off, size, got, "coldread")
+        return f"coldread {off:#x}+{size:#x}"
+
+    def op_truncate(self, f: _File) -> str:
+        r = self.rng
+        cur = len(f.model)
+        if r.random() < 0.5 and cur:
+            size = r.randint(0, cur)
+        else:
+            size = r.randint(cur, min(self.max_size, cur + 4 * self.max_len))
+        if r.random() < 0.3:
+            size = size // PAGE * PAGE
+        self._note(f, f"truncate {cur:#x} -> {size:#x}")
+        os.ftruncate(f.fd, size)
+        if size < cur:
+            del f.model[size:]
+        else:
+            f.model.extend(bytes(size - cur))
+        return f"truncate {cur:#x} -> {size:#x}"
+
+    def op_mapread(self, f: _File) -> str:
+        size = len(f.model)
+        if size == 0:
+            return "mapread (empty, skipped)"
+        off, n = self._range(size)
+        n = min(n, size - off)
+        self._note(f, f"mapread {off:#x}+{n:#x}")
+        with mmap.mmap(f.fd, size, mmap.MAP_SHARED, mmap.PROT_READ) as m:
+            got = m[off : off + n]
+        self._check_read(f, off, n, got, "mapread")
+        return f"mapread {off:#x}+{n:#x}"
+
+    def op_mapwrite(self, f: _File) -> str:
+        size = len(f.model)
+        if size == 0:
+            return "mapwrite (empty, skipped)"
+        off, n = self._range(size)
+        n = min(n, size - off)
+        data = self._rand_bytes(n)
+        sync = self.rng.random() < 0.8
+        self._note(f, f"mapwrite{'' if sync else '(nosync)'} {off:#x}+{n:#x}")
+        with mmap.mmap(f.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE) as m:
+            m[off : off + n] = data
+            if sync:
+                m.flush()  # msync(MS_SYNC)
+        self._model_write(f, off, data)
+        return f"mapwrite{'' if sync else '(nosync)'} {off:#x}+{n:#x}"
+
+    def op_dioread(self, f: _File) -> str:
+        a = self.dio_align
+        off, size = self._range(len(f.model) + 8192, align=a, min_len=a)
+        self._note(f, f"dioread {off:#x}+{size:#x}")
+        got = direct_pread(f.dfd, off, size)
+        self._check_read(f, off, size, got, "dioread")
+        return f"dioread {off:#x}+{size:#x}"
+
+    def op_diowrite(self, f: _File) -> str:
+        a = self.dio_align
+        off, size = self._range(self.max_size, align=a, min_len=a)
+        data = self._rand_bytes(size)
+        self._note(f, f"diowrite {off:#x}+{size:#x}")
+        n = direct_pwrite(f.dfd, off, data)
+        if n != size:
+            self._fail(f, f"short direct write {n} of {size}")
+        self._model_write(f, off, data)
+        return f"diowrite {off:#x}+{size:#x}"
+
+    def op_punch(self, f: _File) -> str:
+        cur = len(f.model)
+        off, size = self._range(cur + 8192)
+        self._note(f, f"punch {off:#x}+{size:#x}")
+        fallocate(f.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off, size)
+        end = min(off + size, cur)
+        if off < end:
+            f.model[off:end] = bytes(end - off)
+        return f"punch {off:#x}+{size:#x}"
+
+    def op_zero(self, f: _File) -> str:
+        cur = len(f.model)
+        off, size = self._range(min(self.max_size, cur + 8192))
+        keep = self.rng.random() < 0.5
+        self._note(f, f"zero{'(keep)' if keep else ''} {off:#x}+{size:#x}")
+        fallocate(f.fd, FALLOC_FL_ZERO_RANGE | (FALLOC_FL_KEEP_SIZE if keep else 0), off, size)
+        end = off + size if not keep else min(off + size, cur)
+        if end > cur:
+            f.model.extend(bytes(end - cur))
+        if off < end:
+            f.model[off:end] = bytes(end - off)
+        return f"zero{'(keep)' if keep else ''} {off:#x}+{size:#x}"
+
+    def op_fsync(self, f: _File) -> str:
+        if self.rng.random() < 0.5:
+            os.fsync(f.fd)
+            return "fsync"
+        os.fdatasync(f.fd)
+        return "fdatasync"
+
+    def op_reopen(self, f: _File) -> str:
+        self._close(f)
+        self._open(f)
+        return "close+reopen"
+
+    def op_check(self, f: _File) -> str:
+        size = len(f.model)
+        got = cold_read(f.path, 0, size + 4096)
+        self._check_read(f, 0, size + 4096, got, "check (whole file, cold)")
+        return f"check 0+{size:#x}"
+
+    def op_remount(self, f: _File) -> str:
+        assert self.remount_fn is not None
+        self.close_all()
+        self.remount_fn()
+        self.open_all()
+        for g in self.files:  # everything must have survived the unmount
+            got = cold_read(g.path, 0, len(g.model) + 4096)
+            self._check_read(g, 0, len(g.model) + 4096, got, "after remount")
+        return "remount (+ whole-file check of every file)"
+
+    # ------------------------------------------------------------------ the loop
+    def step(self) -> None:
+        self.n += 1
+        name = self.rng.choices(self.ops, weights=self.cum)[0]
+        f = self.rng.choice(self.files)
+        self.log.append(f"#{self.n} {os.path.basename(f.path)}: {name} ...")
+        try:
+            desc = getattr(self, f"op_{name}")(f)
+        except FsxMismatch:
+            raise
+        except OSError as exc:
+            self.log[-1] = f"#{self.n} {os.path.basename(f.path)}: {name} -> {exc}"
+            self._fail(f, f"{name} failed: {errno.errorcode.get(exc.errno or 0, '?')} {exc}")
+            raise  # not reached
+        self.log[-1] = f"#{self.n} {os.path.basename(f.path)}: {desc}"
+        self.counts[name] += 1
+        self._check_size(f, name)
+
+    def run(self, nops: int) -> dict[str, object]:
+        """Run `nops` operations, then a final whole-file check; returns a summary."""
+        t0 = time.monotonic()
+        self.open_all()
+        try:
+            for _ in range(nops):
+                self.step()
+            for f in self.files:
+                self.op_check(f)
+        finally:
+            self.close_all()
+            self.elapsed = time.monotonic() - t0
+        return {
+            "seed": self.seed,
+            "ops": self.n,
+            "seconds": round(self.elapsed, 2),
+            "ops_per_s": round(self.n / self.elapsed, 1) if self.elapsed else 0.0,
+            "counts": dict(sorted(self.counts.items())),
+        }
+
+    def cleanup(self) -> None:
+        for f in self.files:
+            try:
+                os.unlink(f.path)
+            except FileNotFoundError:
+                pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tests.fsx", description=__doc__.split("\n")[0])
+    p.add_argument("mnt", nargs="?", help="a mounted diofs (default: own temporary mount)")
+    p.add_argument("--ops", type=int, default=2000)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--files", type=int, default=2)
+    p.add_argument("--max-size", type=int, default=1 << 20)
+    p.add_argument("--dio-align", type=int, default=512)
+    p.add_argument("-o", dest="opts", action="append", default=[],
+                   help="mount option k=v for the own mount (e.g. cache_size=2M)")
+    p.add_argument("--bug", action="append", default=[], help="--bug switch for the own mount")
+    a = p.parse_args(argv)
+    kw = dict(seed=a.seed, nfiles=a.files, max_size=a.max_size, dio_align=a.dio_align)
+    if a.mnt:
+        fsx = Fsx(a.mnt, **kw)  # type: ignore[arg-type]
+        try:
+            summary = fsx.run(a.ops)
+        except FsxMismatch as exc:
+            print(exc, file=sys.stderr)
+            return 1
+        fsx.cleanup()
+        print(summary)
+        return 0
+    from tests.mounting import MountFactory, fuse_unavailable_reason
+
+    reason = fuse_unavailable_reason()
+    if reason:
+        print(f"cannot mount: {reason}", file=sys.stderr)
+        return 2
+    opts = dict(o.split("=", 1) for o in a.opts)
+    with tempfile.TemporaryDirectory(prefix="fsx-") as tmp:
+        factory = MountFactory(Path(tmp))
+        rc = 0
+        try:
+            m = factory(size="64M", opts=opts, bugs=a.bug)
+            fsx = Fsx(m.mnt, remount=m.remount, **kw)  # type: ignore[arg-type]
+            try:
+                print(fsx.run(a.ops))
+            except FsxMismatch as exc:
+                print(exc, file=sys.stderr)
+                rc = 1
+        finally:
+            problems = factory.cleanup()
+            if problems:
+                print("\n".join(problems), file=sys.stderr)
+                rc = rc or 3
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

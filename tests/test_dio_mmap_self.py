@@ -1,0 +1,320 @@
+"""mmap + O_DIRECT self-I/O never deadlocks and moves the right bytes (SPEC 4; fuse-facts 2, 3,
+9; seeds 002 and 004).
+
+Self-write: `pwritev(O_DIRECT fd, [MAP_SHARED mapping of the same file], off)`; self-read:
+`preadv(O_DIRECT fd, [that mapping], off)`. The kernel splits them into 1 MiB requests and, with
+direct_io=False, faults the pages of chunk N+1 (READs carrying the writer's tid) while chunk N
+is still outstanding at the daemon (fuse-facts 2). `-o dio_delay=S` makes each direct WRITE hold
+the BLOCK state for S seconds, so that this overlap happens in every run.
+
+Default mode (shootdown=unlocked): every size, overlapping or not, one thread or several (on
+disjoint regions, fuse-facts 9), with a second process faulting another region of the same
+file all the time, completes with correct data.
+
+`-o shootdown=locked` invalidates the kernel's cache while holding BLOCK. The writer's own fault
+READs must then not wait for the lock (the per-task fault marker: `locks.faults_disabled_fills`
+counts them). With `--bug no-fault-marker` they do, and the self-write deadlocks on the kernel
+folio locks (fuse-facts row 3): the test expects the watchdog to find it, report the stuck
+tasks and abort the connection, leaving nothing behind.
+
+Expected data with overlap: the destination lies *below* the source (dst = src - n/2), so each
+chunk reads source bytes that no earlier chunk has overwritten: the result is the original
+source whatever the chunk order (the kernel issues chunks in ascending order).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import mmap
+import multiprocessing
+import os
+import signal
+import struct
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from diofs import watchdog
+from tests.mounting import Mount, MountFactory, run_in_child
+
+pytestmark = pytest.mark.deadline(150)
+
+KiB, MiB = 1 << 10, 1 << 20
+PAGE = 4096
+SIZES = [4 * KiB, 1 * MiB, 4 * MiB, 8 * MiB]
+REGION = 8 * MiB  # [0, 8M) and [8M, 16M): source / destination of the single-thread runs
+FAULT_OFF, FAULT_LEN = 24 * MiB, 4 * MiB  # the second process faults only this range
+FILE_SIZE = FAULT_OFF + FAULT_LEN
+FILE_NAME = "self"
+
+
+def pattern(n: int, seed: int, base: int = 0) -> bytes:
+    """Bytes whose every 512-byte sector names its file offset and `seed` (16 bytes x 32)."""
+    return b"".join(struct.pack("<QQ", base + off, seed) * 32 for off in range(0, n, 512))
+
+
+def direct_pwrite(fd: int, data: bytes, off: int) -> None:
+    with mmap.mmap(-1, len(data)) as buf:
+        buf.write(data)
+        assert os.pwritev(fd, [buf], off) == len(data)
+
+
+def direct_pread(fd: int, n: int, off: int) -> bytes:
+    with mmap.mmap(-1, n) as buf:
+        assert os.preadv(fd, [buf], off) == n
+        return bytes(buf)
+
+
+def drop_kernel_cache(fd: int, off: int = 0, n: int = 0) -> None:
+    """Drop the kernel's clean pages of the range, so that the next access faults to the daemon."""
+    os.posix_fadvise(fd, off, n, os.POSIX_FADV_DONTNEED)
+
+
+def prepared_mount(factory: MountFactory, opts: dict[str, Any] | None = None,
+                   bugs: tuple[str, ...] = ()) -> Mount:
+    """A mount holding FILE_NAME (FILE_SIZE bytes of pattern), remounted with `opts`: the file
+    is written before the delay hooks apply, and no cache holds it afterwards."""
+    m = factory(size="96M", bugs=bugs)
+    make_file(m.path(FILE_NAME))
+    m.remount(opts)
+    return m
+
+
+def make_file(path: str, seed: int = 1) -> None:
+    """FILE_SIZE bytes of pattern, written with O_DIRECT (no cache holds them afterwards)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_DIRECT, 0o644)
+    try:
+        for off in range(0, FILE_SIZE, 4 * MiB):
+            direct_pwrite(fd, pattern(4 * MiB, seed, off), off)
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------- the second process
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _faulter(path: str, stop: Any, started: Any, counter: Any) -> None:
+    """Fault [FAULT_OFF, +FAULT_LEN) of `path` through a fresh mapping, again and again, each
+    time after dropping the kernel's pages of it, until `stop` is set."""
+    ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)  # never outlive the workload
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        while not stop.is_set():
+            drop_kernel_cache(fd, FAULT_OFF, FAULT_LEN)
+            with mmap.mmap(fd, FAULT_LEN, prot=mmap.PROT_READ, offset=FAULT_OFF) as mm:
+                for off in range(0, FAULT_LEN, PAGE):
+                    mm[off]
+                    if off == 0:
+                        started.set()
+            with counter.get_lock():
+                counter.value += 1
+        os.close(fd)
+    except OSError:
+        os._exit(1)
+
+
+@contextlib.contextmanager
+def second_process(path: str, enabled: bool = True) -> Any:
+    """A forked process faulting another range of `path` for the duration of the block;
+    yields a function returning how many passes it made."""
+    if not enabled:
+        yield lambda: 0
+        return
+    ctx = multiprocessing.get_context("fork")
+    stop, started, counter = ctx.Event(), ctx.Event(), ctx.Value("i", 0)
+    proc = ctx.Process(target=_faulter, args=(path, stop, started, counter))
+    proc.start()
+    try:
+        assert started.wait(10), "the second process did not start faulting"
+        yield lambda: counter.value
+    finally:
+        stop.set()
+        proc.join(10)
+        if proc.exitcode is None:
+            proc.kill()
+            proc.join(5)
+
+
+# --------------------------------------------------------------------------- workloads
+
+
+def self_write(fd: int, mm: mmap.mmap, src: int, dst: int, n: int) -> None:
+    """pwritev from the mapping of [src, src + n) to file offset dst."""
+    assert os.pwritev(fd, [memoryview(mm)[src : src + n]], dst) == n
+
+
+def self_read(fd: int, mm: mmap.mmap, src: int, dst: int, n: int) -> None:
+    """preadv of file [src, src + n) into the mapping of [dst, dst + n)."""
+    assert os.preadv(fd, [memoryview(mm)[dst : dst + n]], src) == n
+
+
+def layout(n: int, overlap: bool) -> tuple[int, int]:
+    """(src, dst) file offsets of one transfer of n bytes."""
+    if overlap:
+        return n // 2, 0  # dst below src, overlapping by n/2
+    return 0, REGION
+
+
+def single_thread_run(mnt: str, kind: str, n: int, overlap: bool, with_faulter: bool) -> dict:
+    path = os.path.join(mnt, FILE_NAME)
+    src, dst = layout(n, overlap)
+    expected = pattern(FILE_SIZE, 1)[src : src + n]
+    fd = os.open(path, os.O_RDWR | os.O_DIRECT)
+    mfd = os.open(path, os.O_RDWR)
+    try:
+        drop_kernel_cache(mfd)
+        with mmap.mmap(mfd, FILE_SIZE) as mm, second_process(path, with_faulter) as passes:
+            t0 = time.monotonic()
+            if kind == "write":
+                self_write(fd, mm, src, dst, n)
+            else:
+                self_read(fd, mm, src, dst, n)
+            elapsed = time.monotonic() - t0
+            in_mapping = mm[dst : dst + n] == expected
+            mm.flush()
+            faulter_passes = passes()
+        on_image = direct_pread(fd, n, dst) == expected
+        # everything else of the file is untouched
+        rest_ok = (direct_pread(fd, dst, 0) == pattern(dst, 1) if dst else True) and (
+            direct_pread(fd, FILE_SIZE - dst - n, dst + n) == pattern(FILE_SIZE, 1)[dst + n :]
+        )
+    finally:
+        os.close(mfd)
+        os.close(fd)
+    return {"in_mapping": in_mapping, "on_image": on_image, "rest_ok": rest_ok,
+            "elapsed": elapsed, "faulter_passes": faulter_passes}
+
+
+def thread_worker(fd: int, mm: mmap.mmap, base: int, n: int, tid_seed: int, rounds: int,
+                  errors: list[str]) -> None:
+    """One thread's rounds on [base, base + 2n): self-write src->dst, then self-read dst->src,
+    each from fresh O_DIRECT-written bytes (the kernel has no copy: the transfer faults)."""
+    src, dst = base, base + n
+    try:
+        for r in range(rounds):
+            a = pattern(n, tid_seed * 100 + 2 * r, src)
+            direct_pwrite(fd, a, src)
+            self_write(fd, mm, src, dst, n)
+            if direct_pread(fd, n, dst) != a:
+                errors.append(f"thread {tid_seed} round {r}: self-write data wrong")
+            if mm[dst : dst + n] != a:
+                errors.append(f"thread {tid_seed} round {r}: mapping stale after self-write")
+            b = pattern(n, tid_seed * 100 + 2 * r + 1, dst)
+            direct_pwrite(fd, b, dst)
+            self_read(fd, mm, dst, src, n)
+            if mm[src : src + n] != b:
+                errors.append(f"thread {tid_seed} round {r}: self-read data wrong in mapping")
+            if direct_pread(fd, n, src) != b:  # dirty mapped pages are written back first
+                errors.append(f"thread {tid_seed} round {r}: self-read data wrong in file")
+    except OSError as exc:
+        errors.append(f"thread {tid_seed}: {exc!r}")
+
+
+def threads_run(mnt: str, n: int, nthreads: int, rounds: int) -> dict:
+    path = os.path.join(mnt, FILE_NAME)
+    assert nthreads * 2 * n <= FAULT_OFF
+    fd = os.open(path, os.O_RDWR | os.O_DIRECT)
+    mfd = os.open(path, os.O_RDWR)
+    errors: list[str] = []
+    try:
+        drop_kernel_cache(mfd)
+        with mmap.mmap(mfd, FILE_SIZE) as mm, second_process(path) as passes:
+            ts = [threading.Thread(target=thread_worker,
+                                   args=(fd, mm, i * 2 * n, n, i + 1, rounds, errors))
+                  for i in range(nthreads)]
+            for t in ts:
+                t.start()
+            for t in ts:
+                t.join()
+            faulter_passes = passes()
+    finally:
+        os.close(mfd)
+        os.close(fd)
+    return {"errors": errors, "faulter_passes": faulter_passes}
+
+
+# --------------------------------------------------------------------------- default mode
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["disjoint", "overlap"])
+@pytest.mark.parametrize("kind", ["write", "read"])
+@pytest.mark.parametrize("n", SIZES, ids=["4K", "1M", "4M", "8M"])
+def test_self_io_with_second_process(mount_factory: MountFactory, n: int, kind: str,
+                                     overlap: bool) -> None:
+    m = prepared_mount(mount_factory, {"dio_delay": 0.05})
+    r = run_in_child(single_thread_run, str(m.mnt), kind, n, overlap, True, timeout=60,
+                     mounts=[m])
+    assert r["in_mapping"] and r["on_image"] and r["rest_ok"], r
+    assert r["faulter_passes"] >= 1, r
+
+
+@pytest.mark.parametrize("n", [1 * MiB, 4 * MiB], ids=["1M", "4M"])
+def test_self_io_threads_disjoint_regions(mount_factory: MountFactory, n: int) -> None:
+    """fuse-facts 9: 3 threads, each self-writing and self-reading its own region, 3 rounds,
+    a second process faulting a fourth region: correct data every time (AUTO_INVAL_DATA off)."""
+    m = prepared_mount(mount_factory)
+    r = run_in_child(threads_run, str(m.mnt), n, 3, 3, timeout=90, mounts=[m])
+    assert r["errors"] == [], r
+    assert r["faulter_passes"] >= 1, r
+
+
+def test_marker_taken_in_default_mode(mount_factory: MountFactory) -> None:
+    """With a direct WRITE holding BLOCK, the writer's own fault READs of the next chunk take
+    the faults-disabled path (and insert nothing)."""
+    m = prepared_mount(mount_factory, {"dio_delay": 0.2})
+    r = run_in_child(single_thread_run, str(m.mnt), "write", 4 * MiB, False, False,
+                     timeout=60, mounts=[m])
+    assert r["in_mapping"] and r["on_image"] and r["rest_ok"], r
+    assert m.stats().get("locks.faults_disabled_fills", 0) > 0
+
+
+# --------------------------------------------------------------------------- locked shootdown
+
+LOCKED = {"shootdown": "locked", "dio_delay": 0.2}
+HANG_TIMEOUT_S = 8.0  # the good run takes about 1 s
+
+
+def locked_self_write(mnt: str) -> dict:
+    return single_thread_run(mnt, "write", 4 * MiB, False, False)
+
+
+@pytest.mark.parametrize("kind", ["write", "read"])
+def test_locked_shootdown_self_io_completes_with_marker(mount_factory: MountFactory,
+                                                        kind: str) -> None:
+    m = prepared_mount(mount_factory, LOCKED)
+    r = run_in_child(single_thread_run, str(m.mnt), kind, 4 * MiB, False, False,
+                     timeout=30, mounts=[m])
+    assert r["in_mapping"] and r["on_image"] and r["rest_ok"], r
+    if kind == "write":
+        assert m.stats().get("locks.faults_disabled_fills", 0) > 0
+
+
+def test_locked_shootdown_without_marker_deadlocks(mount_factory: MountFactory) -> None:
+    m = prepared_mount(mount_factory, LOCKED, bugs=("no-fault-marker",))
+    m.expect_rescue()
+    daemon_pid = m.daemon.pid if m.daemon else None
+    result = m.run(locked_self_write, str(m.mnt), timeout=HANG_TIMEOUT_S)
+    assert result.timed_out, "the self-write completed although the fault marker is off"
+    report = result.report
+    # the watchdog saw the deadlock of fuse-facts row 3 and broke it
+    assert f"pid {result.pid}:" in report
+    # fuse-facts row 3: the daemon's invalidation waits for a folio lock that the writer's own
+    # fault READ holds, and that READ waits for the BLOCK state the invalidation's chunk holds
+    assert "invalidate_inode_pages2_range" in report
+    assert "filemap_fault" in report
+    assert "state=D" in report
+    assert f"abort conn {m.conn_id}: done" in report
+    # nothing is left behind: no mount, no client, no D-state task of ours, the daemon exits
+    assert not watchdog.is_mounted(m.mnt)
+    assert not watchdog.process_alive(result.pid)
+    deadline = time.monotonic() + 15
+    while daemon_pid is not None and watchdog.process_alive(daemon_pid):
+        assert time.monotonic() < deadline, "daemon did not exit after the abort"
+        time.sleep(0.1)
+    stuck = [t for t in watchdog.stuck_tasks() if t.pid in (result.pid, daemon_pid)]
+    assert stuck == []
