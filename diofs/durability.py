@@ -36,6 +36,10 @@ from diofs.handles import Handle
 log = logging.getLogger(__name__)
 
 
+GATHER_ROUNDS = 8
+GATHER_QUIET_ROUNDS = 2
+
+
 class Coalescer:
     """Group commit: many waiters, one run of `fn` per batch. Runs never overlap."""
 
@@ -49,6 +53,23 @@ class Coalescer:
         self._errors: dict[int, BaseException] = {}
         self._waiters: defaultdict[int, int] = defaultdict(int)
 
+    async def _gather(self, target: int) -> bool:
+        """Before starting a run: let callers already on their way join it. Yield to the
+        scheduler while the number of callers waiting for `target` still grows (each round
+        runs every runnable task once, and reads requests the kernel has queued), at most
+        GATHER_ROUNDS rounds. Returns True if someone else started a run meanwhile."""
+        seen, still = self._waiters[target], 0
+        for _ in range(GATHER_ROUNDS):
+            await trio.sleep(0)
+            if self._running or self._done >= target:
+                return True
+            now = self._waiters[target]
+            still = still + 1 if now == seen else 0
+            if still >= GATHER_QUIET_ROUNDS:
+                break
+            seen = now
+        return False
+
     async def run(self) -> None:
         """Return once a run that started after this call completed; raise its error."""
         target = self._started + 1
@@ -57,23 +78,14 @@ class Coalescer:
             if self._running:
                 await self._finished.wait()
                 continue
+            if await self._gather(target):
+                continue  # another caller started a run meanwhile
             self._running = True
             self._started += 1
             run_no = self._started
             try:
-                import time as _t
-                _t0 = _t.perf_counter_ns()
-                _n = self._waiters.get(run_no, 0)
                 with trio.CancelScope(shield=True):
                     await self._fn()
-                _t1 = _t.perf_counter_ns()
-                stats.add("gc.fn_us", (_t1 - _t0) // 1000)
-                stats.add("gc.batch_at_start", _n)
-                stats.set("gc.max_batch", max(stats.get("gc.max_batch"), _n))
-                stats.add(f"gc.hist_{_n}")
-                if getattr(self, "_last_end", 0):
-                    stats.add("gc.gap_us", (_t0 - self._last_end) // 1000)
-                self._last_end = _t1
             except Exception as exc:
                 self._errors[run_no] = exc
             finally:

@@ -450,9 +450,10 @@ class Filesystem:
         first = off // bs
         nblocks = (end - 1) // bs - first + 1
         segs = await self.retry_on_enospc(lambda: self.map_for_write(inode, first, nblocks))
-        delay = self.data_delay and (end > inode.size or any(s.unwritten for s in segs))
+        convert = any(s.unwritten for s in segs)
+        delay = self.data_delay and (end > inode.size or convert)
         if bugs.enabled(Bug.SIZE_BEFORE_DATA):
-            self._publish(inode, first, nblocks, end, touch)
+            self._publish(inode, first, nblocks, end, touch, convert)
         if delay:
             await trio.sleep(self.data_delay)  # demo hook (see __init__)
         src = memoryview(data)
@@ -474,11 +475,13 @@ class Filesystem:
                     nbytes=e - s,
                 )
         # awaits above: other tasks may have read (zeros) or written other ranges
-        self._publish(inode, first, nblocks, end, touch)
+        self._publish(inode, first, nblocks, end, touch, convert)
 
-    def _publish(self, inode: Inode, first: int, nblocks: int, end: int, touch: bool) -> None:
+    def _publish(
+        self, inode: Inode, first: int, nblocks: int, end: int, touch: bool, convert: bool
+    ) -> None:
         """Step (3): extents written, then i_size (seed 003: i_size only after the I/O)."""
-        converted = inode.extents.set_written(first, nblocks)
+        converted = inode.extents.set_written(first, nblocks) if convert else 0
         if converted:
             stats.add("extents.converted_blocks", converted)
         grew = end > inode.size

@@ -292,7 +292,12 @@ def tail_readers(path: str, stop: threading.Event, c: Counts, errors: list[BaseE
                         n = os.preadv(fd, [memoryview(buf)[: min(size, 16 * MiB)]], 0)
                         data = bytes(buf[:n])
                     elif kind == "mmap":
-                        with mmap.mmap(fd, size, prot=mmap.PROT_READ) as mm:
+                        try:
+                            mm = mmap.mmap(fd, size, prot=mmap.PROT_READ)
+                        except ValueError:  # the size went down meanwhile (see the report)
+                            c.add("mmap_size_went_down")
+                            continue
+                        with mm:
                             data = mm[off:size]
                     else:
                         data = os.pread(fd, size - off, off)
@@ -314,6 +319,9 @@ def tail_readers(path: str, stop: threading.Event, c: Counts, errors: list[BaseE
     return threads
 
 
+GARBAGE_SEEN: list[tuple[int, bytes]] = []  # (file offset, first bytes) for the report
+
+
 def garbage_vs_patterns(off: int, data: bytes) -> int:
     """Bytes in 512-byte sectors of `data` (at file offset `off`) that are neither zeros nor
     the pattern of the CHUNK they lie in (the threaded appenders write pattern(chunk))."""
@@ -323,6 +331,8 @@ def garbage_vs_patterns(off: int, data: bytes) -> int:
         sec = data[i : i + 512]
         if sec != z and sec != pattern((off + i) // CHUNK, 512):
             bad += 512
+            if len(GARBAGE_SEEN) < 8:
+                GARBAGE_SEEN.append((off + i, sec[:16] + b".." + sec[-16:]))
     return bad
 
 
@@ -524,6 +534,8 @@ def hole_fill_race(mnt: str, kinds: list[str], nthreads: int) -> dict[str, int]:
     with open(path, "rb") as f:
         want = b"".join(pattern(i, CHUNK) for i in range(HOLE_FILE // CHUNK))
         c["final_ok"] = int(f.read() == want)
+    if GARBAGE_SEEN:
+        c["garbage_seen"] = repr(GARBAGE_SEEN)  # type: ignore[assignment]
     return dict(c)
 
 
