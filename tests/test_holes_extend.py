@@ -249,7 +249,7 @@ def test_extending_direct_write_publishes_size_after_data(
     m = secret_mount(mount_factory, [BUG] if bug_on else [], data_delay=DATA_DELAY)
     c = run_in_child(sequential_append_race, str(m.mnt), str(m.image), 24, timeout=60,
                      mounts=[m])
-    print(c)
+    print("COUNTS", c)
     assert c["final_ok"] == 1 and c["samples"] > 10, c
     # pure extensions hold the inode rwsem exclusively: readers of the new tail wait for
     # the data in both modes; only the size tells the bug apart
@@ -382,7 +382,7 @@ def threaded_append_race(mnt: str, nthreads: int, nchunks: int) -> dict[str, int
 def test_threaded_appends_with_tail_readers(mount_factory: MountFactory, bug_on: bool) -> None:
     m = secret_mount(mount_factory, [BUG] if bug_on else [], data_delay=DATA_DELAY)
     c = run_in_child(threaded_append_race, str(m.mnt), 6, 48, timeout=60, mounts=[m])
-    print(c)
+    print("COUNTS", c)
     assert c["final_ok"] == 1 and c["direct_reads"] > 5 and c["buffered_reads"] > 5, c
     if bug_on:
         # out-of-order appends: a chunk below the new EOF is a hole fill (shared rwsem), and
@@ -447,7 +447,7 @@ def test_fio_direct_write_new_file_with_tail_readers(
     set), then writes inside i_size; fallocate=none: every write extends the file."""
     m = secret_mount(mount_factory, [BUG] if bug_on else [], data_delay=DATA_DELAY / 5)
     c = run_in_child(fio_race, str(m.mnt), engine, falloc, timeout=70, mounts=[m])
-    print(c)
+    print("COUNTS", c)
     assert c["final_ok"] == 1 and c["direct_reads"] > 3, c
     if not bug_on:
         assert c["secret"] == 0 and c["garbage"] == 0, c
@@ -544,7 +544,7 @@ def test_direct_readers_over_filling_holes(mount_factory: MountFactory, bug_on: 
     m = secret_mount(mount_factory, [BUG] if bug_on else [], data_delay=DATA_DELAY)
     c = run_in_child(hole_fill_race, str(m.mnt), ["direct", "direct"], 4, timeout=60,
                      mounts=[m])
-    print(c)
+    print("COUNTS", c)
     assert c["final_ok"] == 1 and c["direct_reads"] > 5, c
     if bug_on:
         assert c["secret"] > 0, c
@@ -566,7 +566,7 @@ def test_buffered_readers_over_filling_holes(
     m = secret_mount(mount_factory, bugs, data_delay=DATA_DELAY)
     c = run_in_child(hole_fill_race, str(m.mnt), ["buffered", "mmap"], 4, timeout=60,
                      mounts=[m])
-    print(c)
+    print("COUNTS", c)
     assert c["final_ok"] == 1 and c["buffered_reads"] > 5 and c["mmap_reads"] > 5, c
     if set(bugs) == {BUG, "no-pagecache-lock"}:
         assert c["secret"] > 0, c
