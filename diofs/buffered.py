@@ -32,7 +32,7 @@ from diofs.errors import FsError
 from diofs.format.metadata import Inode
 from diofs.fs import Filesystem
 from diofs.handles import Handle
-from diofs.locks import FaultMarker, LockTable
+from diofs.locks import FaultMarker, LockTable, State
 from diofs.request import Request
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,9 @@ class Buffered:
                 Bug.NO_FAULT_MARKER
             ):
                 return await self._read_faults_disabled(inode, off, end)
-            await self._fill(h, inode, first, last, req.tid)
+            if not await self._fill(h, inode, first, last, req.tid):
+                # its own direct I/O took BLOCK while this fill waited (fault_marker rule M6)
+                return await self._read_faults_disabled(inode, off, end)
             pages = [self.cache.peek(inode.ino, i) for i in range(first, last + 1)]
             if None in pages:  # evicted again under memory pressure: read around the cache
                 return await self._read_faults_disabled(inode, off, end)
@@ -88,16 +90,27 @@ class Buffered:
         data = b"".join(pages)  # type: ignore[arg-type]
         return data[off - first * ps : end - first * ps]
 
-    async def _fill(self, h: Handle, inode: Inode, first: int, last: int, tid: int) -> None:
-        """Fill the missing pages of [first, last] plus readahead, under pagecache ADD."""
+    async def _fill(self, h: Handle, inode: Inode, first: int, last: int, tid: int) -> bool:
+        """Fill the missing pages of [first, last] plus readahead, under pagecache ADD.
+
+        Returns False (nothing filled) if `tid` got marked for this inode while the fill
+        waited for ADD: the caller then takes the faults-disabled path (fault_marker M6)."""
         npages_file = -(-inode.size // self.ps)
         want = h.readahead.window(first, last - first + 1)
         ra_last = min(first + want, npages_file) - 1
         if bugs.enabled(Bug.NO_PAGECACHE_LOCK):
             await self._fill_unlocked(inode, first, max(last, ra_last), last)
-            return
-        async with self.locks.pagecache_add(inode.ino, tid):
+            return True
+        lock = self.locks.get(inode.ino)
+        with self.marker.waiting(tid, inode.ino) as scope, scope:
+            await lock.acquire(State.ADD, tid)
+        if scope.cancelled_caught:
+            return False
+        try:
             await self._fill_unlocked(inode, first, max(last, ra_last), last)
+        finally:
+            lock.release(State.ADD, tid)
+        return True
 
     async def _fill_unlocked(self, inode: Inode, first: int, ra_last: int, last: int) -> None:
         ps = self.ps

@@ -22,7 +22,8 @@ import errno
 import logging
 import os
 from collections import defaultdict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import trio
@@ -36,16 +37,29 @@ from diofs.handles import Handle
 log = logging.getLogger(__name__)
 
 
-GATHER_ROUNDS = 8
-GATHER_QUIET_ROUNDS = 2
+GATHER_MAX_S = 0.001  # longest a run waits for sync writes already inside the daemon
 
 
 class Coalescer:
-    """Group commit: many waiters, one run of `fn` per batch. Runs never overlap."""
+    """Group commit: many waiters, one run of `fn` per batch. Runs never overlap.
 
-    def __init__(self, fn: Callable[[], Awaitable[None]], counter: str) -> None:
+    Before starting a run, the caller that starts it waits (at most GATHER_MAX_S, yielding to
+    the scheduler) while `pending()` says more callers are on their way: sync WRITEs that
+    the daemon has read but that have not reached `sync_write` yet (they are still taking
+    their locks or writing their data). Measured with fio libaio QD16 O_DIRECT|O_DSYNC: without
+    this, a run started the moment the previous one ended covered 2-3 writes (the kernel keeps
+    up to 12 async requests at the daemon, most of them a few checkpoints behind); with it,
+    see docs/bench.md / scripts/bench_group_commit. With one writer (QD1) `pending()` is 0
+    and nothing waits.
+    """
+
+    def __init__(
+        self, fn: Callable[[], Awaitable[None]], counter: str,
+        pending: Callable[[], int] | None = None,
+    ) -> None:
         self._fn = fn
         self._counter = counter
+        self._pending = pending
         self._started = 0
         self._done = 0
         self._running = False
@@ -54,20 +68,16 @@ class Coalescer:
         self._waiters: defaultdict[int, int] = defaultdict(int)
 
     async def _gather(self, target: int) -> bool:
-        """Before starting a run: let callers already on their way join it. Yield to the
-        scheduler while the number of callers waiting for `target` still grows (each round
-        runs every runnable task once, and reads requests the kernel has queued), at most
-        GATHER_ROUNDS rounds. Returns True if someone else started a run meanwhile."""
-        seen, still = self._waiters[target], 0
-        for _ in range(GATHER_ROUNDS):
+        """Wait while callers are on their way (see the class docstring). Returns True if a
+        run was started by someone else meanwhile (the caller re-checks its state)."""
+        if self._pending is None or self._pending() <= 0:
+            return False
+        deadline = trio.current_time() + GATHER_MAX_S
+        stats.add("durability.gathers")
+        while self._pending() > 0 and trio.current_time() < deadline:
             await trio.sleep(0)
             if self._running or self._done >= target:
                 return True
-            now = self._waiters[target]
-            still = still + 1 if now == seen else 0
-            if still >= GATHER_QUIET_ROUNDS:
-                break
-            seen = now
         return False
 
     async def run(self) -> None:
@@ -79,7 +89,7 @@ class Coalescer:
                 await self._finished.wait()
                 continue
             if await self._gather(target):
-                continue  # another caller started a run meanwhile
+                continue  # someone else started a run meanwhile
             self._running = True
             self._started += 1
             run_no = self._started
@@ -118,8 +128,12 @@ class _ErrSeq:
 class Durability:
     def __init__(self, fs: Filesystem) -> None:
         self.fs = fs
-        self.flusher = Coalescer(fs.flush, "durability.flushes")
-        self.committer = Coalescer(fs.commit, "durability.commits")
+        # sync WRITEs read by the daemon (ops.write, `incoming_write`) and those that reached
+        # `sync_write`: the difference is what a flush about to start may wait for
+        self._incoming = 0
+        self._arrived = 0
+        self.flusher = Coalescer(fs.flush, "durability.flushes", self.pending_sync_writes)
+        self.committer = Coalescer(fs.commit, "durability.commits", self.pending_sync_writes)
         self._errseq: defaultdict[int, _ErrSeq] = defaultdict(_ErrSeq)
 
     # -- errseq
@@ -153,12 +167,33 @@ class Durability:
         else:
             await self.flusher.run()
 
+    def pending_sync_writes(self) -> int:
+        """Sync WRITEs inside the daemon that have not reached `sync_write` yet."""
+        return self._incoming - self._arrived
+
+    @contextmanager
+    def incoming_write(self, flags: int) -> Iterator[None]:
+        """Wrap the handling of one WRITE (ops.write): if its flags ask for a sync write, it
+        counts as on its way to `sync_write` (group commit waits for it, see Coalescer)."""
+        if not flags & os.O_DSYNC:
+            yield
+            return
+        self._incoming += 1
+        try:
+            yield
+        finally:
+            self._incoming -= 1
+
     async def sync_write(self, *, full_sync: bool) -> None:
         """Called after a WRITE with O_DSYNC/O_SYNC landed, before its reply."""
         stats.add("durability.sync_writes")
         if bugs.enabled(Bug.NO_SYNC_FLUSH):
             return
-        await self.make_durable(metadata=full_sync)
+        self._arrived += 1
+        try:
+            await self.make_durable(metadata=full_sync)
+        finally:
+            self._arrived -= 1
 
 
 def wants_sync(flags: int) -> tuple[bool, bool]:

@@ -308,9 +308,10 @@ class Operations(pyfuse3.Operations):
         h = self.handles.get(fh)
         req = request.current()
         flags = (req.flags | h.flags) if req.tid else h.flags
-        if flags & os.O_DIRECT:
-            return await self.direct.write(h, off, buf, req, flags)
-        return await self.buffered.write(h, off, buf, req, flags)
+        with self.durability.incoming_write(flags):  # group commit waits for sync writes
+            if flags & os.O_DIRECT:
+                return await self.direct.write(h, off, buf, req, flags)
+            return await self.buffered.write(h, off, buf, req, flags)
 
     @_boundary
     async def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:

@@ -34,6 +34,10 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tests.mounting import Mount
 
 PAGE = 4096
 FALLOC_FL_KEEP_SIZE = 0x01
@@ -424,10 +428,14 @@ class Fsx:
         self.close_all()
         self.remount_fn()
         self.open_all()
-        for g in self.files:  # everything must have survived the unmount
-            got = cold_read(g.path, 0, len(g.model) + 4096)
-            self._check_read(g, 0, len(g.model) + 4096, got, "after remount")
+        self.check_all("after remount")
         return "remount (+ whole-file check of every file)"
+
+    def check_all(self, what: str) -> None:
+        """Cold whole-file check of every file (after a remount: everything survived)."""
+        for g in self.files:
+            got = cold_read(g.path, 0, len(g.model) + 4096)
+            self._check_read(g, 0, len(g.model) + 4096, got, what)
 
     # ------------------------------------------------------------------ the loop
     def step(self) -> None:
@@ -447,18 +455,24 @@ class Fsx:
         self.counts[name] += 1
         self._check_size(f, name)
 
-    def run(self, nops: int) -> dict[str, object]:
-        """Run `nops` operations, then a final whole-file check; returns a summary."""
+    def run(self, nops: int, *, after_remount: bool = False) -> dict[str, object]:
+        """Run `nops` operations (first a whole-file check of every file if `after_remount`),
+        then a final whole-file check; returns a summary."""
         t0 = time.monotonic()
         self.open_all()
         try:
+            if after_remount:
+                self.check_all("after remount")
             for _ in range(nops):
                 self.step()
             for f in self.files:
                 self.op_check(f)
         finally:
             self.close_all()
-            self.elapsed = time.monotonic() - t0
+            self.elapsed += time.monotonic() - t0
+        return self.summary()
+
+    def summary(self) -> dict[str, object]:
         return {
             "seed": self.seed,
             "ops": self.n,
@@ -473,6 +487,32 @@ class Fsx:
                 os.unlink(f.path)
             except FileNotFoundError:
                 pass
+
+
+def _segment(fsx: Fsx, nops: int, after_remount: bool) -> Fsx:
+    fsx.run(nops, after_remount=after_remount)
+    return fsx  # pickled back to the parent: models, rng state, log, counts
+
+
+def run_with_remounts(m: Mount, fsx: Fsx, nops: int, *, segment: tuple[int, int] = (150, 600),
+                      timeout: float = 60.0) -> dict[str, object]:
+    """Hang-safe run for tests: segments of random length (drawn from fsx's rng) each run in a
+    forked child with a deadline (`run_in_child`, the watchdog aborts `m` on a hang); between
+    segments the parent remounts `m`, and the next segment starts with a whole-file check.
+    A mismatch in a child fails with its message (op log and offset) in the AssertionError."""
+    from tests.mounting import run_in_child
+
+    fsx.remount_fn = None  # remounts happen here, in the parent that owns the daemon
+    done, remounted = 0, False
+    while done < nops:
+        k = min(nops - done, fsx.rng.randint(*segment))
+        fsx = run_in_child(_segment, fsx, k, remounted, timeout=timeout, mounts=[m])
+        done += k
+        if done < nops:
+            m.remount()
+            fsx.counts["remount"] += 1
+            remounted = True
+    return fsx.summary()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.fsx import Fsx, FsxMismatch
+from tests.fsx import Fsx, run_with_remounts
 from tests.mounting import MountFactory
 
 CASES = [
@@ -27,10 +27,10 @@ CASES = [
 
 
 def _run(mount_factory: MountFactory, seed: int, opts: dict, align: int, ops: int,
-         **kw: object) -> dict[str, object]:
+         segment: tuple[int, int] = (200, 500), timeout: float = 40.0, **kw: object) -> dict[str, object]:
     m = mount_factory(size="64M", opts=opts)
-    fsx = Fsx(m.mnt, seed=seed, dio_align=align, remount=m.remount, **kw)  # type: ignore[arg-type]
-    summary = fsx.run(ops)
+    fsx = Fsx(m.mnt, seed=seed, dio_align=align, **kw)  # type: ignore[arg-type]
+    summary = run_with_remounts(m, fsx, ops, segment=segment, timeout=timeout)
     print(summary)
     return summary
 
@@ -49,10 +49,8 @@ def test_fsx_no_mismatch(mount_factory: MountFactory, seed: int, opts: dict,
 @pytest.mark.deadline(60)
 def test_fsx_catches_no_shootdown(mount_factory: MountFactory) -> None:
     m = mount_factory(size="64M", bugs=["no-shootdown"])
-    fsx = Fsx(m.mnt, seed=1, remount=m.remount)
-    with pytest.raises(FsxMismatch, match="first differing offset"):
-        fsx.run(2000)
-    fsx.close_all()
+    with pytest.raises(AssertionError, match="first differing offset"):
+        run_with_remounts(m, Fsx(m.mnt, seed=1), 2000)
 
 
 @pytest.mark.stress
@@ -62,4 +60,4 @@ def test_fsx_catches_no_shootdown(mount_factory: MountFactory) -> None:
 def test_fsx_stress(mount_factory: MountFactory, seed: int, opts: dict, align: int,
                     round_: int) -> None:
     _run(mount_factory, 100 * (round_ + 1) + seed, opts, align, 20000,
-         max_size=4 << 20, nfiles=3)
+         segment=(1000, 4000), timeout=600, max_size=4 << 20, nfiles=3)

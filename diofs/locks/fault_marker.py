@@ -29,6 +29,14 @@ Invariants and rules:
         two files); each inode's mark is then its own, never "nested" into the other.
     M4  tid 0 (unknown requester: stock pyfuse3, writeback, RELEASE) is never marked:
         `mark(0, ...)` / `unmark(0, ...)` do nothing and `faults_disabled(0, ...)` is False.
+    M6  A fill already queued for ADD when its tid gets marked for that inode leaves the queue
+        and takes the faults-disabled path: `mark()` cancels the waits registered with
+        `waiting()`. Without this, a fault READ that reached the daemon while its own DIO
+        chunk was still queued for BLOCK (behind another fill) stays queued behind that
+        chunk; a locked shootdown (`-o shootdown=locked`) then waits for the READ's folio
+        lock: the row 3 deadlock despite the marker (measured: shootdown=locked,
+        dio_delay=0.2, fill_delay=0.3, 4 MiB mmap self-write hung in every run; without
+        fill_delay about 1 run in 10 under load).
     M5  A false positive (a READ of the marked tid that is not its own fault, e.g. an AIO
         submitter reading the file while its write is in flight) only costs an uncached read;
         a false negative is the deadlock this marker exists to prevent.
@@ -41,6 +49,9 @@ from __future__ import annotations
 
 import contextlib
 import types
+from collections.abc import Iterator
+
+import trio
 
 from diofs import bugs
 from diofs.bugs import Bug
@@ -77,6 +88,8 @@ class FaultMarker:
 
     def __init__(self) -> None:
         self._marks: dict[tuple[int, int], int] = {}
+        # (tid, ino) -> cancel scopes of fills of that tid waiting for ADD on ino (rule M6)
+        self._waiting: dict[tuple[int, int], set[trio.CancelScope]] = {}
 
     def mark(self, tid: int, ino: int) -> None:
         """Count one more outstanding DIO section of `tid` on `ino` (no-op for tid 0)."""
@@ -84,6 +97,9 @@ class FaultMarker:
             return
         key = (tid, ino)
         self._marks[key] = self._marks.get(key, 0) + 1
+        if not bugs.enabled(Bug.NO_FAULT_MARKER):
+            for scope in self._waiting.pop(key, ()):  # rule M6
+                scope.cancel()
 
     def unmark(self, tid: int, ino: int) -> None:
         """Undo one `mark`; raises RuntimeError if `tid` is not marked for `ino`."""
@@ -101,6 +117,25 @@ class FaultMarker:
     def marked(self, tid: int, ino: int) -> contextlib.AbstractContextManager[None]:
         """`with marker.marked(tid, ino):` around the shortest span inside BLOCK (rule M2)."""
         return _Marked(self, tid, ino)
+
+    @contextlib.contextmanager
+    def waiting(self, tid: int, ino: int) -> Iterator[trio.CancelScope]:
+        """`with marker.waiting(tid, ino) as scope, scope: await <acquire ADD>` (rule M6):
+        `mark(tid, ino)` cancels the scope, so a fill of `tid` queued for ADD on `ino` stops
+        waiting once its own task's DIO holds BLOCK; `scope.cancelled_caught` then tells the
+        caller to take the faults-disabled path. tid 0 is never cancelled."""
+        scope = trio.CancelScope()
+        key = (tid, ino)
+        if tid != 0:
+            self._waiting.setdefault(key, set()).add(scope)
+        try:
+            yield scope
+        finally:
+            scopes = self._waiting.get(key)
+            if scopes is not None:
+                scopes.discard(scope)
+                if not scopes:
+                    del self._waiting[key]
 
     def faults_disabled(self, tid: int, ino: int) -> bool:
         """True if a fill of `ino` requested by `tid` must take the faults-disabled path."""
