@@ -29,7 +29,7 @@ from __future__ import annotations
 import errno
 import os
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager, nullcontext
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 
 import pyfuse3
 import trio
@@ -65,17 +65,15 @@ class Direct:
         self.persistent_ctx = persistent_ctx  # --mlock: reuse one DioContext per handle
         self._rwsems: dict[int, RwSem] = {}
 
-    @asynccontextmanager
-    async def _rwsem(self, ino: int, *, exclusive: bool) -> AsyncIterator[None]:
+    def _rwsem(self, ino: int, *, exclusive: bool) -> AbstractAsyncContextManager[None]:
         sem = self._rwsems.get(ino)
         if sem is None:
             sem = self._rwsems[ino] = RwSem()
-        try:
-            async with sem.exclusive() if exclusive else sem.shared():
-                yield
-        finally:
-            if sem.idle():
-                self._rwsems.pop(ino, None)
+        return sem.hold(exclusive=exclusive)
+
+    def forget(self, ino: int) -> None:
+        """The inode is gone: drop its rwsem (no holder can exist: no handle is open)."""
+        self._rwsems.pop(ino, None)
 
     def _check_alignment(self, off: int, size: int) -> None:
         if (off % self.dio_align or size % self.dio_align) and not bugs.enabled(
@@ -109,12 +107,13 @@ class Direct:
 
     async def write(self, h: Handle, off: int, buf: bytes, req: Request, flags: int) -> int:
         inode = h.inode
-        if flags & os.O_APPEND:
-            off = inode.size
+        append = bool(flags & os.O_APPEND)
+        if append:
+            off = inode.size  # the kernel's idea of EOF; taken again under the rwsem below
         self._check_alignment(off, len(buf))
         end = off + len(buf)
         bs = self.fs.bs
-        exclusive = end > inode.size or off % bs != 0 or end % bs != 0
+        exclusive = append or end > inode.size or off % bs != 0 or end % bs != 0
         tid = req.tid
         marker = (
             nullcontext()
@@ -122,6 +121,9 @@ class Direct:
             else self.marker.marked(tid, inode.ino)
         )
         async with self._rwsem(inode.ino, exclusive=exclusive):
+            if append and off != inode.size:
+                off, end = inode.size, inode.size + len(buf)
+                self._check_alignment(off, len(buf))
             async with self.locks.pagecache_block(inode.ino, tid):
                 with marker:
                     await self.writeback.writeback_range(inode.ino, off, end)

@@ -145,6 +145,7 @@ class Operations(pyfuse3.Operations):
         if inode.ino not in self.fs.inodes:
             self.buffered.cache.drop_inode(inode.ino)
             self.durability.forget(inode.ino)
+            self.direct.forget(inode.ino)
 
     @_boundary
     async def getattr(self, inode: int, ctx: Any = None) -> Any:

@@ -1,70 +1,91 @@
 """Per-inode I/O rwsem (like Linux i_rwsem for direct I/O): shared for direct reads and
 aligned, non-extending direct writes; exclusive for extending or sub-block direct writes,
 truncate, punch hole, zero range and allocation. Writer-preferring: once an exclusive
-waiter queues, new shared holders wait behind it.
+waiter queues, new shared holders wait behind it. Uncontended acquisition has no checkpoint
+beyond the caller's own (hot path of every direct request).
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from types import TracebackType
 
 import trio
 
 
 class RwSem:
-    __slots__ = ("_readers", "_readers_waiting", "_writer", "_writers_waiting", "_changed")
+    __slots__ = ("_readers", "_writer", "_writers_waiting", "_changed")
 
     def __init__(self) -> None:
         self._readers = 0
-        # Waiting shared holders count for idle(): Direct._rwsem drops an idle RwSem from its
-        # table, and a reader still waiting on a dropped one would later share it with a
-        # writer that made a fresh RwSem (an extending direct write and a direct read of the
-        # same inode ran concurrently before this was counted).
-        self._readers_waiting = 0
         self._writer = False
         self._writers_waiting = 0
-        self._changed = trio.Event()
+        self._changed: trio.Event | None = None
 
     def _notify(self) -> None:
-        self._changed.set()
-        self._changed = trio.Event()
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
+
+    async def _wait_change(self) -> None:
+        if self._changed is None:
+            self._changed = trio.Event()
+        await self._changed.wait()
 
     def idle(self) -> bool:
-        return not (
-            self._readers or self._readers_waiting or self._writer or self._writers_waiting
-        )
+        return not (self._readers or self._writer or self._writers_waiting)
 
-    @asynccontextmanager
-    async def shared(self) -> AsyncIterator[None]:
-        self._readers_waiting += 1
-        try:
-            while self._writer or self._writers_waiting:
-                await self._changed.wait()
-        finally:
-            self._readers_waiting -= 1
+    def statistics(self) -> dict[str, int]:
+        return {"readers": self._readers, "writer": int(self._writer),
+                "writers_waiting": self._writers_waiting}
+
+    async def acquire_shared(self) -> None:
+        while self._writer or self._writers_waiting:
+            await self._wait_change()
         self._readers += 1
-        try:
-            yield
-        finally:
-            self._readers -= 1
-            if self._readers == 0:
-                self._notify()
 
-    @asynccontextmanager
-    async def exclusive(self) -> AsyncIterator[None]:
+    def release_shared(self) -> None:
+        self._readers -= 1
+        if self._readers == 0:
+            self._notify()
+
+    async def acquire_exclusive(self) -> None:
         self._writers_waiting += 1
         try:
             while self._writer or self._readers:
-                await self._changed.wait()
+                await self._wait_change()
         except BaseException:
             self._writers_waiting -= 1
             self._notify()
             raise
         self._writers_waiting -= 1
         self._writer = True
-        try:
-            yield
-        finally:
-            self._writer = False
-            self._notify()
+
+    def release_exclusive(self) -> None:
+        self._writer = False
+        self._notify()
+
+    def hold(self, *, exclusive: bool) -> _Hold:
+        """`async with sem.hold(exclusive=...)`."""
+        return _Hold(self, exclusive)
+
+
+class _Hold:
+    __slots__ = ("_sem", "_exclusive")
+
+    def __init__(self, sem: RwSem, exclusive: bool) -> None:
+        self._sem = sem
+        self._exclusive = exclusive
+
+    async def __aenter__(self) -> None:
+        if self._exclusive:
+            await self._sem.acquire_exclusive()
+        else:
+            await self._sem.acquire_shared()
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._exclusive:
+            self._sem.release_exclusive()
+        else:
+            self._sem.release_shared()
