@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 
 from diofs import stats
 
@@ -397,10 +397,12 @@ class PageCache:
 
     # ---------------------------------------------------------------- drops
 
-    def _indexes_in(self, mapping: Iterable[int], start: int, end: int) -> Iterator[int]:
+    def _indexes_in(self, mapping: Collection[int], start: int, end: int) -> Iterator[int]:
         """Indexes of `mapping` (a dict/set of indexes) of pages touching [start, end)."""
         first, last = start >> self._shift, (end - 1) >> self._shift
-        if last - first < 64:
+        # Walk whichever is smaller: the range (a 1 MiB direct write is 256 pages) or the
+        # inode's pages (truncate to 0 of a small file); never the big one.
+        if last - first < len(mapping):
             return (i for i in range(first, last + 1) if i in mapping)
         return (i for i in list(mapping) if first <= i <= last)
 
