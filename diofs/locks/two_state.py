@@ -185,13 +185,15 @@ class PagecacheLock:
     async def acquire(self, state: State, owner: int = 0) -> None:
         """Take `state` for `owner` (the requesting tid; 0 = unknown), waiting if needed.
 
-        Always a checkpoint. Cancelled while waiting: nothing is held and no trace is left.
+        A checkpoint only when it has to wait: the uncontended path is on every request
+        (measured: a schedule point here cost ~10% of a 4 KiB direct write), and the handler
+        around it checkpoints anyway. Cancelled while waiting: nothing is held and no trace
+        is left.
         """
         await trio.lowlevel.checkpoint_if_cancelled()
         if self._admissible(state):
             self._grant(state, owner)
             self._update_busy()
-            await trio.lowlevel.cancel_shielded_checkpoint()
             return
 
         waiter = _Waiter(trio.lowlevel.current_task(), owner)
