@@ -3,7 +3,10 @@
 py-spy (default): the daemon is mounted normally, ``py-spy record --format raw`` attaches to
 its pid for the length of the job, and the collapsed stacks (``profile.txt``, loadable by
 speedscope or flamegraph.pl) are summarised as the top 20 functions by own time and by
-inclusive time. py-spy samples every thread, including trio's worker threads.
+inclusive time. By default only samples of the thread holding the GIL are kept (``--gil``):
+idle trio worker threads otherwise show up as busy in ``WorkerThread._work`` and hide the
+Python CPU profile; ``--profile-all-threads`` keeps every thread (then native time without the
+GIL, such as pread in a worker thread, shows too).
 
 cProfile: the daemon runs as ``python -m cProfile -o profile.pstats mount.py ...``; the file is
 written when the daemon exits after the unmount. cProfile sees the main thread only.
@@ -64,7 +67,9 @@ def _print_table(title: str, rows: list[tuple[str, int]], total: int) -> None:
         print(f"  {100 * n / max(total, 1):5.1f}%  {n:7d}  {fn}")
 
 
-def run_profile(job_name: str, opts: Options, profiler: str = "py-spy") -> int:
+def run_profile(
+    job_name: str, opts: Options, profiler: str = "py-spy", gil_only: bool = True
+) -> int:
     """Run ``job_name`` once on diofs under ``profiler``; print the top functions. Exit code."""
     job = JOBS_BY_NAME.get(job_name)
     if job is None:
@@ -109,6 +114,7 @@ def run_profile(job_name: str, opts: Options, profiler: str = "py-spy") -> int:
                     str(pid),
                     "--rate",
                     "200",
+                    *(["--gil"] if gil_only else []),
                 ],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,

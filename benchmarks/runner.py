@@ -185,6 +185,7 @@ def run_one(peer: Peer, job: Job, rep: int, opts: Options) -> dict[str, Any]:
         rec["ok"] = True
         if stats0 is not None and (stats1 := diofs_stats(peer)) is not None:
             rec["diofs_stats_delta"] = stats_delta(stats0, stats1)
+            rec["diofs_stats_after"] = stats1  # gauges (e.g. writes_per_flush) read here
     except (ChildFailed, ValueError, OSError, json.JSONDecodeError) as exc:
         rec["error"] = str(exc)
         if getattr(exc, "report", ""):
@@ -415,6 +416,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="run JOB once on diofs with the daemon under a profiler; print top functions",
     )
     ap.add_argument("--profiler", choices=("py-spy", "cprofile"), default="py-spy")
+    ap.add_argument(
+        "--profile-all-threads",
+        action="store_true",
+        help="py-spy: sample every thread, not only the one holding the GIL",
+    )
     return ap.parse_args(argv)
 
 
@@ -462,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.profile:
         from benchmarks import profile
 
-        return profile.run_profile(a.profile, opts, a.profiler)
+        return profile.run_profile(a.profile, opts, a.profiler, not a.profile_all_threads)
     if shutil_which("fio") is None:
         print("bench: fio is not installed", file=sys.stderr)
         return 2

@@ -37,20 +37,27 @@ from diofs.handles import Handle
 log = logging.getLogger(__name__)
 
 
-GATHER_MAX_S = 0.001  # longest a run waits for sync writes already inside the daemon
+GATHER_MAX_S = 0.002  # longest a run waits for more callers (jbd2's max_batch_time)
 
 
 class Coalescer:
     """Group commit: many waiters, one run of `fn` per batch. Runs never overlap.
 
-    Before starting a run, the caller that starts it waits (at most GATHER_MAX_S, yielding to
-    the scheduler) while `pending()` says more callers are on their way: sync WRITEs that
-    the daemon has read but that have not reached `sync_write` yet (they are still taking
-    their locks or writing their data). Measured with fio libaio QD16 O_DIRECT|O_DSYNC: without
-    this, a run started the moment the previous one ended covered 2-3 writes (the kernel keeps
-    up to 12 async requests at the daemon, most of them a few checkpoints behind); with it,
-    see docs/bench.md / scripts/bench_group_commit. With one writer (QD1) `pending()` is 0
-    and nothing waits.
+    Batching (like jbd2's commit batching, fs/jbd2/transaction.c `jbd2_journal_stop`): the
+    caller about to start a run first waits, at most min(GATHER_MAX_S, the mean duration of
+    recent runs), while
+      (a) `pending()` says more callers are on their way: sync WRITEs the daemon has read that
+          have not reached `sync_write` yet (still taking their locks or writing their data);
+      (b) fewer callers wait than the previous run served (when it served more than one):
+          concurrent sync writers keep coming, the kernel just has not sent them yet.
+    Without this, a run started the instant the previous one ended and covered 2-3 of the
+    ~12 asynchronous WRITEs the kernel keeps at the daemon (fio libaio QD16 O_DIRECT|O_DSYNC,
+    measured). A single writer (QD1) never waits: nothing is pending and the previous run
+    served one caller. Waiting is on `_arrival` (set by each new caller) with a timeout, not
+    a busy loop.
+
+    State is protected by trio's single thread; `_running` says a run is in progress (the
+    caller that runs it is inside the shielded `fn`).
     """
 
     def __init__(
@@ -64,26 +71,40 @@ class Coalescer:
         self._done = 0
         self._running = False
         self._finished = trio.Event()
+        self._arrival = trio.Event()
         self._errors: dict[int, BaseException] = {}
         self._waiters: defaultdict[int, int] = defaultdict(int)
+        self._last_served = 0
+        self._mean_run_s = 0.0  # exponentially weighted mean duration of `fn`
+
+    def _want_more(self, target: int) -> bool:
+        if self._pending is not None and self._pending() > 0:
+            return True
+        return self._last_served > 1 and self._waiters[target] < self._last_served
 
     async def _gather(self, target: int) -> bool:
-        """Wait while callers are on their way (see the class docstring). Returns True if a
-        run was started by someone else meanwhile (the caller re-checks its state)."""
-        if self._pending is None or self._pending() <= 0:
+        """Wait while more callers are expected (class docstring). Returns True if a run was
+        started by someone else meanwhile (the caller re-checks its state)."""
+        if not self._want_more(target):
             return False
-        deadline = trio.current_time() + GATHER_MAX_S
         stats.add("durability.gathers")
-        while self._pending() > 0 and trio.current_time() < deadline:
-            await trio.sleep(0)
+        deadline = trio.current_time() + min(GATHER_MAX_S, self._mean_run_s)
+        while self._want_more(target):
+            with trio.move_on_at(deadline):
+                await self._arrival.wait()
             if self._running or self._done >= target:
                 return True
+            if trio.current_time() >= deadline:
+                stats.add("durability.gather_timeouts")
+                break
         return False
 
     async def run(self) -> None:
         """Return once a run that started after this call completed; raise its error."""
         target = self._started + 1
         self._waiters[target] += 1
+        arrival, self._arrival = self._arrival, trio.Event()
+        arrival.set()
         while self._done < target:
             if self._running:
                 await self._finished.wait()
@@ -93,6 +114,7 @@ class Coalescer:
             self._running = True
             self._started += 1
             run_no = self._started
+            t0 = trio.current_time()
             try:
                 with trio.CancelScope(shield=True):
                     await self._fn()
@@ -101,8 +123,10 @@ class Coalescer:
             finally:
                 self._running = False
                 self._done = run_no
+                self._mean_run_s += (trio.current_time() - t0 - self._mean_run_s) / 8
                 stats.add(self._counter)
                 served = self._waiters.pop(run_no, 0)
+                self._last_served = served
                 stats.add("durability.sync_writes_served", served)
                 runs = stats.get("durability.flushes") + stats.get("durability.commits")
                 if runs:
@@ -175,7 +199,7 @@ class Durability:
     def incoming_write(self, flags: int) -> Iterator[None]:
         """Wrap the handling of one WRITE (ops.write): if its flags ask for a sync write, it
         counts as on its way to `sync_write` (group commit waits for it, see Coalescer)."""
-        if not flags & os.O_DSYNC:
+        if not flags & os.O_DSYNC or bugs.enabled(Bug.NO_SYNC_FLUSH):
             yield
             return
         self._incoming += 1

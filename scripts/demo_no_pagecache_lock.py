@@ -4,7 +4,7 @@ write's shootdown, so the old bytes stay cached and every later buffered read re
 
 Workload (tests/test_dio_locks.py, `race_fill_against_direct_write`): a file of old bytes, not
 cached; one buffered READ of its first 128 KiB (the daemon fills 256 KiB: 32 pages readahead)
-with `-o fill_delay=0.5` holding the fill between its image read and its insert; during that
+with `-o fill_delay=1.0` holding the fill between its image read and its insert; during that
 delay an O_DIRECT write of new bytes over the 32 readahead pages; then a buffered read of them.
 """
 

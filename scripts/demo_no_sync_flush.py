@@ -62,10 +62,11 @@ def run(factory: Any, bug_on: bool) -> dict[str, Any]:
         survived = f.read()
     after.unmount()
 
-    zero = bytes(BS)
-    blocks = range(FILE_BLOCKS)
-    acked = [i for i in blocks if acknowledged[i * BS : (i + 1) * BS] != zero]
-    lost = [i for i in acked if survived[i * BS : (i + 1) * BS] != acknowledged[i * BS : (i + 1) * BS]]
+    def block(data: bytes, i: int) -> bytes:
+        return data[i * BS : (i + 1) * BS]
+
+    acked = [i for i in range(FILE_BLOCKS) if block(acknowledged, i) != bytes(BS)]
+    lost = [i for i in acked if block(survived, i) != block(acknowledged, i)]
     return {
         "fio_writes_acknowledged": int(job["write"]["total_ios"]),
         "distinct_blocks_acknowledged": len(acked),

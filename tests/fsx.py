@@ -6,24 +6,39 @@ cache so that the daemon cache serves it, MAP_SHARED, O_DIRECT) is compared with
 and so is st_size after every operation. On the first mismatch `FsxMismatch` is raised with
 the last 30 operations and the first differing offset.
 
-Operations (weights in `WEIGHTS`): buffered pwrite (possibly past EOF, leaving a hole), pread,
-cold pread (posix_fadvise(POSIX_FADV_DONTNEED) first: the kernel's clean pages of the file are
-dropped, so the READ reaches the daemon's page cache), ftruncate up/down, mmap(MAP_SHARED)
-read, mmap write + msync(MS_SYNC) (sometimes without msync: the kernel writes back later),
-O_DIRECT pread/pwrite (offsets and lengths multiples of `dio_align`, page-aligned buffers),
-fallocate PUNCH_HOLE|KEEP_SIZE and ZERO_RANGE (with and without KEEP_SIZE), fsync, close and
-reopen, a whole-file cold check, and remount (unmount + mount through the test harness; only
-when the caller passes `remount`).
+Operations (weights in `WEIGHTS`): buffered pwrite (possibly past EOF, leaving a hole; 4 % of
+sizes are 64-256 KiB, past the daemon's inline I/O limit), RWF_DSYNC/RWF_SYNC pwritev, O_APPEND
+write, copy_file_range from another file, pread, cold pread (posix_fadvise(POSIX_FADV_DONTNEED)
+first: the kernel's clean pages of the file are dropped, so the READ reaches the daemon's page
+cache), ftruncate up/down, mmap(MAP_SHARED) read, mmap write + msync(MS_SYNC) (20 % without
+msync: the kernel writes back later), O_DIRECT pread/pwrite (offsets and lengths multiples of
+`dio_align`, page-aligned buffers), fallocate PUNCH_HOLE|KEEP_SIZE and ZERO_RANGE (with and
+without KEEP_SIZE), fsync/fdatasync, close and reopen, rename of a new file over the file
+(reading the orphan through the old fd first), unlink + close + create, a whole-file cold
+check, and remount (unmount + mount; every file checked whole afterwards).
 
-Use from tests: `Fsx(mnt, seed=..., remount=m.remount).run(ops)`. From the command line:
+Single process (`Fsx`): in tests use `run_with_remounts(m, Fsx(m.mnt, seed=S), N)`: segments
+of ops run in a forked child with a deadline (hang-safe) and the parent remounts between them.
+`Fsx(..., remount=m.remount).run(N)` remounts in-process instead (the CLI does that).
+
+Concurrent (`setup_concurrent` / `run_round` / `run_concurrent`): K processes on one file of
+fixed size, each owning a random *unaligned* byte region (neighbours share pages and blocks)
+and checking its own bytes against its own model; ops as above minus size changes, plus
+`seqread` (cold sequential reads up to the region's end, so that the daemon's readahead fills
+pages of the neighbour's region, pages no kernel folio lock covers).
+
+Command line:
     .venv/bin/python -m tests.fsx MNT --ops N --seed S      # an existing diofs mount
-    .venv/bin/python -m tests.fsx --ops N --seed S          # own temporary mount, remounts on
+    .venv/bin/python -m tests.fsx --ops N --seed S [-o cache_size=1M] [--bug B] [--keep]
+                                                            # own temporary mount, remounts on
+    add --workers K [--rounds R] for the concurrent mode (N ops per worker per round)
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import ctypes
 import errno
 import mmap
@@ -118,6 +133,10 @@ WEIGHTS = {
     "syncwrite": 3,
     "append": 2,
     "copy": 2,
+    "replace": 1,
+    "recreate": 1,
+    "diowrite_from_map": 3,
+    "dioread_into_map": 3,
 }
 REMOUNT_WEIGHT = 0.3
 
@@ -382,6 +401,64 @@ class Fsx:
         self._model_write(f, off, data)
         return f"diowrite {off:#x}+{size:#x}"
 
+    def _disjoint(self, size: int, align: int) -> tuple[int, int, int] | None:
+        """(src, dst, n): two non-overlapping ranges of n bytes inside [0, size), pages
+        apart, src and n multiples of `align` (dst arbitrary: it is the mapped side)."""
+        n = self.rng.randint(1, self.max_len) // align * align
+        if n == 0 or 2 * n + 2 * PAGE > size:
+            return None
+        src = self.rng.randint(0, size - n) // align * align
+        lo_free = [(0, src - PAGE - n), (src + n + PAGE, size - n)]
+        choices = [(a, b) for a, b in lo_free if b >= a]
+        if not choices:
+            return None
+        a, b = self.rng.choice(choices)
+        return src, self.rng.randint(a, b), n
+
+    def op_diowrite_from_map(self, f: _File) -> str:
+        """O_DIRECT write whose source buffer is a MAP_SHARED mapping of the same file: the
+        kernel faults the source pages in while this task's direct write is in the daemon
+        (the fault-marker path, SPEC 4)."""
+        size = len(f.model)
+        r = self._disjoint(size, self.dio_align)
+        if r is None:
+            return "diowrite_from_map (file too small, skipped)"
+        dst, src, n = r  # the aligned one is the file offset written
+        self._note(f, f"diowrite_from_map map[{src:#x}+{n:#x}] -> {dst:#x}")
+        drop_kernel_cache(f.fd)  # make the source faults reach the daemon
+        with mmap.mmap(f.fd, size, mmap.MAP_SHARED, mmap.PROT_READ) as m:
+            view = memoryview(m)[src : src + n]
+            try:
+                w = os.pwritev(f.dfd, [view], dst)
+            finally:
+                view.release()
+        if w != n:
+            self._fail(f, f"short direct write {w} of {n}")
+        self._model_write(f, dst, bytes(f.model[src : src + n]))
+        return f"diowrite_from_map map[{src:#x}+{n:#x}] -> {dst:#x}"
+
+    def op_dioread_into_map(self, f: _File) -> str:
+        """O_DIRECT read into a MAP_SHARED mapping of the same file (fuse-facts Q2)."""
+        size = len(f.model)
+        r = self._disjoint(size, self.dio_align)
+        if r is None:
+            return "dioread_into_map (file too small, skipped)"
+        src, dst, n = r
+        self._note(f, f"dioread_into_map {src:#x}+{n:#x} -> map[{dst:#x}]")
+        drop_kernel_cache(f.fd)
+        with mmap.mmap(f.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE) as m:
+            view = memoryview(m)[dst : dst + n]
+            try:
+                got = os.preadv(f.dfd, [view], src)
+            finally:
+                view.release()
+            if self.rng.random() < 0.7:
+                m.flush()
+        if got != n:
+            self._fail(f, f"short direct read {got} of {n}")
+        self._model_write(f, dst, bytes(f.model[src : src + n]))
+        return f"dioread_into_map {src:#x}+{n:#x} -> map[{dst:#x}]"
+
     def op_punch(self, f: _File) -> str:
         cur = len(f.model)
         off, size = self._range(cur + 8192)
@@ -422,6 +499,40 @@ class Fsx:
         got = cold_read(f.path, 0, size + 4096)
         self._check_read(f, 0, size + 4096, got, "check (whole file, cold)")
         return f"check 0+{size:#x}"
+
+    def op_replace(self, f: _File) -> str:
+        """Write a new file and rename it over this one (the old inode becomes an orphan
+        while our fds are open, and is freed when they close)."""
+        size = self.rng.randint(0, self.max_size // 2)
+        data = self._rand_bytes(size)
+        tmp = f.path + ".new"
+        sync = self.rng.random() < 0.3
+        self._note(f, f"replace by a new file of {size:#x} bytes{' (fsync)' if sync else ''}")
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            for off in range(0, size, 256 << 10):
+                os.pwrite(fd, data[off : off + (256 << 10)], off)
+            if sync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, f.path)
+        old = bytes(f.model)
+        got = read_full(f.fd, 0, len(old) + 4096)  # the orphan still reads its own data
+        self._check_read(f, 0, len(old) + 4096, got, "orphan read after rename-over")
+        self._close(f)
+        f.model = bytearray(data)
+        self._open(f)
+        return f"replace {size:#x}"
+
+    def op_recreate(self, f: _File) -> str:
+        """Unlink with fds open, close them (the inode is freed), create an empty file."""
+        self._note(f, "unlink + close + create")
+        os.unlink(f.path)
+        self._close(f)
+        f.model = bytearray()
+        self._open(f)
+        return "recreate"
 
     def op_remount(self, f: _File) -> str:
         assert self.remount_fn is not None
@@ -489,6 +600,251 @@ class Fsx:
                 pass
 
 
+# ---------------------------------------------------------------------------------------------
+# Concurrent mode: several processes, one file, disjoint byte regions
+
+
+class RegionWorker:
+    """One process of a concurrent run: owns bytes [lo, hi) of a shared file of fixed size and
+    checks every read of them against its own model. Region edges are not aligned, so
+    neighbours share pages and blocks: a lost update, a stale page or a zeroed neighbour shows
+    up as a mismatch in the victim's region. The file size never changes (no truncate, KEEP_SIZE
+    fallocate only)."""
+
+    OPS = {"write": 20, "syncwrite": 3, "read": 10, "coldread": 10, "seqread": 4, "mapread": 6,
+           "mapwrite": 6, "dioread": 8, "diowrite": 8, "punch": 3, "zero": 3, "fsync": 3}
+
+    def __init__(self, path: str, lo: int, hi: int, model: bytes, *, seed: int, wid: int,
+                 dio_align: int = 512, max_len: int = 64 << 10,
+                 ops: dict[str, float] | None = None) -> None:
+        self.path, self.lo, self.hi = path, lo, hi
+        self.ops = dict(ops or self.OPS)
+        self.model = bytearray(model)
+        self.rng = random.Random(seed * 1000 + wid)
+        self.wid, self.seed = wid, seed
+        self.dio_align, self.max_len = dio_align, max_len
+        self.log: collections.deque[str] = collections.deque(maxlen=30)
+        self.n = 0
+        self.fd = self.dfd = -1
+        self.size = 0
+
+    def _fail(self, what: str, got: bytes | None = None, off: int = 0) -> None:
+        lines = [f"fsx seed={self.seed} worker {self.wid} [{self.lo:#x}, {self.hi:#x}) "
+                 f"op #{self.n}: {what}"]
+        if got is not None:
+            want = self._want(off, len(got))
+            first = next((i for i in range(len(got)) if got[i] != want[i]), len(got))
+            # (first == len(got): a short read, the data read so far matched)
+            lines.append(f"  first differing offset {off + first}; got "
+                         f"{got[first:first + 16].hex()} want {want[first:first + 16].hex()}")
+        lines.append(f"  last {len(self.log)} ops of this worker:")
+        lines.extend(f"    {e}" for e in self.log)
+        raise FsxMismatch("\n".join(lines))
+
+    def _want(self, off: int, n: int) -> bytes:
+        return bytes(self.model[off - self.lo : off - self.lo + n])
+
+    def _check(self, off: int, got: bytes, what: str, n: int | None = None) -> None:
+        """`got` (read at `off`, `n` bytes asked; default len(got)) against the model."""
+        want = self._want(off, len(got) if n is None else n)
+        if got != want:
+            self._fail(f"{what}: data differs from the model (got {len(got)} bytes, want "
+                       f"{len(want)})", got, off)
+
+    def _put(self, off: int, data: bytes) -> None:
+        self.model[off - self.lo : off - self.lo + len(data)] = data
+
+    def _span(self, align: int = 1) -> tuple[int, int] | None:
+        lo, hi = self.lo, self.hi
+        if align > 1:
+            lo, hi = -(-lo // align) * align, hi // align * align
+        if hi - lo < max(align, 1):
+            return None
+        r = self.rng
+        n = r.randint(1, 64) if r.random() < 0.3 else r.randint(1, self.max_len)
+        n = min(n, hi - lo)
+        if align > 1:
+            n = max(align, n // align * align)
+        off = r.randint(lo, hi - n)
+        if align > 1:
+            off = off // align * align
+        return off, n
+
+    def _data(self, n: int) -> bytes:
+        """8-byte words naming the worker and the op: a misplaced write says whose it was."""
+        tag = bytes([0xA0 + self.wid]) * 2 + b"op" + (self.n & 0xFFFFFFFF).to_bytes(4, "little")
+        return (tag * (n // 8 + 1))[:n]
+
+    def step(self) -> None:
+        self.n += 1
+        name = self.rng.choices(list(self.ops), weights=list(self.ops.values()))[0]
+        align = self.dio_align if name.startswith("dio") else 1
+        span = self._span(align)
+        if span is None:
+            return
+        off, n = span
+        self.log.append(f"#{self.n} {name} {off:#x}+{n:#x}")
+        try:
+            self._do(name, off, n)
+        except OSError as exc:
+            self._fail(f"{name} failed: {exc}")
+
+    def _do(self, name: str, off: int, n: int) -> None:
+        if name in ("write", "syncwrite"):
+            data = self._data(n)
+            flags = os.RWF_DSYNC if name == "syncwrite" else 0
+            if os.pwritev(self.fd, [data], off, flags) != n:
+                self._fail("short write")
+            self._put(off, data)
+        elif name == "read":
+            self._check(off, read_full(self.fd, off, n), name, n)
+        elif name == "coldread":
+            drop_kernel_cache(self.fd)
+            self._check(off, read_full(self.fd, off, n), name, n)
+        elif name == "seqread":
+            # cold sequential reads to the end of the region: the daemon's readahead window
+            # grows and fills pages past `hi`, in the neighbour's region, which no kernel
+            # folio lock covers (tests/test_dio_locks.py explains why that matters)
+            drop_kernel_cache(self.fd)
+            chunk = 16 << 10
+            for pos in range(off, self.hi, chunk):
+                k = min(chunk, self.hi - pos)
+                self._check(pos, read_full(self.fd, pos, k), name, k)
+        elif name == "mapread":
+            with mmap.mmap(self.fd, self.size, mmap.MAP_SHARED, mmap.PROT_READ) as m:
+                self._check(off, m[off : off + n], name, n)
+        elif name == "mapwrite":
+            data = self._data(n)
+            with mmap.mmap(self.fd, self.size, mmap.MAP_SHARED,
+                           mmap.PROT_READ | mmap.PROT_WRITE) as m:
+                m[off : off + n] = data
+                if self.rng.random() < 0.8:
+                    first = off // PAGE * PAGE
+                    m.flush(first, off + n - first)
+            self._put(off, data)
+        elif name == "dioread":
+            self._check(off, direct_pread(self.dfd, off, n), name, n)
+        elif name == "diowrite":
+            data = self._data(n)
+            if direct_pwrite(self.dfd, off, data) != n:
+                self._fail("short direct write")
+            self._put(off, data)
+        elif name in ("punch", "zero"):
+            mode = FALLOC_FL_KEEP_SIZE | (
+                FALLOC_FL_PUNCH_HOLE if name == "punch" else FALLOC_FL_ZERO_RANGE)
+            fallocate(self.fd, mode, off, n)
+            self._put(off, bytes(n))
+        elif name == "fsync":
+            os.fsync(self.fd)
+
+    def run(self, nops: int) -> int:
+        self.fd = os.open(self.path, os.O_RDWR)
+        self.dfd = os.open(self.path, os.O_RDWR | os.O_DIRECT)
+        self.size = os.fstat(self.fd).st_size
+        try:
+            for _ in range(nops):
+                self.step()
+            drop_kernel_cache(self.fd)
+            n = self.hi - self.lo
+            self._check(self.lo, read_full(self.fd, self.lo, n), "final check", n)
+        finally:
+            os.close(self.fd)
+            os.close(self.dfd)
+        return self.n
+
+
+def _worker_main(conn: object, w: RegionWorker, nops: int) -> None:
+    import multiprocessing.connection
+
+    assert isinstance(conn, multiprocessing.connection.Connection)
+    ctypes.CDLL(None).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL: die with the driver
+    try:
+        w.run(nops)
+        conn.send(("ok", w))
+    except BaseException as exc:  # noqa: BLE001 - reported to the driver
+        conn.send(("error", str(exc) if isinstance(exc, FsxMismatch) else repr(exc)))
+
+
+def setup_concurrent(mnt: str | os.PathLike[str], *, seed: int, workers: int = 4,
+                     size: int = 2 << 20, dio_align: int = 512,
+                     ops: dict[str, float] | None = None) -> list[RegionWorker]:
+    """Create the shared file (random content, fsync'ed) and one RegionWorker per region;
+    region edges are random, unaligned offsets."""
+    rng = random.Random(seed)
+    path = os.path.join(os.fspath(mnt), f"fsx-conc-{seed}")
+    content = rng.randbytes(size)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.pwrite(fd, content, 0)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    cuts = sorted(rng.sample(range(1, size), workers - 1))
+    bounds = list(zip([0, *cuts], [*cuts, size], strict=True))
+    return [RegionWorker(path, lo, hi, content[lo:hi], seed=seed, wid=i, dio_align=dio_align,
+                         ops=ops)
+            for i, (lo, hi) in enumerate(bounds)]
+
+
+def run_round(ws: list[RegionWorker], nops: int) -> list[RegionWorker]:
+    """All workers run `nops` ops at once (one forked process each); returns their updated
+    state. Raises FsxMismatch with every failing worker's report."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    procs = []
+    for w in ws:
+        parent, child = ctx.Pipe(duplex=False)
+        p = ctx.Process(target=_worker_main, args=(child, w, nops))
+        p.start()
+        child.close()
+        procs.append((p, parent))
+    errors, new = [], []
+    for (p, conn), w in zip(procs, ws, strict=True):
+        try:
+            kind, value = conn.recv()
+        except EOFError:
+            kind, value = "error", f"worker {w.wid} died ({p.exitcode})"
+        p.join()
+        if kind == "ok":
+            new.append(value)
+        else:
+            errors.append(value)
+            new.append(w)
+    if errors:
+        raise FsxMismatch("\n\n".join(errors))
+    return new
+
+
+def check_regions(ws: list[RegionWorker], what: str = "after remount") -> None:
+    """Cold read of every region against its worker's model (e.g. after a remount)."""
+    for w in ws:
+        w.log.append(what)
+        w._check(w.lo, cold_read(w.path, w.lo, w.hi - w.lo), what, w.hi - w.lo)
+
+
+def run_concurrent(mnt: str | os.PathLike[str], *, seed: int, workers: int = 4,
+                   nops: int = 500, rounds: int = 1, size: int = 2 << 20,
+                   dio_align: int = 512, between: Callable[[], None] | None = None,
+                   ) -> dict[str, object]:
+    """`workers` processes on one file of `size` bytes, each owning a random unaligned
+    region; `rounds` rounds of `nops` ops per worker, `between()` (e.g. a remount) after every
+    round but the last, then a check of every region. Raises FsxMismatch on any mismatch."""
+    ws = setup_concurrent(mnt, seed=seed, workers=workers, size=size, dio_align=dio_align)
+    t0 = time.monotonic()
+    for rnd in range(rounds):
+        ws = run_round(ws, nops)
+        if between is not None and rnd < rounds - 1:
+            between()
+            check_regions(ws)
+    elapsed = time.monotonic() - t0
+    check_regions(ws, "final check")
+    os.unlink(ws[0].path)
+    total = sum(w.n for w in ws)
+    return {"seed": seed, "workers": workers, "ops": total, "seconds": round(elapsed, 2),
+            "ops_per_s": round(total / elapsed, 1)}
+
+
 def _segment(fsx: Fsx, nops: int, after_remount: bool) -> Fsx:
     fsx.run(nops, after_remount=after_remount)
     return fsx  # pickled back to the parent: models, rng state, log, counts
@@ -526,8 +882,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-o", dest="opts", action="append", default=[],
                    help="mount option k=v for the own mount (e.g. cache_size=2M)")
     p.add_argument("--bug", action="append", default=[], help="--bug switch for the own mount")
+    p.add_argument("--workers", type=int, default=0,
+                   help="concurrent mode: K processes on one file, disjoint regions")
+    p.add_argument("--keep", action="store_true", help="keep the own mount's work directory")
+    p.add_argument("--rounds", type=int, default=3, help="concurrent mode: rounds (remounts)")
     a = p.parse_args(argv)
     kw = dict(seed=a.seed, nfiles=a.files, max_size=a.max_size, dio_align=a.dio_align)
+    if a.mnt and a.workers:
+        try:
+            print(run_concurrent(a.mnt, seed=a.seed, workers=a.workers, nops=a.ops,
+                                 rounds=a.rounds, dio_align=a.dio_align))
+        except FsxMismatch as exc:
+            print(exc, file=sys.stderr)
+            return 1
+        return 0
     if a.mnt:
         fsx = Fsx(a.mnt, **kw)  # type: ignore[arg-type]
         try:
@@ -545,14 +913,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cannot mount: {reason}", file=sys.stderr)
         return 2
     opts = dict(o.split("=", 1) for o in a.opts)
-    with tempfile.TemporaryDirectory(prefix="fsx-") as tmp:
+    keep = tempfile.mkdtemp(prefix="fsx-") if a.keep else None
+    if keep:
+        print(f"work directory (kept): {keep}", file=sys.stderr)
+    with contextlib.nullcontext(keep) if keep else tempfile.TemporaryDirectory(
+            prefix="fsx-") as tmp:
         factory = MountFactory(Path(tmp))
         rc = 0
         try:
             m = factory(size="64M", opts=opts, bugs=a.bug)
             fsx = Fsx(m.mnt, remount=m.remount, **kw)  # type: ignore[arg-type]
             try:
-                print(fsx.run(a.ops))
+                if a.workers:
+                    print(run_concurrent(m.mnt, seed=a.seed, workers=a.workers, nops=a.ops,
+                                         rounds=a.rounds, dio_align=a.dio_align,
+                                         between=m.remount))
+                else:
+                    print(fsx.run(a.ops))
             except FsxMismatch as exc:
                 print(exc, file=sys.stderr)
                 rc = 1

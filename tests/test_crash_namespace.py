@@ -267,7 +267,7 @@ def check_cut(off: Offline, cut: int, exp: list[dict[str, Any]]) -> list[str]:
         if got is None:
             bad.append(f"cut {cut}: inode {e['ino']} ({e['path']}) fsync'ed but missing")
         elif got != e["data"]:
-            diff = next((i for i, (a, b) in enumerate(zip(got, e["data"])) if a != b),
+            diff = next((i for i, (a, b) in enumerate(zip(got, e["data"], strict=False)) if a != b),
                         min(len(got), len(e["data"])))
             bad.append(f"cut {cut}: inode {e['ino']} ({e['path']}) has {len(got)} bytes, "
                        f"fsync'ed {len(e['data'])}; first difference at {diff}")

@@ -278,24 +278,39 @@ AT_FDCWD = -100
 
 
 class _StatxTimestamp(ctypes.Structure):
-    _fields_ = [("tv_sec", ctypes.c_int64), ("tv_nsec", ctypes.c_uint32),
-                ("reserved", ctypes.c_int32)]
+    _fields_ = [
+        ("tv_sec", ctypes.c_int64),
+        ("tv_nsec", ctypes.c_uint32),
+        ("reserved", ctypes.c_int32),
+    ]
 
 
 class _Statx(ctypes.Structure):
     _fields_ = [
-        ("stx_mask", ctypes.c_uint32), ("stx_blksize", ctypes.c_uint32),
-        ("stx_attributes", ctypes.c_uint64), ("stx_nlink", ctypes.c_uint32),
-        ("stx_uid", ctypes.c_uint32), ("stx_gid", ctypes.c_uint32),
-        ("stx_mode", ctypes.c_uint16), ("spare0", ctypes.c_uint16),
-        ("stx_ino", ctypes.c_uint64), ("stx_size", ctypes.c_uint64),
-        ("stx_blocks", ctypes.c_uint64), ("stx_attributes_mask", ctypes.c_uint64),
-        ("stx_atime", _StatxTimestamp), ("stx_btime", _StatxTimestamp),
-        ("stx_ctime", _StatxTimestamp), ("stx_mtime", _StatxTimestamp),
-        ("stx_rdev_major", ctypes.c_uint32), ("stx_rdev_minor", ctypes.c_uint32),
-        ("stx_dev_major", ctypes.c_uint32), ("stx_dev_minor", ctypes.c_uint32),
-        ("stx_mnt_id", ctypes.c_uint64), ("stx_dio_mem_align", ctypes.c_uint32),
-        ("stx_dio_offset_align", ctypes.c_uint32), ("spare3", ctypes.c_uint64 * 12),
+        ("stx_mask", ctypes.c_uint32),
+        ("stx_blksize", ctypes.c_uint32),
+        ("stx_attributes", ctypes.c_uint64),
+        ("stx_nlink", ctypes.c_uint32),
+        ("stx_uid", ctypes.c_uint32),
+        ("stx_gid", ctypes.c_uint32),
+        ("stx_mode", ctypes.c_uint16),
+        ("spare0", ctypes.c_uint16),
+        ("stx_ino", ctypes.c_uint64),
+        ("stx_size", ctypes.c_uint64),
+        ("stx_blocks", ctypes.c_uint64),
+        ("stx_attributes_mask", ctypes.c_uint64),
+        ("stx_atime", _StatxTimestamp),
+        ("stx_btime", _StatxTimestamp),
+        ("stx_ctime", _StatxTimestamp),
+        ("stx_mtime", _StatxTimestamp),
+        ("stx_rdev_major", ctypes.c_uint32),
+        ("stx_rdev_minor", ctypes.c_uint32),
+        ("stx_dev_major", ctypes.c_uint32),
+        ("stx_dev_minor", ctypes.c_uint32),
+        ("stx_mnt_id", ctypes.c_uint64),
+        ("stx_dio_mem_align", ctypes.c_uint32),
+        ("stx_dio_offset_align", ctypes.c_uint32),
+        ("spare3", ctypes.c_uint64 * 12),
     ]
 
 
@@ -308,8 +323,12 @@ def statx_dioalign(path: str) -> tuple[bool, int, int, int]:
     if rc != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
-    return (bool(st.stx_mask & STATX_DIOALIGN), st.stx_dio_mem_align,
-            st.stx_dio_offset_align, st.stx_blksize)
+    return (
+        bool(st.stx_mask & STATX_DIOALIGN),
+        st.stx_dio_mem_align,
+        st.stx_dio_offset_align,
+        st.stx_blksize,
+    )
 
 
 def test_statx_dioalign_reported(mounted: Mount) -> None:
@@ -318,7 +337,9 @@ def test_statx_dioalign_reported(mounted: Mount) -> None:
     Callers learn the rule only from EINVAL; the daemon enforces it itself."""
     path = make_cached_file(mounted)
     has, mem_align, off_align, blksize = statx_dioalign(path)
-    print(f"statx on diofs: STATX_DIOALIGN={has} mem_align={mem_align} "
-          f"offset_align={off_align} blksize={blksize}")
+    print(
+        f"statx on diofs: STATX_DIOALIGN={has} mem_align={mem_align} "
+        f"offset_align={off_align} blksize={blksize}"
+    )
     assert not has and mem_align == 0 and off_align == 0
     assert blksize == PAGE

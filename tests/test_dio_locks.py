@@ -41,7 +41,7 @@ PAGE = 4096
 FILE_SIZE = 1 << 20
 READ_SIZE = 128 * 1024  # the kernel READ: pages [0, 32)
 RA_OFF, RA_LEN = 128 * 1024, 128 * 1024  # daemon-only readahead: pages [32, 64)
-FILL_DELAY = 0.5
+FILL_DELAY = 1.0
 OLD, NEW = b"o", b"N"
 
 
@@ -91,7 +91,7 @@ def race_fill_against_direct_write(mnt: str) -> dict[str, Any]:
     while stats(mnt).get("cache.misses", 0) == s0.get("cache.misses", 0):
         assert time.monotonic() < deadline, "the buffered READ never reached the daemon"
         time.sleep(0.002)
-    time.sleep(FILL_DELAY / 5)
+    time.sleep(FILL_DELAY * 0.3)
     write_s = direct_pwrite(path, NEW * RA_LEN, RA_OFF)
     t.join()
     s1 = stats(mnt)
@@ -123,10 +123,8 @@ def race_fill_against_direct_write(mnt: str) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("bug_on", [False, True], ids=["default", "no-pagecache-lock"])
-def test_fill_cannot_reinsert_after_direct_write(mount_factory: MountFactory,
-                                                 bug_on: bool) -> None:
-    m = mount_factory(opts={"fill_delay": FILL_DELAY},
-                      bugs=["no-pagecache-lock"] if bug_on else [])
+def test_fill_cannot_reinsert_after_direct_write(mount_factory: MountFactory, bug_on: bool) -> None:
+    m = mount_factory(opts={"fill_delay": FILL_DELAY}, bugs=["no-pagecache-lock"] if bug_on else [])
     r = run_in_child(race_fill_against_direct_write, str(m.mnt), timeout=30, mounts=[m])
     # the race was set up as designed: the fill covered the written pages as readahead only
     assert r["reader_ok"] and r["image_new"], r

@@ -15,17 +15,23 @@ file all the time, completes with correct data.
 READs must then not wait for the lock (the per-task fault marker: `locks.faults_disabled_fills`
 counts them). With `--bug no-fault-marker` they do, and the self-write deadlocks on the kernel
 folio locks (fuse-facts row 3): the test expects the watchdog to find it, report the stuck
-tasks and abort the connection, leaving nothing behind.
+tasks and abort the connection, leaving nothing behind. Two more locked-mode tests: a fault
+READ of the writer that queued for ADD before its own chunk got BLOCK must leave the queue
+once marked (fault_marker rule M6, a fix found by these tests), and a second faulting process
+still deadlocks locked mode even with the marker (row 3: why it is not the default).
 
 Expected data with overlap: the destination lies *below* the source (dst = src - n/2), so each
-chunk reads source bytes that no earlier chunk has overwritten: the result is the original
-source whatever the chunk order (the kernel issues chunks in ascending order).
+chunk reads source bytes that no earlier chunk has overwritten (the kernel pins chunk N's
+pages before it sends chunk N, and sends chunks in ascending order): the result is the original
+source. Each file is written before the delay hooks are switched on
+(`prepared_mount`), with O_DIRECT, so no cache holds it and every access faults to the daemon.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import faulthandler
 import mmap
 import multiprocessing
 import os
@@ -38,6 +44,7 @@ from typing import Any
 import pytest
 
 from diofs import watchdog
+from diofs.cli.stats import read_stats
 from tests.mounting import Mount, MountFactory, run_in_child
 
 pytestmark = pytest.mark.deadline(150)
@@ -73,8 +80,9 @@ def drop_kernel_cache(fd: int, off: int = 0, n: int = 0) -> None:
     os.posix_fadvise(fd, off, n, os.POSIX_FADV_DONTNEED)
 
 
-def prepared_mount(factory: MountFactory, opts: dict[str, Any] | None = None,
-                   bugs: tuple[str, ...] = ()) -> Mount:
+def prepared_mount(
+    factory: MountFactory, opts: dict[str, Any] | None = None, bugs: tuple[str, ...] = ()
+) -> Mount:
     """A mount holding FILE_NAME (FILE_SIZE bytes of pattern), remounted with `opts`: the file
     is written before the delay hooks apply, and no cache holds it afterwards."""
     m = factory(size="96M", bugs=bugs)
@@ -102,6 +110,7 @@ def _faulter(path: str, stop: Any, started: Any, counter: Any) -> None:
     """Fault [FAULT_OFF, +FAULT_LEN) of `path` through a fresh mapping, again and again, each
     time after dropping the kernel's pages of it, until `stop` is set."""
     ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)  # never outlive the workload
+    faulthandler.disable()  # after a watchdog abort its mapping raises SIGBUS: no dump
     try:
         fd = os.open(path, os.O_RDONLY)
         while not stop.is_set():
@@ -109,10 +118,10 @@ def _faulter(path: str, stop: Any, started: Any, counter: Any) -> None:
             with mmap.mmap(fd, FAULT_LEN, prot=mmap.PROT_READ, offset=FAULT_OFF) as mm:
                 for off in range(0, FAULT_LEN, PAGE):
                     mm[off]
-                    if off == 0:
+                    if off % (32 * PAGE) == 0:  # progress in units of 128 KiB faulted
                         started.set()
-            with counter.get_lock():
-                counter.value += 1
+                        with counter.get_lock():
+                            counter.value += 1
         os.close(fd)
     except OSError:
         os._exit(1)
@@ -121,7 +130,7 @@ def _faulter(path: str, stop: Any, started: Any, counter: Any) -> None:
 @contextlib.contextmanager
 def second_process(path: str, enabled: bool = True) -> Any:
     """A forked process faulting another range of `path` for the duration of the block;
-    yields a function returning how many passes it made."""
+    yields a function returning its progress (128 KiB steps faulted so far)."""
     if not enabled:
         yield lambda: 0
         return
@@ -160,7 +169,9 @@ def layout(n: int, overlap: bool) -> tuple[int, int]:
     return 0, REGION
 
 
-def single_thread_run(mnt: str, kind: str, n: int, overlap: bool, with_faulter: bool) -> dict:
+def single_thread_run(
+    mnt: str, kind: str, n: int, overlap: bool, with_faulter: bool, check_mapping: bool = True
+) -> dict:
     path = os.path.join(mnt, FILE_NAME)
     src, dst = layout(n, overlap)
     expected = pattern(FILE_SIZE, 1)[src : src + n]
@@ -168,16 +179,19 @@ def single_thread_run(mnt: str, kind: str, n: int, overlap: bool, with_faulter: 
     mfd = os.open(path, os.O_RDWR)
     try:
         drop_kernel_cache(mfd)
-        with mmap.mmap(mfd, FILE_SIZE) as mm, second_process(path, with_faulter) as passes:
+        with mmap.mmap(mfd, FILE_SIZE) as mm, second_process(path, with_faulter) as progress:
+            steps_before = progress()
             t0 = time.monotonic()
             if kind == "write":
                 self_write(fd, mm, src, dst, n)
             else:
                 self_read(fd, mm, src, dst, n)
             elapsed = time.monotonic() - t0
-            in_mapping = mm[dst : dst + n] == expected
+            steps_during = progress() - steps_before
+            # (reading the mapping faults every page again: slow with -o fill_delay)
+            in_mapping = mm[dst : dst + n] == expected if check_mapping else True
             mm.flush()
-            faulter_passes = passes()
+            faulter_steps = progress()
         on_image = direct_pread(fd, n, dst) == expected
         # everything else of the file is untouched
         rest_ok = (direct_pread(fd, dst, 0) == pattern(dst, 1) if dst else True) and (
@@ -186,12 +200,19 @@ def single_thread_run(mnt: str, kind: str, n: int, overlap: bool, with_faulter: 
     finally:
         os.close(mfd)
         os.close(fd)
-    return {"in_mapping": in_mapping, "on_image": on_image, "rest_ok": rest_ok,
-            "elapsed": elapsed, "faulter_passes": faulter_passes}
+    return {
+        "in_mapping": in_mapping,
+        "on_image": on_image,
+        "rest_ok": rest_ok,
+        "elapsed": elapsed,
+        "faulter_steps": faulter_steps,
+        "faulter_steps_during": steps_during,
+    }
 
 
-def thread_worker(fd: int, mm: mmap.mmap, base: int, n: int, tid_seed: int, rounds: int,
-                  errors: list[str]) -> None:
+def thread_worker(
+    fd: int, mm: mmap.mmap, base: int, n: int, tid_seed: int, rounds: int, errors: list[str]
+) -> None:
     """One thread's rounds on [base, base + 2n): self-write src->dst, then self-read dst->src,
     each from fresh O_DIRECT-written bytes (the kernel has no copy: the transfer faults)."""
     src, dst = base, base + n
@@ -223,19 +244,22 @@ def threads_run(mnt: str, n: int, nthreads: int, rounds: int) -> dict:
     errors: list[str] = []
     try:
         drop_kernel_cache(mfd)
-        with mmap.mmap(mfd, FILE_SIZE) as mm, second_process(path) as passes:
-            ts = [threading.Thread(target=thread_worker,
-                                   args=(fd, mm, i * 2 * n, n, i + 1, rounds, errors))
-                  for i in range(nthreads)]
+        with mmap.mmap(mfd, FILE_SIZE) as mm, second_process(path) as progress:
+            ts = [
+                threading.Thread(
+                    target=thread_worker, args=(fd, mm, i * 2 * n, n, i + 1, rounds, errors)
+                )
+                for i in range(nthreads)
+            ]
             for t in ts:
                 t.start()
             for t in ts:
                 t.join()
-            faulter_passes = passes()
+            faulter_steps = progress()
     finally:
         os.close(mfd)
         os.close(fd)
-    return {"errors": errors, "faulter_passes": faulter_passes}
+    return {"errors": errors, "faulter_steps": faulter_steps}
 
 
 # --------------------------------------------------------------------------- default mode
@@ -244,13 +268,13 @@ def threads_run(mnt: str, n: int, nthreads: int, rounds: int) -> dict:
 @pytest.mark.parametrize("overlap", [False, True], ids=["disjoint", "overlap"])
 @pytest.mark.parametrize("kind", ["write", "read"])
 @pytest.mark.parametrize("n", SIZES, ids=["4K", "1M", "4M", "8M"])
-def test_self_io_with_second_process(mount_factory: MountFactory, n: int, kind: str,
-                                     overlap: bool) -> None:
+def test_self_io_with_second_process(
+    mount_factory: MountFactory, n: int, kind: str, overlap: bool
+) -> None:
     m = prepared_mount(mount_factory, {"dio_delay": 0.05})
-    r = run_in_child(single_thread_run, str(m.mnt), kind, n, overlap, True, timeout=60,
-                     mounts=[m])
+    r = run_in_child(single_thread_run, str(m.mnt), kind, n, overlap, True, timeout=60, mounts=[m])
     assert r["in_mapping"] and r["on_image"] and r["rest_ok"], r
-    assert r["faulter_passes"] >= 1, r
+    assert r["faulter_steps"] >= 1, r
 
 
 @pytest.mark.parametrize("n", [1 * MiB, 4 * MiB], ids=["1M", "4M"])
@@ -260,15 +284,16 @@ def test_self_io_threads_disjoint_regions(mount_factory: MountFactory, n: int) -
     m = prepared_mount(mount_factory)
     r = run_in_child(threads_run, str(m.mnt), n, 3, 3, timeout=90, mounts=[m])
     assert r["errors"] == [], r
-    assert r["faulter_passes"] >= 1, r
+    assert r["faulter_steps"] >= 1, r
 
 
 def test_marker_taken_in_default_mode(mount_factory: MountFactory) -> None:
     """With a direct WRITE holding BLOCK, the writer's own fault READs of the next chunk take
     the faults-disabled path (and insert nothing)."""
     m = prepared_mount(mount_factory, {"dio_delay": 0.2})
-    r = run_in_child(single_thread_run, str(m.mnt), "write", 4 * MiB, False, False,
-                     timeout=60, mounts=[m])
+    r = run_in_child(
+        single_thread_run, str(m.mnt), "write", 4 * MiB, False, False, timeout=60, mounts=[m]
+    )
     assert r["in_mapping"] and r["on_image"] and r["rest_ok"], r
     assert m.stats().get("locks.faults_disabled_fills", 0) > 0
 
@@ -284,14 +309,73 @@ def locked_self_write(mnt: str) -> dict:
 
 
 @pytest.mark.parametrize("kind", ["write", "read"])
-def test_locked_shootdown_self_io_completes_with_marker(mount_factory: MountFactory,
-                                                        kind: str) -> None:
+def test_locked_shootdown_self_io_completes_with_marker(
+    mount_factory: MountFactory, kind: str
+) -> None:
     m = prepared_mount(mount_factory, LOCKED)
-    r = run_in_child(single_thread_run, str(m.mnt), kind, 4 * MiB, False, False,
-                     timeout=30, mounts=[m])
+    r = run_in_child(
+        single_thread_run, str(m.mnt), kind, 4 * MiB, False, False, timeout=30, mounts=[m]
+    )
     assert r["in_mapping"] and r["on_image"] and r["rest_ok"], r
     if kind == "write":
         assert m.stats().get("locks.faults_disabled_fills", 0) > 0
+
+
+def queued_fault_run(mnt: str) -> dict:
+    """The writer's own fault READ queues for ADD behind its own first chunk's BLOCK wait.
+
+    1. the source's first MiB goes into the kernel cache by a buffered write, so chunk 0 is
+       sent with no fault READ, and chunk 1's source is not cached anywhere;
+    2. another thread's buffered READ (one READ: POSIX_FADV_RANDOM) of a far range holds ADD
+       for the mount's fill_delay;
+    3. the self-write: chunk 0's WRITE queues for BLOCK behind that fill; the kernel then
+       faults chunk 1's source, and that READ (the writer's tid, not yet marked) queues for
+       ADD behind the BLOCK waiter (the lock is phase-fair).
+    """
+    path = os.path.join(mnt, FILE_NAME)
+    fd = os.open(path, os.O_RDWR | os.O_DIRECT)
+    mfd = os.open(path, os.O_RDWR)
+    try:
+        drop_kernel_cache(mfd)
+        assert os.pwrite(mfd, pattern(1 * MiB, 1), 0) == 1 * MiB  # same bytes, now cached
+        s0 = read_stats(mnt)
+
+        def other_reader() -> None:
+            rfd = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(rfd, 0, 0, os.POSIX_FADV_RANDOM)
+                os.pread(rfd, 128 * KiB, FAULT_OFF)
+            finally:
+                os.close(rfd)
+
+        t = threading.Thread(target=other_reader)
+        t.start()
+        deadline = time.monotonic() + 10
+        while read_stats(mnt).get("cache.misses", 0) == s0.get("cache.misses", 0):
+            assert time.monotonic() < deadline, "the other READ never reached the daemon"
+            time.sleep(0.002)
+        with mmap.mmap(mfd, FILE_SIZE) as mm:
+            self_write(fd, mm, 0, REGION, 4 * MiB)
+        t.join()
+        ok = direct_pread(fd, 4 * MiB, REGION) == pattern(FILE_SIZE, 1)[: 4 * MiB]
+    finally:
+        os.close(mfd)
+        os.close(fd)
+    return {"on_image": ok}
+
+
+def test_locked_shootdown_fault_queued_before_its_mark(mount_factory: MountFactory) -> None:
+    """Regression (diofs/locks/fault_marker.py rule M6): once chunk 0's WRITE holds BLOCK and
+    marks its tid, the writer's fault READ already queued for ADD must leave the queue for the
+    faults-disabled path (`locks.cancelled_waits`). Before the fix it stayed queued, and the
+    locked shootdown waited for its folio lock forever (fuse-facts row 3)."""
+    m = prepared_mount(mount_factory, {**LOCKED, "fill_delay": 0.5})
+    r = run_in_child(queued_fault_run, str(m.mnt), timeout=30, mounts=[m])
+    assert r["on_image"], r
+    st = m.stats()
+    assert st.get("locks.block_waits", 0) >= 1, st  # chunk 0 waited for the other fill
+    assert st.get("locks.cancelled_waits", 0) >= 1, st  # the queued fault left the queue
+    assert st.get("locks.faults_disabled_fills", 0) > 0, st
 
 
 def test_locked_shootdown_without_marker_deadlocks(mount_factory: MountFactory) -> None:
@@ -318,3 +402,22 @@ def test_locked_shootdown_without_marker_deadlocks(mount_factory: MountFactory) 
         time.sleep(0.1)
     stuck = [t for t in watchdog.stuck_tasks() if t.pid in (result.pid, daemon_pid)]
     assert stuck == []
+
+
+def locked_self_write_with_faulter(mnt: str) -> dict:
+    return single_thread_run(mnt, "write", 4 * MiB, False, True)
+
+
+def test_locked_shootdown_second_process_deadlocks_even_with_marker(
+    mount_factory: MountFactory,
+) -> None:
+    """Why shootdown=locked is not the default (fuse-facts row 3): another process's fault
+    READ waits for ADD while the writer holds BLOCK and waits for that READ's folio lock.
+    The marker only knows the writer's own tid. The watchdog breaks the hang."""
+    m = prepared_mount(mount_factory, LOCKED)
+    m.expect_rescue()
+    result = m.run(locked_self_write_with_faulter, str(m.mnt), timeout=HANG_TIMEOUT_S)
+    assert result.timed_out, "locked shootdown survived a second faulting process"
+    assert "invalidate_inode_pages2_range" in result.report
+    assert f"abort conn {m.conn_id}: done" in result.report
+    assert not watchdog.is_mounted(m.mnt)

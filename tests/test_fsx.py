@@ -8,15 +8,30 @@ a 2 MiB cache with 4 KiB direct-I/O alignment. `test_fsx_catches_no_shootdown` c
 checker: with `--bug no-shootdown` the daemon keeps stale cached pages after a direct write,
 and the exerciser must report a mismatch.
 
-`--stress` adds long runs (tens of thousands of operations per seed).
+Concurrent cases: 4 processes on one file, each owning an unaligned byte region, rounds of
+ops with a remount between rounds. `test_fsx_concurrent_fill_race` widens the fill window
+(`fill_delay`) and leans on sequential cold reads (daemon readahead into the neighbour's
+region) against direct writes and punches: clean by default, stale pages with
+`--bug no-pagecache-lock`.
+
+Every segment / round runs in a forked child with a deadline (`run_in_child`); remounts happen
+in the test process, which owns the daemon. `--stress` adds long runs (tens of thousands of
+operations per seed).
 """
 
 from __future__ import annotations
 
 import pytest
 
-from tests.fsx import Fsx, run_with_remounts
-from tests.mounting import MountFactory
+from tests.fsx import (
+    Fsx,
+    RegionWorker,
+    check_regions,
+    run_round,
+    run_with_remounts,
+    setup_concurrent,
+)
+from tests.mounting import Mount, MountFactory, run_in_child
 
 CASES = [
     pytest.param(1, {}, 512, id="default"),
@@ -39,8 +54,8 @@ def _run(mount_factory: MountFactory, seed: int, opts: dict, align: int, ops: in
 @pytest.mark.parametrize(("seed", "opts", "align"), CASES)
 def test_fsx_no_mismatch(mount_factory: MountFactory, seed: int, opts: dict,
                          align: int) -> None:
-    summary = _run(mount_factory, seed, opts, align, 1500)
-    assert summary["ops"] == 1500
+    summary = _run(mount_factory, seed, opts, align, 1200)
+    assert summary["ops"] == 1200
     counts = summary["counts"]
     assert isinstance(counts, dict)
     assert counts.get("remount", 0) >= 1 and counts.get("mapwrite", 0) > 0
@@ -53,6 +68,62 @@ def test_fsx_catches_no_shootdown(mount_factory: MountFactory) -> None:
         run_with_remounts(m, Fsx(m.mnt, seed=1), 2000)
 
 
+def _conc_setup(mnt: str, seed: int, workers: int,
+                ops: dict[str, float] | None = None) -> list[RegionWorker]:
+    return setup_concurrent(mnt, seed=seed, workers=workers, ops=ops)
+
+
+def _conc_round(ws: list[RegionWorker], nops: int, check_first: bool) -> list[RegionWorker]:
+    if check_first:
+        check_regions(ws)
+    return run_round(ws, nops)
+
+
+def _concurrent(m: Mount, seed: int, workers: int, nops: int, rounds: int,
+                timeout: float = 40.0, ops: dict[str, float] | None = None) -> int:
+    """Rounds of concurrent workers, each round in a child with a deadline; remounts between
+    rounds (from this process, which owns the daemon); returns the number of ops."""
+    ws = run_in_child(_conc_setup, str(m.mnt), seed, workers, ops, timeout=timeout,
+                      mounts=[m])
+    for rnd in range(rounds):
+        ws = run_in_child(_conc_round, ws, nops, rnd > 0, timeout=timeout, mounts=[m])
+        m.remount()
+    run_in_child(check_regions, ws, timeout=timeout, mounts=[m])
+    return sum(w.n for w in ws)
+
+
+CONC_CASES = [
+    pytest.param(11, {}, id="default"),
+    pytest.param(12, {"cache_size": "1M", "writeback_age": 0.05}, id="tiny-cache-fast-wb"),
+]
+
+
+@pytest.mark.deadline(60)
+@pytest.mark.parametrize(("seed", "opts"), CONC_CASES)
+def test_fsx_concurrent_regions_no_mismatch(mount_factory: MountFactory, seed: int,
+                                            opts: dict) -> None:
+    """4 processes on one file, each owning an unaligned region (neighbours share pages and
+    blocks), 2 rounds of 300 ops each with a remount after each round."""
+    m = mount_factory(size="64M", opts=opts)
+    assert _concurrent(m, seed, workers=4, nops=300, rounds=2) == 4 * 300 * 2
+
+
+@pytest.mark.deadline(90)
+@pytest.mark.parametrize("bug_on", [False, True], ids=["default", "no-pagecache-lock"])
+def test_fsx_concurrent_fill_race(mount_factory: MountFactory, bug_on: bool) -> None:
+    """Neighbours' readahead fills (pages no kernel folio lock covers) race direct writes and
+    punches, widened by fill_delay: no mismatch with the pagecache-add lock; without it
+    (--bug no-pagecache-lock) stale pages are caught. This also checks the checker."""
+    m = mount_factory(size="64M", opts={"fill_delay": 0.01},
+                      bugs=["no-pagecache-lock"] if bug_on else [])
+    ops = {"seqread": 6, "coldread": 2, "diowrite": 6, "zero": 2, "punch": 2, "write": 2}
+    if bug_on:
+        with pytest.raises(AssertionError, match="first differing offset"):
+            _concurrent(m, 4, workers=4, nops=200, rounds=2, ops=ops)
+    else:
+        assert _concurrent(m, 4, workers=4, nops=200, rounds=2, ops=ops) == 4 * 200 * 2
+
+
 @pytest.mark.stress
 @pytest.mark.deadline(1800)
 @pytest.mark.parametrize(("seed", "opts", "align"), CASES)
@@ -61,3 +132,13 @@ def test_fsx_stress(mount_factory: MountFactory, seed: int, opts: dict, align: i
                     round_: int) -> None:
     _run(mount_factory, 100 * (round_ + 1) + seed, opts, align, 20000,
          segment=(1000, 4000), timeout=600, max_size=4 << 20, nfiles=3)
+
+
+@pytest.mark.stress
+@pytest.mark.deadline(1800)
+@pytest.mark.parametrize(("seed", "opts"), CONC_CASES)
+@pytest.mark.parametrize("round_", range(3))
+def test_fsx_concurrent_stress(mount_factory: MountFactory, seed: int, opts: dict,
+                               round_: int) -> None:
+    m = mount_factory(size="64M", opts=opts)
+    _concurrent(m, 100 * (round_ + 1) + seed, workers=6, nops=3000, rounds=4, timeout=600)

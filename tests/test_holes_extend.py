@@ -266,11 +266,17 @@ def test_extending_direct_write_publishes_size_after_data(
 
 
 def tail_readers(path: str, stop: threading.Event, c: Counts, errors: list[BaseException],
-                 written: Any = None) -> list[threading.Thread]:
-    """Readers of `path` until `stop`: O_DIRECT whole file, buffered tail, mmap tail, stat.
+                 written: Any = None, mmap_reader: bool = False) -> list[threading.Thread]:
+    """Readers of `path` until `stop`: O_DIRECT whole file, buffered tail, stat, and (for a
+    file whose size does not change) an mmap of the tail.
 
     Each classifies what it reads: secret bytes, and (if `written(off, data)` is given)
-    bytes that are neither zeros nor what `written` says belongs there."""
+    bytes that are neither zeros nor what `written` says belongs there.
+
+    No mmap reader of a growing file: concurrent GETATTR replies are applied by the kernel
+    in any order, so the kernel's i_size can step back for a moment (measured: mmap() saw a
+    smaller size than the fstat() just before it, and a mapped tail read took SIGBUS, both
+    with fio; the mmap readers are in test_buffered_readers_over_filling_holes)."""
 
     def loop(kind: str) -> None:
         try:
@@ -312,8 +318,8 @@ def tail_readers(path: str, stop: threading.Event, c: Counts, errors: list[BaseE
         except BaseException as exc:
             errors.append(exc)
 
-    threads = [threading.Thread(target=loop, args=(k,)) for k in
-               ("direct", "buffered", "mmap", "stat")]
+    kinds = ["direct", "buffered", "stat"] + (["mmap"] if mmap_reader else [])
+    threads = [threading.Thread(target=loop, args=(k,)) for k in kinds]
     for t in threads:
         t.start()
     return threads
@@ -323,15 +329,19 @@ GARBAGE_SEEN: list[tuple[int, bytes]] = []  # (file offset, first bytes) for the
 
 
 def garbage_vs_patterns(off: int, data: bytes) -> int:
-    """Bytes in 512-byte sectors of `data` (at file offset `off`) that are neither zeros nor
-    the pattern of the CHUNK they lie in (the threaded appenders write pattern(chunk))."""
+    """Bytes of `data` (at file offset `off`) that are neither zero nor the byte of the
+    pattern of the CHUNK they lie in (the writers write pattern(chunk)). Byte by byte: a copy
+    out of an mmap is not atomic, and one racing a direct write may show a sector torn between
+    the old zeros and the new bytes (glibc's memcpy even loads the tail of a copy first)."""
     bad = 0
     z = bytes(512)
     for i in range(0, len(data) - 511, 512):
         sec = data[i : i + 512]
-        if sec != z and sec != pattern((off + i) // CHUNK, 512):
-            bad += 512
-            if len(GARBAGE_SEEN) < 8:
+        want = pattern((off + i) // CHUNK, 512)
+        if sec != z and sec != want:
+            n = sum(1 for a, b in zip(sec, want, strict=True) if a and a != b)
+            bad += n
+            if n and len(GARBAGE_SEEN) < 8:
                 GARBAGE_SEEN.append((off + i, sec[:16] + b".." + sec[-16:]))
     return bad
 
@@ -373,8 +383,8 @@ def threaded_append_race(mnt: str, nthreads: int, nchunks: int) -> dict[str, int
     os.close(fd)
     if errors:
         raise errors[0]
-    with open(path, "rb") as f:
-        c["final_ok"] = int(f.read() == b"".join(pattern(i, CHUNK) for i in range(nchunks)))
+    want = b"".join(pattern(i, CHUNK) for i in range(nchunks))
+    c["final_ok"] = int(final_check(path, want, c))
     return dict(c)
 
 
@@ -398,8 +408,15 @@ FIO_UNIT = b"FIO!"
 
 
 def fio_garbage(off: int, data: bytes) -> int:
+    """Bytes that are neither zero nor fio's pattern byte there (byte by byte, as
+    garbage_vs_patterns; off is a multiple of 4)."""
     z, p = bytes(512), FIO_UNIT * 128
-    return sum(512 for i in range(0, len(data) - 511, 512) if data[i : i + 512] not in (z, p))
+    bad = 0
+    for i in range(0, len(data) - 511, 512):
+        sec = data[i : i + 512]
+        if sec != z and sec != p:
+            bad += sum(1 for a, b in zip(sec, p, strict=True) if a and a != b)
+    return bad
 
 
 def fio_race(mnt: str, engine: str, falloc: str) -> dict[str, Any]:
@@ -408,6 +425,7 @@ def fio_race(mnt: str, engine: str, falloc: str) -> dict[str, Any]:
     c = Counts(secret=0, garbage=0)
     errors: list[BaseException] = []
     stop = threading.Event()
+    # no mmap reader: fio creates the file empty and fallocates it, so its size changes too
     readers = tail_readers(path, stop, c, errors, fio_garbage)
     argv = ["fio", "--name=extend", f"--filename={path}", f"--ioengine={engine}", "--direct=1",
             "--rw=write", "--bs=64k", f"--size={FIO_SIZE}", "--iodepth=16",
@@ -424,17 +442,49 @@ def fio_race(mnt: str, engine: str, falloc: str) -> dict[str, Any]:
     assert proc.returncode == 0, proc.stderr
     job = json.loads(proc.stdout[proc.stdout.index("{"):])["jobs"][0]
     assert job["error"] == 0 and job["write"]["io_bytes"] == FIO_SIZE, job
+    c["final_ok"] = int(final_check(path, FIO_UNIT * (FIO_SIZE // 4), c))
+    return dict(c)
+
+
+def final_check(path: str, want: bytes, c: Counts) -> bool:
+    """After the race, the file holds `want`: read with O_DIRECT (the image) and buffered
+    after dropping the kernel's cache (the daemon's cache).
+
+    A plain buffered read first, whose stale pages are only counted
+    (`final_kernel_stale_pages`): the kernel does not invalidate its page cache after an
+    *asynchronous* O_DIRECT write (generic_file_direct_write skips it for -EIOCBQUEUED, and
+    FUSE's AIO completion does not do it), so a buffered read racing a libaio / io_uring
+    write that does not extend the file can leave pages of zeros in the kernel cache after
+    the write returned (measured with fio fallocate=native; a SPEC 3 matter, reported)."""
     with open(path, "rb") as f:
         data = f.read()
-    c["final_ok"] = int(data == FIO_UNIT * (FIO_SIZE // 4))
-    return dict(c)
+    c["final_kernel_stale_pages"] = sum(
+        1 for i in range(0, len(want), BS) if data[i : i + BS] != want[i : i + BS])
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        with aligned(len(want)) as buf:
+            n = os.preadv(fd, [buf], 0)
+            direct_ok = bytes(buf[:n]) == want
+    finally:
+        os.close(fd)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        buffered_ok = os.pread(fd, len(want) + 1, 0) == want
+    finally:
+        os.close(fd)
+    return direct_ok and buffered_ok
 
 
 FIO_CASES = [
     pytest.param(engine, falloc, bug_on, id=f"{engine}-{falloc}-{'bug' if bug_on else 'ok'}")
     for engine in ("libaio", "io_uring")
     for falloc in ("native", "none")
-    for bug_on in (False, True)
+    # fallocate=none with the bug: fio's appends reach the daemon in order, each one extends
+    # the file under the exclusive rwsem, so readers wait and see no secret (out-of-order
+    # appends are test_threaded_appends_with_tail_readers; the size itself,
+    # test_extending_direct_write_publishes_size_after_data)
+    for bug_on in ((False, True) if falloc == "native" else (False,))
 ]
 
 
@@ -449,10 +499,10 @@ def test_fio_direct_write_new_file_with_tail_readers(
     c = run_in_child(fio_race, str(m.mnt), engine, falloc, timeout=70, mounts=[m])
     print("COUNTS", c)
     assert c["final_ok"] == 1 and c["direct_reads"] > 3, c
-    if not bug_on:
-        assert c["secret"] == 0 and c["garbage"] == 0, c
-    elif falloc == "native":
+    if bug_on:  # published (written) extents over preallocated blocks, data not there yet
         assert c["secret"] > 0, c
+    else:
+        assert c["secret"] == 0 and c["garbage"] == 0, c
 
 
 # ---------------------------------------------------------------------------------------------
@@ -494,7 +544,9 @@ def hole_fill_race(mnt: str, kinds: list[str], nthreads: int) -> dict[str, int]:
                     c.add(f"{kind}_reads")
                     c.add("secret", secret_bytes(data))
                     c.add(f"secret_{kind}", secret_bytes(data))
-                    c.add("garbage", garbage_vs_patterns(0, data))
+                    g = garbage_vs_patterns(0, data)
+                    c.add("garbage", g)
+                    c.add(f"garbage_{kind}", g)
                     if kind != "direct":  # drop the kernel's copy: the next read asks again
                         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
             finally:
@@ -632,6 +684,7 @@ def test_subblock_direct_write_past_eof_then_extend(mount_factory: MountFactory)
     block are zeros on the image, so a truncate up (or an mmap of the last page) shows zeros."""
     m = secret_mount(mount_factory)
     path = m.path("f")
+    open(path, "wb").close()
     direct_pwrite(path, pattern(1, 1024), 0)  # size 1024, block 0
     direct_pwrite(path, pattern(2, 512), 2 * BS + 512)  # hole [1024, 8704), then 512 bytes
     size = 2 * BS + 1024

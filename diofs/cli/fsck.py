@@ -5,8 +5,9 @@ counts, drops dangling entries and frees unreachable inodes, then commits).
 Checks: superblock and commit checksums (diofs.format.layout), the metadata blob, every
 directory entry points at an inode, link counts match the entries, every inode is reachable
 from the root (except orphans: nlink 0 and no entry, freed at the next mount), extents lie in
-the data area, do not overlap (within or across files), and unwritten extents are well
-formed (SPEC 5), and the bitmap marks exactly the metadata area plus the blocks extents use.
+the data area, do not overlap (within or across files), blocks past EOF are only unwritten
+(SPEC 5: a block turns written together with the i_size that covers it), and the bitmap marks
+exactly the metadata area plus the blocks extents use.
 """
 
 from __future__ import annotations
@@ -69,6 +70,8 @@ def check(loaded: image.Loaded, *, repair: bool) -> list[str]:
             if repair:
                 inode.nlink = want
                 inode.record = None
+    for inode in inodes.values():
+        problems += _check_written_within_size(inode, sb.block_size, repair=repair)
     owner: dict[int, int] = {}
     used = bytearray(sb.total_blocks)
     used[: sb.data_start] = b"\x01" * sb.data_start
@@ -100,6 +103,28 @@ def check(loaded: image.Loaded, *, repair: bool) -> list[str]:
         if repair:
             md.bitmap[:] = used
     return problems
+
+
+def _check_written_within_size(inode: metadata.Inode, bs: int, *, repair: bool) -> list[str]:
+    """Unwritten extents (SPEC 5): blocks past EOF may be allocated (KEEP_SIZE preallocation,
+    a direct write that failed) but only as unwritten. A *written* block past EOF would show
+    its old bytes after a truncate up or an extension that skips it; the daemon never
+    commits one (an extent turns written together with the i_size that covers it), so one
+    here is damage. --repair marks those blocks unwritten (they read as zeros)."""
+    eof_block = -(-inode.size // bs)
+    bad = [(max(e.start, eof_block), e.phys + max(0, eof_block - e.start),
+            e.end - max(e.start, eof_block))
+           for e in inode.extents if not e.unwritten and e.end > eof_block]
+    if not bad:
+        return []
+    if repair:
+        for start, phys, count in bad:
+            inode.extents.remove(start, count)
+            inode.extents.insert(start, phys, count, unwritten=True)
+        inode.record = None
+    n = sum(count for _, _, count in bad)
+    return [f"inode {inode.ino}: {n} written block(s) past EOF (size {inode.size}, first at "
+            f"file block {bad[0][0]}): they must be unwritten"]
 
 
 def fsck(argv: list[str]) -> int:
