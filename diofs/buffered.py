@@ -101,7 +101,7 @@ class Buffered:
         if bugs.enabled(Bug.NO_PAGECACHE_LOCK):
             await self._fill_unlocked(inode, first, max(last, ra_last), last)
             return True
-        lock = self.locks.get(inode.ino)
+        lock = h.lock(self.locks)
         with self.marker.waiting(tid, inode.ino) as scope, scope:
             await lock.acquire(State.ADD, tid)
         if scope.cancelled_caught:
@@ -152,7 +152,7 @@ class Buffered:
         if end > MAX_FILE_SIZE:
             raise FsError(errno.EFBIG)
         await self.writeback.wait_for_room()
-        async with self.locks.pagecache_add(inode.ino, req.tid):
+        async with h.lock(self.locks).add(req.tid):
             written = await self._write_pages(inode, off, buf)
         stats.add("cache.bytes_written", written)
         sync, full = wants_sync(flags)

@@ -16,6 +16,8 @@ class Bug(enum.Enum):
     NO_SYNC_FLUSH = "no-sync-flush"  # O_SYNC/O_DSYNC writes replied before the flush (seed 001)
     SIZE_BEFORE_DATA = "size-before-data"  # i_size/extent published before data lands (seed 003)
 
+    __hash__ = object.__hash__  # members are singletons; asked on every request (hot path)
+
 
 _enabled: set[Bug] = set()
 

@@ -124,7 +124,7 @@ class Direct:
             if append and off != inode.size:
                 off, end = inode.size, inode.size + len(buf)
                 self._check_alignment(off, len(buf))
-            async with self.locks.pagecache_block(inode.ino, tid):
+            async with h.lock(self.locks).block(tid):
                 with marker:
                     await self.writeback.writeback_range(inode.ino, off, end)
                     self._shootdown(inode.ino, off, end)

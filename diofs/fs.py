@@ -382,8 +382,12 @@ class Filesystem:
     def map_for_write(self, inode: Inode, first: int, nblocks: int) -> list[Segment]:
         """Allocate holes in [first, first + nblocks) as unwritten extents; return the
         segments of the range (all mapped now)."""
-        self.unreserve(inode.ino, first, nblocks)
-        for seg in inode.extents.lookup(first, nblocks):
+        if inode.ino in self.reserved:
+            self.unreserve(inode.ino, first, nblocks)
+        segs = inode.extents.lookup(first, nblocks)
+        if all(seg.phys is not None for seg in segs):
+            return segs  # overwrite of mapped blocks: the common direct-I/O case
+        for seg in segs:
             if seg.phys is not None:
                 continue
             goal = self._goal(inode, seg.start)

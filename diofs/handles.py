@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from diofs import stats
 from diofs.cache.readahead import Readahead
 from diofs.format.metadata import Inode
+from diofs.locks import LockTable, PagecacheLock
 
 DIO_CONTEXT_BYTES = 1 << 20  # the kernel's largest direct chunk (max_read, fuse-facts row 2)
 
@@ -54,6 +55,14 @@ class Handle:
     wb_err_seen: int  # errseq cursor: writeback errors up to this sequence were reported
     readahead: Readahead = field(default_factory=Readahead)
     dio_ctx: DioContext | None = None  # persistent direct-I/O context (--mlock)
+    # The inode's pagecache lock, looked up once: the strong reference keeps the LockTable
+    # from forgetting and re-creating it on every request while the file is open.
+    pagecache_lock: PagecacheLock | None = None
+
+    def lock(self, locks: LockTable) -> PagecacheLock:
+        if self.pagecache_lock is None:
+            self.pagecache_lock = locks.get(self.inode.ino)
+        return self.pagecache_lock
 
     @property
     def writable(self) -> bool:
