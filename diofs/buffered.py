@@ -53,6 +53,10 @@ class Buffered:
         self.durability = durability
         self.ps = cache.page_size
         self.fill_delay = fill_delay  # demo hook: widens the fill race window (seconds)
+        # Inodes whose bytes the kernel may hold in its own page cache: every buffered READ
+        # reply and buffered WRITE puts pages there. Direct writes invalidate the kernel's
+        # copy of their range for these inodes only (dio.py, step 10).
+        self.kernel_cached: set[int] = set()
 
     async def write_back_page_run(self, ino: int, off: int, data: bytes) -> None:
         """The cache's WriteFn: write a run of dirty pages to the image, clipped to i_size
@@ -67,6 +71,7 @@ class Buffered:
     # ------------------------------------------------------------------ reads
     async def read(self, h: Handle, off: int, size: int, req: Request) -> bytes:
         inode = h.inode
+        self.kernel_cached.add(inode.ino)
         end = min(off + size, inode.size)
         if end <= off:
             return b""
@@ -146,6 +151,7 @@ class Buffered:
     # ------------------------------------------------------------------ writes
     async def write(self, h: Handle, off: int, buf: bytes, req: Request, flags: int) -> int:
         inode = h.inode
+        self.kernel_cached.add(inode.ino)
         if flags & os.O_APPEND:
             off = inode.size
         end = off + len(buf)

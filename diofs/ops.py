@@ -146,6 +146,7 @@ class Operations(pyfuse3.Operations):
             self.buffered.cache.drop_inode(inode.ino)
             self.durability.forget(inode.ino)
             self.direct.forget(inode.ino)
+            self.buffered.kernel_cached.discard(inode.ino)
 
     @_boundary
     async def getattr(self, inode: int, ctx: Any = None) -> Any:

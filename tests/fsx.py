@@ -402,9 +402,12 @@ class Fsx:
         return f"diowrite {off:#x}+{size:#x}"
 
     def _disjoint(self, size: int, align: int) -> tuple[int, int, int] | None:
-        """(src, dst, n): two non-overlapping ranges of n bytes inside [0, size), pages
-        apart, src and n multiples of `align` (dst arbitrary: it is the mapped side)."""
-        n = self.rng.randint(1, self.max_len) // align * align
+        """(src, dst, n): two non-overlapping ranges of n bytes inside [0, size), at least a
+        page apart, all multiples of `align`."""
+        hi = self.max_len
+        if self.rng.random() < 0.2:  # past 1 MiB: the kernel splits it into overlapping chunks
+            hi = max(hi, min(size // 2 - PAGE, 3 << 20))
+        n = self.rng.randint(1, hi) // align * align
         if n == 0 or 2 * n + 2 * PAGE > size:
             return None
         src = self.rng.randint(0, size - n) // align * align
@@ -413,7 +416,13 @@ class Fsx:
         if not choices:
             return None
         a, b = self.rng.choice(choices)
-        return src, self.rng.randint(a, b), n
+        # the mapped side is aligned too: the kernel cuts a direct transfer into requests
+        # at page boundaries of the user buffer (1 MiB = 256 pages each), so a buffer that is
+        # not `align`-aligned makes requests of misaligned length past 1 MiB (EINVAL)
+        dst = -(-a // align) * align
+        if dst > b:
+            return None
+        return src, self.rng.randint(dst // align, b // align) * align, n
 
     def op_diowrite_from_map(self, f: _File) -> str:
         """O_DIRECT write whose source buffer is a MAP_SHARED mapping of the same file: the
@@ -612,7 +621,8 @@ class RegionWorker:
     fallocate only)."""
 
     OPS = {"write": 20, "syncwrite": 3, "read": 10, "coldread": 10, "seqread": 4, "mapread": 6,
-           "mapwrite": 6, "dioread": 8, "diowrite": 8, "punch": 3, "zero": 3, "fsync": 3}
+           "mapwrite": 6, "dioread": 8, "diowrite": 8, "punch": 3, "zero": 3, "fsync": 3,
+           "diowrite_from_map": 3, "dioread_into_map": 3}
 
     def __init__(self, path: str, lo: int, hi: int, model: bytes, *, seed: int, wid: int,
                  dio_align: int = 512, max_len: int = 64 << 10,
@@ -675,9 +685,48 @@ class RegionWorker:
         tag = bytes([0xA0 + self.wid]) * 2 + b"op" + (self.n & 0xFFFFFFFF).to_bytes(4, "little")
         return (tag * (n // 8 + 1))[:n]
 
+    def _self_io(self, name: str) -> None:
+        """O_DIRECT between two disjoint aligned ranges of the region, one side being a
+        MAP_SHARED mapping of the file (the fault-marker path while neighbours fault too)."""
+        a = self.dio_align
+        lo, hi = -(-self.lo // a) * a, self.hi // a * a
+        n = self.rng.randint(1, min(self.max_len, (hi - lo) // 2)) // a * a if hi - lo >= 2 * a \
+            else 0
+        if n == 0:
+            return
+        x = self.rng.randint(lo // a, (hi - 2 * n) // a) * a
+        y = self.rng.randint((x + n) // a, (hi - n) // a) * a
+        src, dst = (x, y) if self.rng.random() < 0.5 else (y, x)
+        self.log.append(f"#{self.n} {name} {src:#x}+{n:#x} -> {dst:#x}")
+        try:
+            drop_kernel_cache(self.fd)
+            with mmap.mmap(self.fd, self.size, mmap.MAP_SHARED,
+                           mmap.PROT_READ | mmap.PROT_WRITE) as m:
+                if name == "diowrite_from_map":
+                    view = memoryview(m)[src : src + n]
+                    try:
+                        done = os.pwritev(self.dfd, [view], dst)
+                    finally:
+                        view.release()
+                else:
+                    view = memoryview(m)[dst : dst + n]
+                    try:
+                        done = os.preadv(self.dfd, [view], src)
+                    finally:
+                        view.release()
+                    m.flush()
+        except OSError as exc:
+            self._fail(f"{name} failed: {exc}")
+        if done != n:
+            self._fail(f"{name}: {done} of {n} bytes")
+        self._put(dst, self._want(src, n))
+
     def step(self) -> None:
         self.n += 1
         name = self.rng.choices(list(self.ops), weights=list(self.ops.values()))[0]
+        if name in ("diowrite_from_map", "dioread_into_map"):
+            self._self_io(name)
+            return
         align = self.dio_align if name.startswith("dio") else 1
         span = self._span(align)
         if span is None:
