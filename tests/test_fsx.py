@@ -1,13 +1,14 @@
 """The randomized buffered exerciser (tests/fsx.py) on real mounts: no mismatch with the model.
 
-Each case runs thousands of random operations (buffered, cold, mmap and O_DIRECT reads and
-writes, truncates up and down, punch / zero range, fsync, reopen, remounts) on two files and
-checks every read and st_size against an in-memory model. Cases vary the cache: default,
-a 1 MiB cache with a 0.2 s writeback age (eviction and background writeback all the time), and
-a 2 MiB cache with 4 KiB direct-I/O alignment, and -o shootdown=locked (the kernel's cache
-invalidated under BLOCK; the O_DIRECT-from/into-own-mapping ops then rely on the fault marker). `test_fsx_catches_no_shootdown` checks the
-checker: with `--bug no-shootdown` the daemon keeps stale cached pages after a direct write,
-and the exerciser must report a mismatch.
+Each case runs 1200 random operations (buffered, cold, mmap and O_DIRECT reads and writes,
+O_DIRECT from / into a mapping of the same file, truncates up and down, punch / zero range,
+fsync, reopen, rename-over, unlink + recreate, remounts) on two files and checks every read and
+st_size against an in-memory model. Cases vary the cache: default; a 1 MiB cache with a 0.2 s
+writeback age (eviction and background writeback all the time); a 2 MiB cache with 4 KiB
+direct-I/O alignment; a 0.5 s writeback age; -o shootdown=locked (the kernel's cache
+invalidated under BLOCK: the self-I/O ops then rely on the fault marker).
+`test_fsx_catches_no_shootdown` checks the checker: with `--bug no-shootdown` the daemon keeps
+stale cached pages after a direct write, and the exerciser must report a mismatch.
 
 Concurrent cases: 4 processes on one file, each owning an unaligned byte region, rounds of
 ops with a remount between rounds. `test_fsx_concurrent_fill_race` widens the fill window

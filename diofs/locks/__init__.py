@@ -32,7 +32,9 @@ Lock ordering (outer first; each edge names where the nesting happens):
         ->page writeback wait   (Writeback.writeback_range: takes no diofs lock)
         ->inode metadata/extents
           ->image I/O           (fs.write_data)
-    [after release, before the reply: sync flush (durability.sync_write)]
+    [after release, before the reply: kernel range invalidation from a thread if the inode
+     was ever read or written buffered (dio.py step 10; async DIO leaves kernel pages
+     stale), then the sync flush (durability.sync_write)]
 
   [truncate, punch hole, zero range, preallocate]
   inode RwSem exclusive         (dio.Direct._blocking)
@@ -46,6 +48,10 @@ Lock ordering (outer first; each edge names where the nesting happens):
   inode RwSem shared            (dio.Direct.read; takes no PagecacheLock)
     ->page writeback wait
       ->image I/O
+
+  [READ of a tid that gets marked while it waits for ADD (rule M6, fault_marker.waiting):
+   the mark cancels the wait and the READ takes the faults-disabled path below; without it,
+   its own DIO waiting on kernel folio locks in shootdown=locked mode deadlocks]
 
   [READ with faults_disabled(tid, ino): the writer's own fault while its chunk holds BLOCK]
   kernel folio lock
