@@ -147,6 +147,7 @@ class Coalescer:
 class _ErrSeq:
     seq: int = 0
     errno: int = 0
+    seen: bool = True  # some handle has reported the latest error (errseq's SEEN flag)
 
 
 class Durability:
@@ -165,18 +166,25 @@ class Durability:
         e = self._errseq[ino]
         e.seq += 1
         e.errno = getattr(exc, "errno", None) or errno.EIO
+        e.seen = False
         stats.add("errors.writeback")
         # not logged here: Writeback._write_run already logged it, once, with the page range
 
     def sample(self, ino: int) -> int:
-        """The cursor a newly opened handle starts from (errors before it are not its own)."""
-        return self._errseq[ino].seq if ino in self._errseq else 0
+        """The cursor a newly opened handle starts from: errors some handle already reported
+        are not its own, but an error nobody has seen yet is (errseq_sample since Linux 4.14:
+        open-then-fsync, as PostgreSQL does, must learn of a failed writeback)."""
+        e = self._errseq.get(ino)
+        if e is None:
+            return 0
+        return e.seq if e.seen else e.seq - 1
 
     def check_and_advance(self, h: Handle) -> None:
         """Consume: raise the inode's writeback error once for this handle."""
         e = self._errseq.get(h.inode.ino)
         if e is not None and e.seq > h.wb_err_seen:
             h.wb_err_seen = e.seq
+            e.seen = True
             raise FsError(e.errno)
 
     def forget(self, ino: int) -> None:

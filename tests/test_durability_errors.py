@@ -130,6 +130,30 @@ def test_background_writeback_error_reported_once_per_open_fd(mount_factory, tmp
     assert len(error_lines(m, r"writeback of inode")) == 1, error_lines(m, "writeback")
 
 
+def test_unseen_writeback_error_reaches_a_later_open(mount_factory, tmp_path):
+    """Open-then-fsync (PostgreSQL's checkpointer): an error nobody has reported yet is
+    reported to an fd opened after it, once (errseq_sample since Linux 4.14)."""
+    m, spec, data_off = fault_mount(mount_factory, tmp_path, writeback_age=0.2,
+                                    commit_interval=3600)
+    m.expect_log(r"writeback of inode \d+ (pages \d+\.\.\d+ )?failed")
+    path = m.path("f")
+    with open(path, "wb") as f:
+        f.write(b"o" * 8 * BS)
+        os.fsync(f.fileno())
+    data_fault(spec, data_off, "EIO")
+    fd = os.open(path, os.O_RDWR)
+    os.pwrite(fd, b"n" * 2 * BS, BS)
+    os.close(fd)  # close reports nothing
+    wait_for(lambda: m.stats().get("writeback.errors", 0) >= 1, what="the writeback error")
+    late = os.open(path, os.O_RDWR)
+    try:
+        assert fsync_errno(late) == errno.EIO
+        assert fsync_errno(late) == 0
+    finally:
+        os.close(late)
+    still_serving(m)
+
+
 def test_failing_direct_write_fails_its_own_request(mount_factory, tmp_path):
     m, spec, data_off = fault_mount(mount_factory, tmp_path)
     path = m.path("f")
