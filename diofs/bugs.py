@@ -11,7 +11,7 @@ import enum
 class Bug(enum.Enum):
     NO_SHOOTDOWN = "no-shootdown"  # direct I/O leaves daemon cached pages in place (seed 004)
     NO_PAGECACHE_LOCK = "no-pagecache-lock"  # fills do not take the add/block lock (seed 004)
-    NO_FAULT_MARKER = "no-fault-marker"  # own-task faults wait for their own block lock (seed 002/004)
+    NO_FAULT_MARKER = "no-fault-marker"  # own faults wait for their own BLOCK (seed 002/004)
     NO_ALIGN_CHECK = "no-align-check"  # misaligned O_DIRECT is accepted (SPEC 3)
     NO_SYNC_FLUSH = "no-sync-flush"  # O_SYNC/O_DSYNC writes replied before the flush (seed 001)
     SIZE_BEFORE_DATA = "size-before-data"  # i_size/extent published before data lands (seed 003)

@@ -33,6 +33,7 @@ Direct read: alignment, rwsem shared, write back and wait for dirty pages of the
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 from collections.abc import AsyncIterator
@@ -157,11 +158,16 @@ class Direct:
     async def _blocking(self, inode: Inode, start: int, end: int) -> AsyncIterator[None]:
         """Exclusive rwsem + BLOCK; dirty pages of [start, end) written back (and in-flight
         writeback waited for), then discarded; the kernel's copy invalidated after release."""
-        async with self._rwsem(inode.ino, exclusive=True):
-            async with self.locks.pagecache_block(inode.ino, 0):
+        async with (
+            self._rwsem(inode.ino, exclusive=True),
+            self.locks.pagecache_block(inode.ino, 0),
+        ):
+            # A failed writeback was already recorded for fsync (errseq); the pages are about
+            # to be discarded or overwritten, so it must not fail a truncate or fallocate.
+            with contextlib.suppress(OSError):
                 await self.writeback.writeback_range(inode.ino, start, end)
-                self.cache.drop_range(inode.ino, start, end, discard_dirty=True)
-                yield
+            self.cache.drop_range(inode.ino, start, end, discard_dirty=True)
+            yield
         # never under a lock a READ may wait on (fuse-facts row 3)
         await trio.to_thread.run_sync(
             request.invalidate_kernel_range, inode.ino, start, end if end < 1 << 62 else 0

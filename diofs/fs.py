@@ -441,10 +441,7 @@ class Filesystem:
         bs = self.bs
         first = off // bs
         segs = inode.extents.lookup(first, (end - 1) // bs - first + 1)
-        if into is None:
-            view = memoryview(bytearray(end - off))
-        else:
-            view = memoryview(into)[: end - off]
+        view = memoryview(bytearray(end - off) if into is None else into)[: end - off]
         for seg in segs:
             if not seg.readable:
                 if into is not None:

@@ -9,6 +9,7 @@ the log) — pyfuse3 itself would end its main loop on any exception that is not
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import json
@@ -66,7 +67,7 @@ def _boundary(fn: F) -> F:
             raise pyfuse3.FUSEError(exc.errno) from None
         except Exception:
             if not self.failsafe:
-                log.exception("unexpected error in %s; mount is now failsafe, run fsck", fn.__name__)
+                log.exception("unexpected error in %s; mount is failsafe, run fsck", fn.__name__)
             self.failsafe = True
             stats.add("errors.internal")
             raise pyfuse3.FUSEError(errno.EIO) from None
@@ -339,10 +340,8 @@ class Operations(pyfuse3.Operations):
     @_boundary
     async def fsync(self, fh: int, datasync: bool) -> None:
         h = self.handles.get(fh)
-        try:
+        with contextlib.suppress(OSError):  # recorded (errseq) by the writeback; reported below
             await self.buffered.writeback.writeback_inode(h.inode.ino)
-        except OSError:
-            pass  # recorded by the writeback error handler; reported just below
         await self.durability.make_durable(metadata=not datasync)
         self.durability.check_and_advance(h)
 

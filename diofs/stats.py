@@ -16,7 +16,7 @@ def add(name: str, n: float = 1) -> None:
     _counters[name] += n
 
 
-def set(name: str, value: float) -> None:  # noqa: A001 - mirrors add()
+def set(name: str, value: float) -> None:
     _counters[name] = value
 
 

@@ -31,8 +31,8 @@ from tests.mounting import Mount, MountFactory, run_cli
 from tests.test_holes_extend import (
     BS,
     IMAGE_SIZE,
-    MiB,
     KiB,
+    MiB,
     aligned,
     fallocate,
     fill_free_space_with_secret,

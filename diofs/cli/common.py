@@ -46,7 +46,8 @@ def run_main(prog: str, fn: Callable[[list[str]], int | None], argv: list[str] |
     except OSError as exc:
         if debug:
             traceback.print_exc()
-        sys.stderr.write(f"{prog}: {exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}\n")
+        where = f": {exc.filename}" if exc.filename else ""
+        sys.stderr.write(f"{prog}: {exc.strerror or exc}{where}\n")
         sys.exit(EXIT_ERROR)
     except Exception as exc:  # never a traceback without --debug
         if debug:

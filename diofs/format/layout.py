@@ -39,7 +39,8 @@ MIN_BLOCK_SIZE = 4096
 MIN_META_BYTES = 1 << 20
 MAX_META_BYTES = 64 << 20
 
-_SB = struct.Struct("<8sIIIIQQQQQ")  # magic version block_size dio_align pad total meta_start meta_blocks data_start created_ns
+# magic version block_size dio_align pad total meta_start meta_blocks data_start created_ns
+_SB = struct.Struct("<8sIIIIQQQQQ")
 _SLOT = struct.Struct("<8sQIIQQ")  # magic generation region pad blob_len blob_hash
 
 
@@ -110,7 +111,9 @@ class Superblock:
         (checksum,) = struct.unpack_from("<Q", raw, _SB.size)
         if checksum != _hash(raw[: _SB.size]):
             raise ImageCorrupt("superblock checksum mismatch")
-        _, version, block_size, dio_align, _, total, meta_start, meta_blocks, data_start, ns = fields
+        _, version, block_size, dio_align, _, total, meta_start, meta_blocks, data_start, ns = (
+            fields
+        )
         if version != VERSION:
             raise ImageCorrupt(f"unsupported diofs format version {version}")
         sb = cls(block_size, dio_align, total, meta_start, meta_blocks, data_start, ns)
