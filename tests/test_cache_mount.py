@@ -13,6 +13,9 @@ What each test shows (stats are the daemon's JSON counters, `m.stats()`):
   - cached re-read: a second cold read is all cache.hits, no new cache.misses / cache.fills; and,
     as a proof independent of the counters, the file's blocks are overwritten inside the image
     file underneath the daemon and the re-read still returns the cached bytes;
+  - a fill never replaces a newer page: a page written and written back (fsync) while a
+    daemon readahead fill of it waited (fill_delay) keeps the new bytes (a bug found by the
+    exerciser, fixed in PageCache);
   - eviction: cache_size=2M, a 16 MiB working set read sequentially and randomly: every byte
     correct, cache.evictions > 0, cache.used_bytes stays near the limit;
   - durability: dirty data is in the image after unmount (read off-line, no daemon); with the
@@ -36,6 +39,7 @@ from __future__ import annotations
 import mmap
 import os
 import random
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -51,7 +55,7 @@ from tests.fsx import (
     direct_pread,
     fallocate,
 )
-from tests.mounting import Mount, MountFactory
+from tests.mounting import Mount, MountFactory, run_in_child
 from tests.test_crash_namespace import load_offline
 
 pytestmark = pytest.mark.deadline(90)
@@ -206,6 +210,40 @@ def test_eviction_small_cache_large_working_set(mount_factory: MountFactory) -> 
     assert delta(s0, s1, "cache.evictions") > 3 * 16 * MiB // PAGE // 2
     # the limit holds up to the most recent insert (a readahead run) and the hot pages
     assert s1["cache.used_bytes"] <= 2 * MiB + 512 * KiB, s1["cache.used_bytes"]
+
+
+def _fill_races_write_and_fsync(path: str) -> bytes:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # the kernel READs exactly 128 KiB
+        reader = threading.Thread(target=os.pread, args=(fd, 128 * KiB, 0))
+        reader.start()  # the daemon fills pages 0..63 (32 of them its own readahead)
+        time.sleep(0.2)  # ... and sleeps (fill_delay) between its image read and its insert
+        wfd = os.open(path, os.O_RDWR)
+        try:
+            os.pwrite(wfd, b"B" * PAGE, 40 * PAGE)  # no kernel folio lock on page 40
+            os.fsync(wfd)  # written back: page 40 is clean again, and newer than the fill
+        finally:
+            os.close(wfd)
+        reader.join()
+    finally:
+        os.close(fd)
+    return cold_read(path, 40 * PAGE, PAGE)
+
+
+def test_fill_never_replaces_a_newer_page(mount_factory: MountFactory) -> None:
+    """Found by tests/fsx.py (concurrent mode): a fill holds pagecache ADD, which buffered
+    writes share, so a page can be written and written back while a fill of it awaits; the
+    fill's insert then replaced that clean, newer page with the old image bytes (readers saw
+    the old data, and a later partial write would have written it back). Fixed in
+    PageCache: fills never replace a cached page."""
+    m = mount_factory(size="16M", opts={"fill_delay": 0.5, **QUIET})
+    path = m.path("f")
+    write_file(path, b"A" * MiB, fsync=True)
+    m.remount()
+    got = run_in_child(_fill_races_write_and_fsync, path, timeout=30, mounts=[m])
+    assert got == b"B" * PAGE
 
 
 # ------------------------------------------------------------------------------- durability

@@ -19,6 +19,8 @@ Invariants (every method is synchronous, so each one is atomic under trio):
   clean -> dirty transition stamped with `clock_ns()`; redirtying a dirty page keeps its stamp;
 - a key under writeback refuses fills (`insert_clean` ignores it): the image may not yet
   hold the bytes being written, so a fill could cache stale data;
+- a cached page refuses fills too, clean or dirty: a fill's bytes were read from the image
+  before the insert and may predate a write + writeback of that page (`insert_clean`);
 - `used_bytes() <= limit_bytes` except by dirty pages, pages under writeback and the
   max(2, min(HOT_PAGES, limit / 8)) most recent clean pages (or one insert's worth);
 - `used_bytes() == page_size * (number of mapped pages)`; pages dropped while under
@@ -198,8 +200,12 @@ class PageCache:
 
     def insert_clean(self, ino: int, index: int, data: bytes | bytearray | memoryview) -> None:
         """A fill: cache `data` (zero-padded to a page) as clean page `index`; counts
-        cache.fills. Ignored if the page is dirty or its key is under writeback (the image
-        may be older than the page); an existing clean page is replaced in place."""
+        cache.fills. Ignored if the page is already cached (clean or dirty) or its key is
+        under writeback: a fill read the image before it inserts, and a cached page is never
+        older than the image. A clean page may even be newer than the fill's bytes: written
+        by a buffered write and written back (fsync) while the fill awaited its image read,
+        which only ADD-sharing writers can do; replacing it would hide the written data and
+        a later read-modify-write would write the stale bytes back to the image."""
         if self._insert_one(ino, index, data):
             stats.add("cache.fills")
             self._after_insert(1)
@@ -218,19 +224,12 @@ class PageCache:
         wb = self._wb.get(ino, ())
         lru = self._lru
         full_end = n - n % ps
-        for off in range(0, full_end, ps):  # fast path: whole pages, new or clean
-            page = pages.get(index)
-            if index in wb:
-                pass
-            elif page is None:
+        for off in range(0, full_end, ps):  # fast path: whole pages, only missing ones
+            if index not in wb and index not in pages:
                 page = Page(bytearray(view[off : off + ps]))
                 pages[index] = page
                 lru[(ino, index)] = page
                 new += 1
-            elif not page.dirty:
-                page.data[:] = view[off : off + ps]
-                lru.move_to_end((ino, index))
-                inserted += 1
             index += 1
         self._npages += new
         inserted += new
@@ -248,20 +247,11 @@ class PageCache:
             return False
         pages = self._inodes.get(ino)
         page = pages.get(index) if pages is not None else None
-        key = (ino, index)
-        if page is None:
-            page = Page(self._pad(data))
-            self._map(ino, index, page)
-            self._lru[key] = page
-            return True
-        if page.dirty:
-            return False
-        n = len(data)
-        page.data[:n] = data
-        if n < self.page_size:
-            page.data[n:] = self._zero[n:]
-        self._lru[key] = page
-        self._lru.move_to_end(key)
+        if page is not None:
+            return False  # never replace a cached page (see insert_clean)
+        page = Page(self._pad(data))
+        self._map(ino, index, page)
+        self._lru[(ino, index)] = page
         return True
 
     def create_zero(self, ino: int, index: int) -> bytearray:
