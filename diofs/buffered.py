@@ -140,6 +140,9 @@ class Buffered:
         cached (possibly dirty) pages, insert nothing (seed 004, faults_disabled_mapping)."""
         stats.add("locks.faults_disabled_fills")
         data = await self.fs.read_data(inode, off, end - off)
+        end = off + len(data)  # i_size may have shrunk while the caller waited (truncate)
+        if end <= off:
+            return b""
         ps = self.ps
         for idx in range(off // ps, (end - 1) // ps + 1):
             page = self.cache.peek(inode.ino, idx)

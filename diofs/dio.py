@@ -130,20 +130,25 @@ class Direct:
             if bugs.enabled(Bug.NO_FAULT_MARKER)
             else self.marker.marked(tid, inode.ino)
         )
-        async with self._rwsem(inode.ino, exclusive=exclusive):
-            if append and off != inode.size:
-                off, end = inode.size, inode.size + len(buf)
-                self._check_alignment(off, len(buf))
-            async with h.lock(self.locks).block(tid):
-                with marker:
-                    await self.writeback.writeback_range(inode.ino, off, end)
-                    self._shootdown(inode.ino, off, end)
-                    if self.write_delay:
-                        await trio.sleep(self.write_delay)
-                    await self.fs.write_data(inode, off, buf)
-                    self._shootdown(inode.ino, off, end)
-                    if self.locked_shootdown:
-                        await trio.to_thread.run_sync(pyfuse3.invalidate_inode, inode.ino)
+        while True:
+            async with self._rwsem(inode.ino, exclusive=exclusive):
+                if not exclusive and end > inode.size:
+                    exclusive = True  # a truncate shrank the file while we waited: we extend
+                    continue
+                if append and off != inode.size:
+                    off, end = inode.size, inode.size + len(buf)
+                    self._check_alignment(off, len(buf))
+                async with h.lock(self.locks).block(tid):
+                    with marker:
+                        await self.writeback.writeback_range(inode.ino, off, end)
+                        self._shootdown(inode.ino, off, end)
+                        if self.write_delay:
+                            await trio.sleep(self.write_delay)
+                        await self.fs.write_data(inode, off, buf)
+                        self._shootdown(inode.ino, off, end)
+                        if self.locked_shootdown:
+                            await trio.to_thread.run_sync(pyfuse3.invalidate_inode, inode.ino)
+                break
         if inode.ino in self.kernel_cached and not self.locked_shootdown:
             stats.add("dio.kernel_invalidations")
             await trio.to_thread.run_sync(request.invalidate_kernel_range, inode.ino, off, end)

@@ -39,9 +39,10 @@ class ImageCorrupt(DiofsError):
         super().__init__(message, EXIT_CORRUPT)
 
 
-class FsError(Exception):
-    """A filesystem operation failed with `errno`; ops.py answers the request with it."""
+class FsError(OSError):
+    """A filesystem operation failed with `errno`; ops.py answers the request with it.
+    An OSError, so that code catching image errors (writeback, fsync) also sees ENOSPC from
+    allocation."""
 
     def __init__(self, errno: int, message: str = "") -> None:
-        super().__init__(message or _errno.errorcode.get(errno, str(errno)))
-        self.errno = errno
+        super().__init__(errno, message or _errno.errorcode.get(errno, str(errno)))

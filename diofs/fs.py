@@ -148,8 +148,10 @@ class Filesystem:
         self.flushed_writes = max(self.flushed_writes, writes)
 
     async def _write_image(self, off: int, data: bytes | bytearray | memoryview) -> None:
-        self.image_writes += 1  # before the write: a flush that starts later covers it
         await self._io(self.backend.write, off, data, nbytes=len(data))
+        # counted once the write returned: a flush covers only writes that returned before
+        # it started (backend contract), so a flush snapshot must not include one in flight
+        self.image_writes += 1
 
     # ------------------------------------------------------------------ namespace
     def get(self, ino: int) -> Inode:
@@ -348,18 +350,19 @@ class Filesystem:
 
     def reserve(self, inode: Inode, fblock: int) -> None:
         """Reserve a block for a dirty cached page over a hole (delayed allocation)."""
-        r = self.reserved.setdefault(inode.ino, set())
-        if fblock in r or inode.extents.lookup(fblock, 1)[0].phys is not None:
+        r = self.reserved.get(inode.ino)
+        if (r is not None and fblock in r) or inode.extents.lookup(fblock, 1)[0].phys is not None:
             return
         if self.available_blocks < 1:
             raise FsError(errno.ENOSPC)
-        r.add(fblock)
+        self.reserved.setdefault(inode.ino, set()).add(fblock)
         self.reserved_count += 1
 
     def unreserve(self, ino: int, first: int, count: int) -> int:
         """Release reservations of file blocks [first, first + count); returns how many."""
         r = self.reserved.get(ino)
         if not r:
+            self.reserved.pop(ino, None)
             return 0
         if count >= len(r):
             gone = {b for b in r if first <= b < first + count}

@@ -7,6 +7,7 @@ open-time flags here are the fallback when the binding reports none.
 
 from __future__ import annotations
 
+import errno
 import itertools
 import mmap
 import os
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 
 from diofs import stats
 from diofs.cache.readahead import Readahead
+from diofs.errors import FsError
 from diofs.format.metadata import Inode
 from diofs.locks import LockTable, PagecacheLock
 
@@ -81,7 +83,10 @@ class HandleTable:
         return h
 
     def get(self, fh: int) -> Handle:
-        return self._handles[fh]
+        try:
+            return self._handles[fh]
+        except KeyError:
+            raise FsError(errno.EBADF) from None
 
     def close(self, fh: int) -> Handle:
         h = self._handles.pop(fh)

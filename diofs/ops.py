@@ -282,9 +282,9 @@ class Operations(pyfuse3.Operations):
             raise FsError(errno.EISDIR)
         if flags & os.O_ACCMODE != os.O_RDONLY:
             self._check_writable()
-        h = self.handles.open(node, flags, self.durability.sample(node.ino))
-        if flags & os.O_TRUNC and node.size:
+        if flags & os.O_TRUNC and node.size:  # before the handle exists: no leak if it fails
             await self.direct.truncate(node, 0)
+        h = self.handles.open(node, flags, self.durability.sample(node.ino))
         return self._file_info(node, flags, h.fh)
 
     @_boundary
@@ -310,7 +310,9 @@ class Operations(pyfuse3.Operations):
         self._check_writable()
         h = self.handles.get(fh)
         req = request.current()
-        flags = (req.flags | h.flags) if req.tid else h.flags
+        # the request's flags are the whole truth (fcntl may have cleared O_APPEND/O_DIRECT
+        # since open, fuse-facts 1c); open-time flags only without the patched binding
+        flags = req.flags if req.tid else h.flags
         with self.durability.incoming_write(flags):  # group commit waits for sync writes
             if flags & os.O_DIRECT:
                 return await self.direct.write(h, off, buf, req, flags)
@@ -339,6 +341,8 @@ class Operations(pyfuse3.Operations):
 
     @_boundary
     async def fsync(self, fh: int, datasync: bool) -> None:
+        if fh >= STATS_INO:
+            return
         h = self.handles.get(fh)
         with contextlib.suppress(OSError):  # recorded (errseq) by the writeback; reported below
             await self.buffered.writeback.writeback_inode(h.inode.ino)
