@@ -20,7 +20,7 @@ Direct write, in order (each step says why it is where it is):
      the marker lets our own fault READs through; any *other* process faulting the file still
      deadlocks it, which is why the default mode leaves the kernel alone: for direct I/O through
      the mount the kernel drops its own pages (fuse-facts 7b)
-  9. release; O_DSYNC/O_SYNC: flush (group commit) before the reply (seed 001)
+  9. release BLOCK and the rwsem
  10. if the kernel may cache pages of this inode (it served buffered reads or writes of it),
      invalidate the kernel's copy of [off, end) -- after the release, never under a lock a
      READ may wait on (fuse-facts row 3). The kernel drops its own pages after a
@@ -28,6 +28,7 @@ Direct write, in order (each step says why it is where it is):
      post-write invalidation on FUSE's AIO completion path; measured: 3-64 stale zero pages
      in the kernel cache after fio libaio over a preallocated file with a buffered reader).
      Costs one worker-thread hop, so pure direct-I/O workloads skip it.
+ 11. O_DSYNC/O_SYNC: flush (group commit) before the reply (seed 001)
 Direct read: alignment, rwsem shared, write back and wait for dirty pages of the range, read.
 """
 
