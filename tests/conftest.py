@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from diofs import watchdog
-from tests.mounting import Mount, MountFactory, fuse_unavailable_reason
+from tests.mounting import Mount, MountFactory, fuse_unavailable_reason, run_cli
 
 DEFAULT_DEADLINE_S = 120.0
 
@@ -115,3 +115,19 @@ def mount_factory(
 @pytest.fixture
 def mounted(mount_factory: MountFactory) -> Mount:
     return mount_factory()
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> Path:
+    """A fresh 64M image made by mkfs.diofs (not mounted)."""
+    img = tmp_path / "image"
+    run_cli("mkfs.diofs", img, "--size", "64M", check=True)
+    return img
+
+
+@pytest.fixture
+def mnt(tmp_path: Path) -> Path:
+    """An empty directory to mount on."""
+    d = tmp_path / "mnt"
+    d.mkdir()
+    return d

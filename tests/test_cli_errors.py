@@ -79,20 +79,6 @@ def unmount_unexpected(mnt: Path | str) -> None:
 
 
 @pytest.fixture
-def image(tmp_path: Path) -> Path:
-    img = tmp_path / "image"
-    run_cli("mkfs.diofs", img, "--size", "64M", check=True)
-    return img
-
-
-@pytest.fixture
-def mnt(tmp_path: Path) -> Path:
-    d = tmp_path / "mnt"
-    d.mkdir()
-    return d
-
-
-@pytest.fixture
 def needs_mount_runtime() -> None:
     """Mount commands that get past argument checks need pyfuse3 importable."""
     reason = fuse_unavailable_reason()

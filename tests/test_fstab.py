@@ -100,22 +100,14 @@ def mounted_by_mount8(argv: list[str], mnt: Path) -> Iterator[None]:
 
 
 @pytest.fixture
-def image(tmp_path: Path) -> Path:
+def image(image: Path) -> Path:
+    """conftest's fresh image, once mount(8) with a FUSE helper can run here."""
     reason = fuse_unavailable_reason()
     if reason:
         pytest.skip(f"real mounts unavailable: {reason}")
     if os.geteuid() != 0:
         pytest.skip("mount(8) with a FUSE helper needs root here")
-    img = tmp_path / "image"
-    run_cli("mkfs.diofs", img, "--size", "64M", check=True)
-    return img
-
-
-@pytest.fixture
-def mnt(tmp_path: Path) -> Path:
-    d = tmp_path / "mnt"
-    d.mkdir()
-    return d
+    return image
 
 
 @pytest.fixture
