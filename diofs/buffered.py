@@ -79,9 +79,7 @@ class Buffered:
         first, last = off // ps, (end - 1) // ps
         pages = self.cache.lookup_run(inode.ino, first, last - first + 1)
         if None in pages:
-            if self.marker.faults_disabled(req.tid, inode.ino) and not bugs.enabled(
-                Bug.NO_FAULT_MARKER
-            ):
+            if self.marker.faults_disabled(req.tid, inode.ino):
                 return await self._read_faults_disabled(inode, off, end)
             if not await self._fill(h, inode, first, last, req.tid):
                 # its own direct I/O took BLOCK while this fill waited (fault_marker rule M6)

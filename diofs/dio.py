@@ -126,6 +126,7 @@ class Direct:
         bs = self.fs.bs
         exclusive = append or end > inode.size or off % bs != 0 or end % bs != 0
         tid = req.tid
+        # --bug no-fault-marker: the one place; unmarked, own faults wait for our BLOCK
         marker = (
             nullcontext()
             if bugs.enabled(Bug.NO_FAULT_MARKER)

@@ -15,8 +15,7 @@ import pytest
 import trio
 import trio.testing
 
-from diofs import bugs, stats
-from diofs.bugs import Bug
+from diofs import stats
 from diofs.locks import FaultMarker, LockStatistics, LockTable, PagecacheLock, State
 
 ADD, BLOCK = State.ADD, State.BLOCK
@@ -587,15 +586,6 @@ def test_fault_marker_context_manager_and_statistics() -> None:
     with pytest.raises(ZeroDivisionError), m.marked(9, 3):
         1 / 0  # noqa: B018
     assert not m.faults_disabled(9, 3)
-
-
-def test_fault_marker_bug_switch(monkeypatch: pytest.MonkeyPatch) -> None:
-    m = FaultMarker()
-    m.mark(7, 1)
-    monkeypatch.setattr(bugs, "_enabled", {Bug.NO_FAULT_MARKER})
-    assert not m.faults_disabled(7, 1)
-    monkeypatch.setattr(bugs, "_enabled", set())
-    assert m.faults_disabled(7, 1)
 
 
 # -- randomized model check ------------------------------------------------------------

@@ -53,9 +53,6 @@ from collections.abc import Iterator
 
 import trio
 
-from diofs import bugs
-from diofs.bugs import Bug
-
 __all__ = ["FaultMarker"]
 
 
@@ -97,9 +94,8 @@ class FaultMarker:
             return
         key = (tid, ino)
         self._marks[key] = self._marks.get(key, 0) + 1
-        if not bugs.enabled(Bug.NO_FAULT_MARKER):
-            for scope in self._waiting.pop(key, ()):  # rule M6
-                scope.cancel()
+        for scope in self._waiting.pop(key, ()):  # rule M6
+            scope.cancel()
 
     def unmark(self, tid: int, ino: int) -> None:
         """Undo one `mark`; raises RuntimeError if `tid` is not marked for `ino`."""
@@ -139,9 +135,7 @@ class FaultMarker:
 
     def faults_disabled(self, tid: int, ino: int) -> bool:
         """True if a fill of `ino` requested by `tid` must take the faults-disabled path."""
-        if tid == 0 or bugs.enabled(Bug.NO_FAULT_MARKER):
-            return False
-        return (tid, ino) in self._marks
+        return tid != 0 and (tid, ino) in self._marks
 
     def count(self, tid: int, ino: int) -> int:
         """Outstanding marks of `tid` on `ino` (for tests and the watchdog)."""
