@@ -204,12 +204,9 @@ class Durability:
         return self._incoming - self._arrived
 
     @contextmanager
-    def incoming_write(self, flags: int) -> Iterator[None]:
-        """Wrap the handling of one WRITE (ops.write): if its flags ask for a sync write, it
-        counts as on its way to `sync_write` (group commit waits for it, see Coalescer)."""
-        if not flags & os.O_DSYNC or bugs.enabled(Bug.NO_SYNC_FLUSH):
-            yield
-            return
+    def incoming_write(self) -> Iterator[None]:
+        """Wrap the handling of one sync WRITE (ops.write): it counts as on its way to
+        `sync_write`, so group commit waits for it (see Coalescer)."""
         self._incoming += 1
         try:
             yield

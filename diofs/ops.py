@@ -313,10 +313,11 @@ class Operations(pyfuse3.Operations):
         # the request's flags are the whole truth (fcntl may have cleared O_APPEND/O_DIRECT
         # since open, fuse-facts 1c); open-time flags only without the patched binding
         flags = req.flags if req.tid else h.flags
-        with self.durability.incoming_write(flags):  # group commit waits for sync writes
-            if flags & os.O_DIRECT:
-                return await self.direct.write(h, off, buf, req, flags)
-            return await self.buffered.write(h, off, buf, req, flags)
+        path = self.direct if flags & os.O_DIRECT else self.buffered
+        if not flags & os.O_DSYNC:
+            return await path.write(h, off, buf, req, flags)
+        with self.durability.incoming_write():  # group commit waits for sync writes
+            return await path.write(h, off, buf, req, flags)
 
     @_boundary
     async def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
