@@ -10,7 +10,6 @@ from __future__ import annotations
 import errno
 import itertools
 import mmap
-import os
 from dataclasses import dataclass, field
 
 from diofs import stats
@@ -65,10 +64,6 @@ class Handle:
         if self.pagecache_lock is None:
             self.pagecache_lock = locks.get(self.inode.ino)
         return self.pagecache_lock
-
-    @property
-    def writable(self) -> bool:
-        return self.flags & os.O_ACCMODE != os.O_RDONLY
 
 
 class HandleTable:

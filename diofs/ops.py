@@ -264,10 +264,12 @@ class Operations(pyfuse3.Operations):
         await self.durability.make_durable(metadata=True)
 
     # ------------------------------------------------------------------ files
-    def _file_info(self, inode: Inode, flags: int, handle_fh: int) -> pyfuse3.FileInfo:
+    @staticmethod
+    def _file_info(fh: int) -> pyfuse3.FileInfo:
         # direct_io stays off even for O_DIRECT handles: MAP_SHARED on a direct_io handle
         # fails with ENODEV (fuse-facts 6a), and the kernel's O_DIRECT path reaches us anyway.
-        return pyfuse3.FileInfo(fh=handle_fh, keep_cache=True, direct_io=False)
+        # keep_cache: diofs is the only writer of its image and invalidates what it changes.
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=False)
 
     @_boundary
     async def open(self, inode: int, flags: int, ctx: Any) -> Any:
@@ -285,14 +287,14 @@ class Operations(pyfuse3.Operations):
         if flags & os.O_TRUNC and node.size:  # before the handle exists: no leak if it fails
             await self.direct.truncate(node, 0)
         h = self.handles.open(node, flags, self.durability.sample(node.ino))
-        return self._file_info(node, flags, h.fh)
+        return self._file_info(h.fh)
 
     @_boundary
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any) -> Any:
         self._check_writable()
         node = self.fs.make_inode(parent_inode, name, S.S_IFREG | (mode & 0o7777), ctx.uid, ctx.gid)
         h = self.handles.open(node, flags, 0)
-        return self._file_info(node, flags, h.fh), self._entry(node)
+        return self._file_info(h.fh), self._entry(node)
 
     @_boundary
     async def read(self, fh: int, off: int, size: int) -> bytes:
