@@ -53,9 +53,8 @@ class Buffered:
         self.durability = durability
         self.ps = cache.page_size
         self.fill_delay = fill_delay  # demo hook: widens the fill race window (seconds)
-        # Inodes whose bytes the kernel may hold in its own page cache: every buffered READ
-        # reply and buffered WRITE puts pages there. Direct writes invalidate the kernel's
-        # copy of their range for these inodes only (dio.py, step 10).
+        # Inodes whose bytes the kernel may cache: added when a buffered READ or WRITE
+        # returns (its reply is what puts pages there); dio.py step 10.
         self.kernel_cached: set[int] = set()
 
     async def write_back_page_run(self, ino: int, off: int, data: bytes) -> None:
@@ -70,8 +69,13 @@ class Buffered:
 
     # ------------------------------------------------------------------ reads
     async def read(self, h: Handle, off: int, size: int, req: Request) -> bytes:
+        try:
+            return await self._read(h, off, size, req)
+        finally:  # no checkpoint between here and the reply
+            self.kernel_cached.add(h.inode.ino)
+
+    async def _read(self, h: Handle, off: int, size: int, req: Request) -> bytes:
         inode = h.inode
-        self.kernel_cached.add(inode.ino)
         end = min(off + size, inode.size)
         if end <= off:
             return b""
@@ -151,8 +155,13 @@ class Buffered:
 
     # ------------------------------------------------------------------ writes
     async def write(self, h: Handle, off: int, buf: bytes, req: Request, flags: int) -> int:
+        try:
+            return await self._write(h, off, buf, req, flags)
+        finally:
+            self.kernel_cached.add(h.inode.ino)
+
+    async def _write(self, h: Handle, off: int, buf: bytes, req: Request, flags: int) -> int:
         inode = h.inode
-        self.kernel_cached.add(inode.ino)
         if flags & os.O_APPEND:
             off = inode.size
         end = off + len(buf)
