@@ -81,11 +81,14 @@ class Buffered:
             return b""
         ps = self.ps
         first, last = off // ps, (end - 1) // ps
+        # every read moves the readahead state, hits included: a sequential stream whose
+        # readahead pages hit must not look random at its next miss
+        want = h.readahead.window(first, last - first + 1)
         pages = self.cache.lookup_run(inode.ino, first, last - first + 1)
         if None in pages:
             if self.marker.faults_disabled(req.tid, inode.ino):
                 return await self._read_faults_disabled(inode, off, end)
-            if not await self._fill(h, inode, first, last, req.tid):
+            if not await self._fill(h, inode, first, last, want, req.tid):
                 # its own direct I/O took BLOCK while this fill waited (fault_marker rule M6)
                 return await self._read_faults_disabled(inode, off, end)
             pages = [self.cache.peek(inode.ino, i) for i in range(first, last + 1)]
@@ -97,13 +100,15 @@ class Buffered:
         data = b"".join(pages)  # type: ignore[arg-type]
         return data[off - first * ps : end - first * ps]
 
-    async def _fill(self, h: Handle, inode: Inode, first: int, last: int, tid: int) -> bool:
-        """Fill the missing pages of [first, last] plus readahead, under pagecache ADD.
+    async def _fill(
+        self, h: Handle, inode: Inode, first: int, last: int, want: int, tid: int
+    ) -> bool:
+        """Fill the missing pages of [first, last] plus readahead (`want` pages from `first`),
+        under pagecache ADD.
 
         Returns False (nothing filled) if `tid` got marked for this inode while the fill
         waited for ADD: the caller then takes the faults-disabled path (fault_marker M6)."""
         npages_file = -(-inode.size // self.ps)
-        want = h.readahead.window(first, last - first + 1)
         ra_last = min(first + want, npages_file) - 1
         if bugs.enabled(Bug.NO_PAGECACHE_LOCK):
             await self._fill_unlocked(inode, first, max(last, ra_last), last)
