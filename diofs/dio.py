@@ -47,6 +47,7 @@ import pyfuse3
 import trio
 
 from diofs import bugs, request, stats
+from diofs.buffered import Buffered
 from diofs.bugs import Bug
 from diofs.cache import PageCache, Writeback
 from diofs.durability import Durability, wants_sync
@@ -60,23 +61,24 @@ from diofs.request import Request
 
 
 class Direct:
+    """The direct path works on the buffered path's state (its cache, writeback, locks,
+    fault marker, durability and kernel-cache hint), so it is built from it."""
+
     def __init__(
-        self, fs: Filesystem, cache: PageCache, writeback: Writeback, locks: LockTable,
-        marker: FaultMarker, durability: Durability, *, dio_align: int,
-        locked_shootdown: bool = False, write_delay: float = 0.0, persistent_ctx: bool = False,
-        kernel_cached: set[int] | None = None,
+        self, buffered: Buffered, *, dio_align: int, locked_shootdown: bool = False,
+        write_delay: float = 0.0, persistent_ctx: bool = False,
     ) -> None:
-        self.fs = fs
-        self.cache = cache
-        self.writeback = writeback
-        self.locks = locks
-        self.marker = marker
-        self.durability = durability
+        self.fs: Filesystem = buffered.fs
+        self.cache: PageCache = buffered.cache
+        self.writeback: Writeback = buffered.writeback
+        self.locks: LockTable = buffered.locks
+        self.marker: FaultMarker = buffered.marker
+        self.durability: Durability = buffered.durability
+        self.kernel_cached = buffered.kernel_cached
         self.dio_align = dio_align
         self.locked_shootdown = locked_shootdown
         self.write_delay = write_delay  # demo hook: holds BLOCK longer (seconds)
         self.persistent_ctx = persistent_ctx  # --mlock: reuse one DioContext per handle
-        self.kernel_cached = kernel_cached if kernel_cached is not None else set()
         self._rwsems: dict[int, RwSem] = {}
 
     def _rwsem(self, ino: int, *, exclusive: bool) -> AbstractAsyncContextManager[None]:

@@ -176,10 +176,9 @@ class Daemon:
             fill_delay=o.fill_delay,
         )
         self.direct = Direct(
-            fs, self.cache, self.writeback, locks, marker, self.durability,
-            dio_align=o.dio_align or fs.sb.dio_align,
+            self.buffered, dio_align=o.dio_align or fs.sb.dio_align,
             locked_shootdown=o.shootdown == "locked", write_delay=o.dio_delay,
-            persistent_ctx=self.mlock, kernel_cached=self.buffered.kernel_cached,
+            persistent_ctx=self.mlock,
         )
         fs.data_delay = o.data_delay
         self.ops = Operations(fs, self.buffered, self.direct, self.durability)
