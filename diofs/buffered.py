@@ -54,7 +54,9 @@ class Buffered:
         self.ps = cache.page_size
         self.fill_delay = fill_delay  # demo hook: widens the fill race window (seconds)
         # Inodes whose bytes the kernel may cache: added when a buffered READ or WRITE
-        # returns (its reply is what puts pages there); dio.py step 10.
+        # arrives (its folios are in the kernel's cache, locked, from before it is sent);
+        # removed when an O_DIRECT open makes the kernel drop them all (ops.open); dio.py
+        # step 10.
         self.kernel_cached: set[int] = set()
 
     async def write_back_page_run(self, ino: int, off: int, data: bytes) -> None:
@@ -69,13 +71,8 @@ class Buffered:
 
     # ------------------------------------------------------------------ reads
     async def read(self, h: Handle, off: int, size: int, req: Request) -> bytes:
-        try:
-            return await self._read(h, off, size, req)
-        finally:  # no checkpoint between here and the reply
-            self.kernel_cached.add(h.inode.ino)
-
-    async def _read(self, h: Handle, off: int, size: int, req: Request) -> bytes:
         inode = h.inode
+        self.kernel_cached.add(inode.ino)
         end = min(off + size, inode.size)
         if end <= off:
             return b""
@@ -160,13 +157,8 @@ class Buffered:
 
     # ------------------------------------------------------------------ writes
     async def write(self, h: Handle, off: int, buf: bytes, req: Request, flags: int) -> int:
-        try:
-            return await self._write(h, off, buf, req, flags)
-        finally:
-            self.kernel_cached.add(h.inode.ino)
-
-    async def _write(self, h: Handle, off: int, buf: bytes, req: Request, flags: int) -> int:
         inode = h.inode
+        self.kernel_cached.add(inode.ino)
         if flags & os.O_APPEND:
             off = inode.size
         end = off + len(buf)

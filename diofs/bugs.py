@@ -39,5 +39,9 @@ def enabled(bug: Bug) -> bool:
     return bug in _enabled
 
 
+def any_enabled() -> bool:
+    return bool(_enabled)
+
+
 def active() -> list[str]:
     return sorted(b.value for b in _enabled)

@@ -494,6 +494,28 @@ class Filesystem:
         # awaits above: other tasks may have read (zeros) or written other ranges
         self._publish(inode, first, nblocks, end, touch, convert)
 
+    def overwrite_inline(self, inode: Inode, off: int, data: bytes | memoryview) -> bool:
+        """write_data's fast path, or False: a block-aligned overwrite of at most
+        INLINE_IO_BYTES inside i_size, all in one written extent, is one synchronous image
+        write and an mtime update. Nothing to allocate, convert or grow, and no await, so
+        whatever the caller checked before still holds after (dio.py: the fast path)."""
+        bs = self.bs
+        size = len(data)
+        end = off + size
+        if (
+            size > INLINE_IO_BYTES or off % bs or end % bs or end > inode.size
+            or self.data_delay or inode.ino in self.reserved
+        ):
+            return False
+        phys = inode.extents.written_phys(off // bs, size // bs)
+        if phys is None:
+            return False
+        self.backend.write(phys * bs, data)
+        self.image_writes += 1  # after the write returned (see _write_image)
+        inode.mtime_ns = inode.ctime_ns = time.time_ns()
+        self.dirty(inode)
+        return True
+
     def _publish(
         self, inode: Inode, first: int, nblocks: int, end: int, touch: bool, convert: bool
     ) -> None:

@@ -29,7 +29,7 @@ from diofs.durability import Durability
 from diofs.errors import FsError
 from diofs.format.metadata import Inode
 from diofs.fs import Filesystem
-from diofs.handles import HandleTable
+from diofs.handles import Handle, HandleTable
 
 log = logging.getLogger(__name__)
 
@@ -264,12 +264,19 @@ class Operations(pyfuse3.Operations):
         await self.durability.make_durable(metadata=True)
 
     # ------------------------------------------------------------------ files
-    @staticmethod
-    def _file_info(fh: int) -> pyfuse3.FileInfo:
+    def _file_info(self, h: Handle) -> pyfuse3.FileInfo:
         # direct_io stays off even for O_DIRECT handles: MAP_SHARED on a direct_io handle
         # fails with ENODEV (fuse-facts 6a), and the kernel's O_DIRECT path reaches us anyway.
         # keep_cache: diofs is the only writer of its image and invalidates what it changes.
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=False)
+        # Except for an O_DIRECT open: without keep_cache the kernel drops the file's whole
+        # cache in the opener's context, after this reply and before open() returns, holding
+        # nothing of ours; any page cached later comes with a READ or WRITE that marks the
+        # inode again. So a file opened for direct I/O skips the kernel-range invalidation
+        # after each direct write (dio.py step 10) until a buffered request arrives.
+        if h.flags & os.O_DIRECT:
+            self.buffered.kernel_cached.discard(h.inode.ino)
+            return pyfuse3.FileInfo(fh=h.fh, keep_cache=False, direct_io=False)
+        return pyfuse3.FileInfo(fh=h.fh, keep_cache=True, direct_io=False)
 
     @_boundary
     async def open(self, inode: int, flags: int, ctx: Any) -> Any:
@@ -287,14 +294,14 @@ class Operations(pyfuse3.Operations):
         if flags & os.O_TRUNC and node.size:  # before the handle exists: no leak if it fails
             await self.direct.truncate(node, 0)
         h = self.handles.open(node, flags, self.durability.sample(node.ino))
-        return self._file_info(h.fh)
+        return self._file_info(h)
 
     @_boundary
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any) -> Any:
         self._check_writable()
         node = self.fs.make_inode(parent_inode, name, S.S_IFREG | (mode & 0o7777), ctx.uid, ctx.gid)
         h = self.handles.open(node, flags, 0)
-        return self._file_info(h.fh), self._entry(node)
+        return self._file_info(h), self._entry(node)
 
     @_boundary
     async def read(self, fh: int, off: int, size: int) -> bytes:

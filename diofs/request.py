@@ -37,7 +37,7 @@ import pyfuse3
 from diofs.errors import EXIT_MOUNT_FAILED, DiofsError
 
 #: The value of pyfuse3.DIOFS_PATCH_VERSION this module is written against.
-PATCH_VERSION = 1
+PATCH_VERSION = 2
 
 # off_t is a signed 64-bit integer: lengths beyond it mean "to the end of the file".
 _OFF_T_MAX = (1 << 63) - 1
@@ -88,6 +88,7 @@ def check_binding() -> None:
         and hasattr(pyfuse3, "request_context")
         and hasattr(pyfuse3, "invalidate_inode_range")
         and hasattr(pyfuse3, "set_auto_inval_data")
+        and hasattr(pyfuse3, "set_eager_receive")
         and hasattr(pyfuse3.Operations, "fallocate")
     )
     if not ok:

@@ -273,10 +273,12 @@ def _aligned(size: int, fill: bytes = b"\0") -> mmap.mmap:
 
 # --------------------------------------------------------------------------- part 1: API
 def test_binding_has_diofs_api() -> None:
-    assert pyfuse3.DIOFS_PATCH_VERSION == 1
+    assert pyfuse3.DIOFS_PATCH_VERSION == 2
     assert pyfuse3.request_context.get() == (0, 0)
     assert callable(pyfuse3.invalidate_inode_range)
     assert callable(pyfuse3.set_auto_inval_data)
+    assert callable(pyfuse3.set_async_dio)
+    assert callable(pyfuse3.set_eager_receive)
     assert callable(pyfuse3.Operations.fallocate)
 
 

@@ -53,13 +53,17 @@ def direct_pwrite(path: str, data: bytes, off: int) -> float:
     """O_DIRECT write from an aligned buffer; returns how long the syscall took (s)."""
     fd = os.open(path, os.O_RDWR | os.O_DIRECT)
     try:
-        with mmap.mmap(-1, len(data)) as buf:
-            buf.write(data)
-            t0 = time.monotonic()
-            assert os.pwrite(fd, buf, off) == len(data)
-            return time.monotonic() - t0
+        return direct_pwrite_fd(fd, data, off)
     finally:
         os.close(fd)
+
+
+def direct_pwrite_fd(fd: int, data: bytes, off: int) -> float:
+    with mmap.mmap(-1, len(data)) as buf:
+        buf.write(data)
+        t0 = time.monotonic()
+        assert os.pwrite(fd, buf, off) == len(data)
+        return time.monotonic() - t0
 
 
 def race_fill_against_direct_write(mnt: str) -> dict[str, Any]:
@@ -69,6 +73,9 @@ def race_fill_against_direct_write(mnt: str) -> dict[str, Any]:
     with open(path, "wb"):
         pass
     direct_pwrite(path, OLD * FILE_SIZE, 0)
+    # opened before the race: an O_DIRECT open makes the kernel drop the file's cache, which
+    # waits for the reader's READ in flight (ops.Operations._file_info)
+    wfd = os.open(path, os.O_RDWR | os.O_DIRECT)
     s0 = stats(mnt)
 
     got: dict[str, bytes] = {}
@@ -92,7 +99,8 @@ def race_fill_against_direct_write(mnt: str) -> dict[str, Any]:
         assert time.monotonic() < deadline, "the buffered READ never reached the daemon"
         time.sleep(0.002)
     time.sleep(FILL_DELAY * 0.3)
-    write_s = direct_pwrite(path, NEW * RA_LEN, RA_OFF)
+    write_s = direct_pwrite_fd(wfd, NEW * RA_LEN, RA_OFF)
+    os.close(wfd)
     t.join()
     s1 = stats(mnt)
     # a fresh buffered read of the written range: the kernel has no copy, the daemon decides.

@@ -536,6 +536,10 @@ class PageCache:
         if self._npages << self._shift > self.limit_bytes:
             self.evict_clean(self.limit_bytes)
 
+    def holds_nothing_of(self, ino: int) -> bool:
+        """No page of `ino` is cached and no writeback of one is in flight."""
+        return ino not in self._inodes and not self._wb.get(ino)
+
     def writeback_token(self, ino: int, index: int) -> object | None:
         """The token of the writeback in flight on page key (ino, index), or None."""
         wb = self._wb.get(ino)

@@ -59,6 +59,7 @@ class Options:
     fill_delay: float = 0.0
     dio_delay: float = 0.0
     data_delay: float = 0.0
+    async_dio: bool = True
     fuse: tuple[str, ...] = ()
 
 
@@ -79,6 +80,8 @@ def parse_options(items: list[str]) -> Options:
                     setattr(o, key, float(value))
                 elif key == "max_tasks":
                     o.max_tasks = int(value)
+                elif key == "async_dio" and value in ("on", "off"):
+                    o.async_dio = value == "on"
                 elif key == "shootdown" and value in ("unlocked", "locked"):
                     o.shootdown = value
                 elif key == "backend" and value in ("raw", "crash", "fault"):
@@ -189,6 +192,9 @@ class Daemon:
         # diofs is the only writer of its image: drop the kernel's whole-file invalidation on
         # mtime change, which loses data under threaded mmap + O_DIRECT (fuse-facts row 9).
         pyfuse3.set_auto_inval_data(False)
+        pyfuse3.set_async_dio(o.async_dio)
+        # read the next queued request at once instead of after an epoll round trip
+        pyfuse3.set_eager_receive(True)
         pyfuse3.init(self.ops, self.mnt, fuse_opts)
 
     async def _write_back(self, ino: int, off: int, data: bytes) -> None:

@@ -86,6 +86,17 @@ class ExtentMap:
             i += 1
         return out
 
+    def written_phys(self, start: int, count: int) -> int | None:
+        """The image block of `start` if [start, start + count) lies inside one written
+        extent, else None (the direct-write fast path: no Segment list, no allocation)."""
+        i = bisect_right(self._starts, start) - 1
+        if i < 0:
+            return None
+        e = self._ext[i]
+        if e.unwritten or start + count > e.start + e.count:
+            return None
+        return e.phys + (start - e.start)
+
     def _split_at(self, block: int) -> None:
         """Make `block` an extent boundary (if it falls inside an extent)."""
         i = bisect_right(self._starts, block) - 1
