@@ -15,6 +15,7 @@ class Bug(enum.Enum):
     NO_ALIGN_CHECK = "no-align-check"  # misaligned O_DIRECT is accepted (SPEC 3)
     NO_SYNC_FLUSH = "no-sync-flush"  # O_SYNC/O_DSYNC writes replied before the flush (seed 001)
     SIZE_BEFORE_DATA = "size-before-data"  # i_size/extent published before data lands (seed 003)
+    REPLY_IN_LOOP = "reply-in-loop"  # direct READ replies always from the main loop (seed 002)
 
     __hash__ = object.__hash__  # members are singletons; asked on every request (hot path)
 

@@ -112,12 +112,22 @@ class Direct:
             stats.add("dio.shootdown_pages", self.cache.drop_range(ino, start, end))
 
     # ------------------------------------------------------------------ direct I/O
-    async def read(self, h: Handle, off: int, size: int, req: Request) -> memoryview:
+    async def read(
+        self, h: Handle, off: int, size: int, req: Request
+    ) -> memoryview | pyfuse3.ReplyFromThread:
         self._check_alignment(off, size)
         inode = h.inode
+        # While the kernel may cache pages of any file of this mount, the reply goes out from
+        # a worker thread: with FUSE async DIO the kernel dirties the destination pages inside
+        # the reply's write(2), under their folio locks, and if the destination is a mapped
+        # page of one of our files, a direct write's invalidation may hold that lock while it
+        # waits for us to answer the WRITE that launders it (tests/test_fsx.py, deadlock).
+        # Without cached pages there is nothing to map and nothing to launder.
+        from_thread = bool(self.kernel_cached) and not bugs.enabled(Bug.REPLY_IN_LOOP)
         if self.persistent_ctx and h.dio_ctx is None:
             h.dio_ctx = DioContext()
-        buf = h.dio_ctx.take(size) if h.dio_ctx is not None else None
+        # the context's buffer is reused once the reply is out: not when a thread sends it
+        buf = h.dio_ctx.take(size) if h.dio_ctx is not None and not from_thread else None
         if buf is None:
             stats.add("dio.buffer_allocs")
         try:
@@ -128,6 +138,9 @@ class Direct:
             if buf is not None:
                 h.dio_ctx.give_back()  # type: ignore[union-attr]  # reply is sent before any checkpoint
         stats.add("dio.bytes_read", len(data))
+        if from_thread:
+            stats.add("dio.thread_replies")
+            return pyfuse3.ReplyFromThread(data)
         return data
 
     async def write(self, h: Handle, off: int, buf: bytes, req: Request, flags: int) -> int:

@@ -304,7 +304,7 @@ class Operations(pyfuse3.Operations):
         return self._file_info(h), self._entry(node)
 
     @_boundary
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    async def read(self, fh: int, off: int, size: int) -> Any:
         if fh >= STATS_INO:
             return self.stats_reads[fh][off : off + size]
         h = self.handles.get(fh)

@@ -89,6 +89,7 @@ def check_binding() -> None:
         and hasattr(pyfuse3, "invalidate_inode_range")
         and hasattr(pyfuse3, "set_auto_inval_data")
         and hasattr(pyfuse3, "set_eager_receive")
+        and hasattr(pyfuse3, "ReplyFromThread")
         and hasattr(pyfuse3.Operations, "fallocate")
     )
     if not ok:
