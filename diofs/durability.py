@@ -77,6 +77,10 @@ class Coalescer:
         self._last_served = 0
         self._mean_run_s = 0.0  # exponentially weighted mean duration of `fn`
 
+    @property
+    def running(self) -> bool:
+        return self._running
+
     def _want_more(self, target: int) -> bool:
         if self._pending is not None and self._pending() > 0:
             return True
@@ -212,6 +216,23 @@ class Durability:
             yield
         finally:
             self._incoming -= 1
+
+    def lone_sync_write(self) -> bool:
+        """The calling sync WRITE (inside `incoming_write`) is the only one in the daemon, no
+        flush or commit runs and the committed metadata already maps every written block:
+        writing its data durably (RWF_DSYNC, a flush of that range only, like the kernel's
+        own O_DSYNC path) is all O_DSYNC asks, and there is nobody to share a group commit
+        with (dio.py, fast path)."""
+        return (
+            self._incoming == 1
+            and not self.flusher.running
+            and not self.committer.running
+            and self.fs.layout_committed
+        )
+
+    def durable_write_done(self) -> None:
+        stats.add("durability.sync_writes")
+        stats.add("durability.durable_writes")
 
     async def sync_write(self, *, full_sync: bool) -> None:
         """Called after a WRITE with O_DSYNC/O_SYNC landed, before its reply."""

@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 ROOT_INO = image.ROOT_INO
 NAME_MAX = 255
-INLINE_IO_BYTES = 128 << 10  # image I/O up to this size runs on the trio thread (see _io)
+INLINE_IO_BYTES = 1 << 20  # image I/O up to this size runs on the trio thread (see _io)
 
 
 class Filesystem:
@@ -494,11 +494,14 @@ class Filesystem:
         # awaits above: other tasks may have read (zeros) or written other ranges
         self._publish(inode, first, nblocks, end, touch, convert)
 
-    def overwrite_inline(self, inode: Inode, off: int, data: bytes | memoryview) -> bool:
+    def overwrite_inline(
+        self, inode: Inode, off: int, data: bytes | memoryview, *, durable: bool = False
+    ) -> bool:
         """write_data's fast path, or False: a block-aligned overwrite of at most
         INLINE_IO_BYTES inside i_size, all in one written extent, is one synchronous image
         write and an mtime update. Nothing to allocate, convert or grow, and no await, so
-        whatever the caller checked before still holds after (dio.py: the fast path)."""
+        whatever the caller checked before still holds after (dio.py: the fast path).
+        `durable`: the image write is durable on return (backend.write_durable)."""
         bs = self.bs
         size = len(data)
         end = off + size
@@ -510,7 +513,10 @@ class Filesystem:
         phys = inode.extents.written_phys(off // bs, size // bs)
         if phys is None:
             return False
-        self.backend.write(phys * bs, data)
+        if durable:
+            self.backend.write_durable(phys * bs, data)
+        else:
+            self.backend.write(phys * bs, data)
         self.image_writes += 1  # after the write returned (see _write_image)
         inode.mtime_ns = inode.ctime_ns = time.time_ns()
         self.dirty(inode)

@@ -20,6 +20,9 @@ Contract shared by all kinds:
     - I/O failures raise `OSError` with the image's errno (callers map `exc.errno`);
     - `flush()` makes every write that returned before `flush()` was called durable
       (fdatasync on the image); it says nothing about writes still in progress.
+    - `write_durable()` is a write that is durable when it returns (RWF_DSYNC: a flush of
+      that range only, as the kernel's O_DSYNC write path does); it says nothing about
+      other writes.
 """
 
 from __future__ import annotations
@@ -49,6 +52,10 @@ class Backend(Protocol):
 
     def write(self, off: int, data: bytes | bytearray | memoryview) -> None:
         """Write all of `data` at `off`; same range rule as `read`."""
+        ...
+
+    def write_durable(self, off: int, data: bytes | bytearray | memoryview) -> None:
+        """`write`, durable on return (RWF_DSYNC); other writes stay as they are."""
         ...
 
     def flush(self) -> None:

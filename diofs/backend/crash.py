@@ -215,6 +215,13 @@ class CrashBackend:
             self._seq += 1
         self._inner.flush()
 
+    def write_durable(self, off: int, data: bytes | bytearray | memoryview) -> None:
+        """Logged as a write and a flush. The model is stronger than RWF_DSYNC (the flush
+        record covers earlier writes too); diofs never counts on that (fs.flushed_writes
+        does not move for a durable write)."""
+        self.write(off, data)
+        self.flush()
+
     def records_logged(self) -> int:
         """How many records the log holds so far."""
         with self._lock:

@@ -330,6 +330,14 @@ class FaultBackend:
         self._check("flush", 0, 0)
         self._inner.flush()
 
+    def write_durable(self, off: int, data: bytes | bytearray | memoryview) -> None:
+        """Subject to both the "write" and the "flush" rules."""
+        n = memoryview(data).nbytes
+        check_range(off, n, self._inner.size())
+        self._check("write", off, n)
+        self._check("flush", 0, 0)
+        self._inner.write_durable(off, data)
+
     def close(self) -> None:
         self._inner.close()
 

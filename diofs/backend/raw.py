@@ -73,6 +73,12 @@ class RawImage:
             done += got
 
     def write(self, off: int, data: bytes | bytearray | memoryview) -> None:
+        self._write(off, data, 0)
+
+    def write_durable(self, off: int, data: bytes | bytearray | memoryview) -> None:
+        self._write(off, data, os.RWF_DSYNC)
+
+    def _write(self, off: int, data: bytes | bytearray | memoryview, flags: int) -> None:
         mv = memoryview(data)
         if mv.format != "B" or mv.ndim != 1:
             mv = mv.cast("B")
@@ -80,9 +86,9 @@ class RawImage:
         check_range(off, n, self._size)
         if not self.writable:
             raise OSError(errno.EROFS, f"image {self.path} is open read-only")
-        done = os.pwrite(self._fd, mv, off)
+        done = os.pwritev(self._fd, [mv], off, flags)
         while done < n:
-            put = os.pwrite(self._fd, mv[done:], off + done)
+            put = os.pwritev(self._fd, [mv[done:]], off + done, flags)
             if put == 0:
                 raise OSError(errno.EIO, f"short write at {off + done} on image {self.path}")
             done += put

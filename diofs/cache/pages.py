@@ -536,9 +536,17 @@ class PageCache:
         if self._npages << self._shift > self.limit_bytes:
             self.evict_clean(self.limit_bytes)
 
-    def holds_nothing_of(self, ino: int) -> bool:
-        """No page of `ino` is cached and no writeback of one is in flight."""
-        return ino not in self._inodes and not self._wb.get(ino)
+    def holds_nothing_in(self, ino: int, start: int, end: int) -> bool:
+        """No page of `ino` touching [start, end) is cached or under writeback."""
+        pages = self._inodes.get(ino)
+        wb = self._wb.get(ino)
+        if not pages and not wb:
+            return True
+        ps = self.page_size
+        for index in range(start // ps, (end - 1) // ps + 1):
+            if (pages and index in pages) or (wb and index in wb):
+                return False
+        return True
 
     def writeback_token(self, ino: int, index: int) -> object | None:
         """The token of the writeback in flight on page key (ino, index), or None."""
