@@ -18,9 +18,10 @@ which is why the default mode never invalidates the kernel cache under the lock
 
 from __future__ import annotations
 
-import re
 import time
 from typing import Any
+
+from demolib import stuck_lines
 
 from diofs import watchdog
 from tests.test_dio_mmap_self import (
@@ -35,18 +36,6 @@ TITLE = "mmap + O_DIRECT self-write deadlocks under a locked shootdown"
 BAD_KEY = "hung_runs"
 RUNS = 2
 HANG_TIMEOUT_S = 6.0  # a good run takes about 1 s
-
-
-def _stuck_lines(report: str, frames: int = 4) -> list[str]:
-    """The D-state threads of the report, each with its top kernel stack frames."""
-    out: list[str] = []
-    lines = report.splitlines()
-    for i, line in enumerate(lines):
-        if "state=D" in line:
-            out.append(line.strip())
-            stack = [s.strip() for s in lines[i + 1 : i + 1 + frames] if s.startswith("      [")]
-            out.extend("    " + re.sub(r"^\[<0>\] ", "", s) for s in stack)
-    return out
 
 
 def run(factory: Any, bug_on: bool) -> dict[str, Any]:
@@ -70,7 +59,7 @@ def run(factory: Any, bug_on: bool) -> dict[str, Any]:
                 hung += 1
                 aborted += f"abort conn {m.conn_id}: done" in result.report
             print(f"   [{label}] run hung for {time.monotonic() - t0:.1f}s; watchdog: stuck tasks")
-            for line in _stuck_lines(result.report):
+            for line in stuck_lines(result.report):
                 print(f"      {line}")
             end = time.monotonic() + 15
             while daemon_pid and watchdog.process_alive(daemon_pid) and time.monotonic() < end:

@@ -15,6 +15,8 @@ unmounted, a hang is caught by the watchdog (stack report, fusectl abort, lazy u
 
 from __future__ import annotations
 
+import itertools
+import re
 import sys
 import tempfile
 import traceback
@@ -27,6 +29,20 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from tests.mounting import MountFactory  # noqa: E402
+
+
+def stuck_lines(report: str, frames: int = 4) -> list[str]:
+    """The D-state threads of a watchdog report, each with its top kernel stack frames (for
+    the deadlock demos)."""
+    out: list[str] = []
+    lines = report.splitlines()
+    for i, line in enumerate(lines):
+        if "state=D" in line:
+            out.append(line.strip())
+            frames_of = itertools.takewhile(lambda s: s.startswith("      ["), lines[i + 1 :])
+            stack = itertools.islice(frames_of, frames)
+            out.extend("    " + re.sub(r"^\[<0>\] ", "", s.strip()) for s in stack)
+    return out
 
 
 def run_side(demo: ModuleType, bug_on: bool) -> dict[str, Any]:

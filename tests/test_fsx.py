@@ -16,9 +16,11 @@ ops with a remount between rounds. `test_fsx_concurrent_fill_race` widens the fi
 region) against direct writes and punches: clean by default, stale pages with
 `--bug no-pagecache-lock`.
 
-`test_dio_read_into_mapping_deadlock` (xfail, open daemon bug) is the two-thread reduction
-of a deadlock the concurrent mode found: an O_DIRECT read into a MAP_SHARED mapping of the
-same file racing an O_DIRECT write of that page hangs the single-threaded daemon.
+`test_dio_read_into_mapping_deadlock` is the two-thread reduction of a deadlock the concurrent
+mode found: an O_DIRECT read into a MAP_SHARED mapping of the same file racing an O_DIRECT
+write of that page. It completes by default (direct READ replies go out from a worker thread
+while the kernel may cache pages of the mount) and hangs the single-threaded daemon with
+`--bug reply-in-loop`; the watchdog then breaks the hang and nothing stays behind.
 
 Every segment / round runs in a forked child with a deadline (`run_in_child`); remounts happen
 in the test process, which owns the daemon. `--stress` adds long runs (tens of thousands of
@@ -27,8 +29,12 @@ operations per seed).
 
 from __future__ import annotations
 
+import re
+import time
+
 import pytest
 
+from diofs import watchdog
 from tests.fsx import (
     Fsx,
     RegionWorker,
@@ -132,9 +138,11 @@ def test_fsx_concurrent_fill_race(mount_factory: MountFactory, bug_on: bool) -> 
         assert _concurrent(m, 4, workers=4, nops=200, rounds=2, ops=ops) == 4 * 200 * 2
 
 
-def _read_into_mapping_vs_direct_write(path: str, seconds: float) -> list[int]:
+def read_into_mapping_vs_direct_write(path: str, seconds: float) -> list[int]:
     """Thread A: O_DIRECT read of file page 2 into a MAP_SHARED mapping of page 0 of the same
-    file; thread B: O_DIRECT write of 512 bytes at offset 0 (page 0). Returns op counts."""
+    file; thread B: O_DIRECT write of 512 bytes at offset 0 (page 0). Returns op counts; an
+    error in a thread stops it and is raised after both ended (no thread traceback on stderr
+    when a watchdog abort fails the calls)."""
     import mmap
     import os
     import threading
@@ -145,42 +153,45 @@ def _read_into_mapping_vs_direct_write(path: str, seconds: float) -> list[int]:
     m = mmap.mmap(mfd, 3 * 4096, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
     stop = time.monotonic() + seconds
     n = [0, 0]
+    errors: list[OSError] = []
 
     def reader() -> None:
-        while time.monotonic() < stop:
-            v = memoryview(m)[0:4096]
-            os.preadv(fd, [v], 8192)
-            v.release()
-            n[0] += 1
+        try:
+            while time.monotonic() < stop:
+                v = memoryview(m)[0:4096]
+                os.preadv(fd, [v], 8192)
+                v.release()
+                n[0] += 1
+        except OSError as exc:
+            errors.append(exc)
 
     def writer() -> None:
         buf = mmap.mmap(-1, 4096)
-        while time.monotonic() < stop:
-            os.pwritev(fd, [memoryview(buf)[:512]], 0)
-            n[1] += 1
+        try:
+            while time.monotonic() < stop:
+                os.pwritev(fd, [memoryview(buf)[:512]], 0)
+                n[1] += 1
+        except OSError as exc:
+            errors.append(exc)
 
     ts = [threading.Thread(target=reader), threading.Thread(target=writer)]
     for t in ts:
         t.start()
     for t in ts:
         t.join()
+    if errors:
+        raise errors[0]
     return n
 
 
-@pytest.mark.deadline(60)
-@pytest.mark.xfail(reason="open daemon bug: single-threaded reply blocks on a folio lock", strict=False)
-def test_dio_read_into_mapping_deadlock(mount_factory: MountFactory) -> None:
-    """Found by the concurrent exerciser (dioread_into_map vs a neighbour's direct write).
-    The kernel completes an async direct READ (FUSE_ASYNC_DIO, direct_io=False) inside the
-    daemon's write(2) of the reply: fuse_aio_complete_req -> fuse_release_user_pages ->
-    folio_mark_dirty_lock, which sleeps on the folio lock of the mapped destination page.
-    Meanwhile the direct write's invalidation (the client's kiocb_invalidate_post_direct_write
-    or the daemon's invalidate_kernel_range thread) holds that folio lock in
-    fuse_launder_folio, waiting for the WRITE it just sent: the daemon's only thread never
-    reads it. Measured: hangs in under 1 s, every run (6/6)."""
+READ_INTO_MAPPING_S = 2.0  # the workload's length with the protection on
+HANG_TIMEOUT_S = 6.0  # the good run takes READ_INTO_MAPPING_S; with the bug it hangs in < 1 s
+
+
+def prepare_read_into_mapping(m: Mount) -> str:
+    """The workload's file: 3 pages written buffered and fsynced (nothing dirty anywhere)."""
     import os
 
-    m = mount_factory(size="16M")
     path = m.path("f")
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -188,11 +199,69 @@ def test_dio_read_into_mapping_deadlock(mount_factory: MountFactory) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-    try:
-        run_in_child(_read_into_mapping_vs_direct_write, path, 2.0, timeout=10, mounts=[m])
-    except AssertionError:
-        m.expect_rescue()  # the watchdog aborted the connection
-        raise
+    return path
+
+
+@pytest.mark.deadline(60)
+@pytest.mark.parametrize("bug_on", [False, True], ids=["default", "reply-in-loop"])
+def test_dio_read_into_mapping_deadlock(mount_factory: MountFactory, bug_on: bool) -> None:
+    """Found by the concurrent exerciser (dioread_into_map vs a neighbour's direct write).
+    The kernel completes an async direct READ (FUSE_ASYNC_DIO, direct_io=False) inside the
+    daemon's write(2) of the reply: fuse_aio_complete_req -> fuse_release_user_pages ->
+    folio_mark_dirty_lock, which sleeps on the folio lock of the mapped destination page.
+    Meanwhile an invalidation of that page holds its folio lock in fuse_launder_folio,
+    waiting (folio_wait_writeback) for the WRITE it just sent. Seen in the hang reports: in
+    most runs the client's direct write (generic_file_direct_write ->
+    invalidate_inode_pages2_range), in about 1 run in 10 the daemon's own
+    invalidate_kernel_range thread after the previous direct write (dio.py step 10:
+    fuse_reverse_inval_inode -> invalidate_inode_pages2_range). Fixed by sending direct READ
+    replies from a worker thread while the kernel may cache pages of the mount (diofs/dio.py,
+    `dio.thread_replies`): the main loop stays free to answer the laundering WRITE.
+    `--bug reply-in-loop` replies from the main loop again: the daemon's only thread then
+    never reads that WRITE and the run hangs (measured: in under 1 s, every run); the
+    watchdog reports the stuck tasks, aborts the connection, and nothing stays behind."""
+    m = mount_factory(size="16M", bugs=["reply-in-loop"] if bug_on else [])
+    path = prepare_read_into_mapping(m)
+    if not bug_on:
+        n = run_in_child(read_into_mapping_vs_direct_write, path, READ_INTO_MAPPING_S,
+                         timeout=HANG_TIMEOUT_S, mounts=[m])
+        assert n[0] > 0 and n[1] > 0, n  # both threads made progress
+        st = m.stats()
+        # every direct READ of the reader went out from a worker thread (the mapping's fault
+        # READ put the inode in kernel_cached before the first one was sent)
+        assert st.get("dio.thread_replies", 0) >= n[0], (n, st)
+        return
+    m.expect_rescue()
+    daemon_pid = m.daemon.pid if m.daemon else None
+    result = m.run(read_into_mapping_vs_direct_write, path, READ_INTO_MAPPING_S,
+                   timeout=HANG_TIMEOUT_S)
+    assert result.timed_out, "the workload completed although direct READs reply in the loop"
+    report = result.report
+    # the watchdog's report: the daemon's stacks, then the client's (rescue(): daemons first)
+    assert f"pid {daemon_pid}:" in report and f"pid {result.pid}:" in report
+    daemon_part = report[report.index(f"pid {daemon_pid}:") : report.index(f"pid {result.pid}:")]
+    client_part = report[report.index(f"pid {result.pid}:") :]
+    # the daemon's only loop thread sleeps on the mapped page's folio lock inside the write(2)
+    # of a direct READ's reply ...
+    assert re.search(rf"tid {daemon_pid} '[^']*' state=D", daemon_part), report
+    assert "folio_mark_dirty_lock" in daemon_part, report
+    assert "fuse_aio_complete_req" in daemon_part, report
+    # ... held by an invalidation that launders that page and waits for the WRITE nobody
+    # reads: the client's direct write (generic_file_direct_write) or the daemon's own
+    # invalidate_kernel_range thread (dio.py step 10), whichever got there first
+    assert "fuse_launder_folio" in report, report
+    assert "invalidate_inode_pages2_range" in report, report
+    assert "state=D" in client_part, report
+    assert f"abort conn {m.conn_id}: done" in report
+    # nothing is left behind: no mount, no client, no D-state task of ours, the daemon exits
+    assert not watchdog.is_mounted(m.mnt)
+    assert not watchdog.process_alive(result.pid)
+    deadline = time.monotonic() + 15
+    while daemon_pid is not None and watchdog.process_alive(daemon_pid):
+        assert time.monotonic() < deadline, "daemon did not exit after the abort"
+        time.sleep(0.1)
+    stuck = [t for t in watchdog.stuck_tasks() if t.pid in (result.pid, daemon_pid)]
+    assert stuck == []
 
 
 @pytest.mark.stress

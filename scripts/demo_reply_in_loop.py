@@ -1,0 +1,78 @@
+"""--bug reply-in-loop: an O_DIRECT read into a MAP_SHARED mapping of the same file, racing an
+O_DIRECT write of the mapped page, deadlocks the daemon when direct READ replies go out from
+its main loop (seed 002; the deadlock the concurrent exerciser found, tests/test_fsx.py).
+
+Workload (tests/test_fsx.py::test_dio_read_into_mapping_deadlock): a 3-page file; thread A
+preadv()s file page 2 through an O_DIRECT fd into a MAP_SHARED mapping of page 0, thread B
+pwritev()s 512 bytes at offset 0 through the O_DIRECT fd, both in a loop. With FUSE async DIO
+the kernel dirties the destination page inside the daemon's write(2) of the READ reply
+(fuse_aio_complete_req -> folio_mark_dirty_lock, which sleeps on that page's folio lock); an
+invalidation of the page (B's direct write, or the daemon's own after B's previous write) holds
+that lock in fuse_launder_folio while it waits for the WRITE it sent.
+The protection sends direct READ replies from a worker thread while the kernel may cache
+pages of the mount (`dio.thread_replies`), so the main loop answers that WRITE. With the bug
+the only thread sleeps in the reply: the watchdog prints the stuck tasks' kernel stacks and
+aborts the FUSE connection, and nothing stays mounted or stuck.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from demolib import stuck_lines
+
+from diofs import watchdog
+from tests.test_fsx import prepare_read_into_mapping, read_into_mapping_vs_direct_write
+
+BUG = "reply-in-loop"
+TITLE = "O_DIRECT read into a mapping of the same file vs a direct write deadlocks the daemon"
+BAD_KEY = "hung_runs"
+RUNS = 2
+WORKLOAD_S = 1.5  # each run's length with the protection on
+HANG_TIMEOUT_S = 5.0  # with the bug it hangs in under 1 s
+
+
+def run(factory: Any, bug_on: bool) -> dict[str, Any]:
+    hung = completed = aborted = left_mounted = d_state_left = 0
+    reads = writes = thread_replies = 0
+    for _ in range(RUNS):
+        m = factory(size="16M", bugs=(BUG,) if bug_on else ())
+        path = prepare_read_into_mapping(m)
+        daemon_pid = m.daemon.pid if m.daemon else None
+        m.expect_rescue()  # the runs that hang are rescued by the watchdog
+        t0 = time.monotonic()
+        result = m.run(read_into_mapping_vs_direct_write, path, WORKLOAD_S,
+                       timeout=HANG_TIMEOUT_S)
+        label = BUG if bug_on else "protection on"
+        if result.timed_out:
+            hung += 1
+            aborted += f"abort conn {m.conn_id}: done" in result.report
+            print(f"   [{label}] run hung for {time.monotonic() - t0:.1f}s; watchdog: stuck tasks")
+            for line in stuck_lines(result.report, frames=5):
+                print(f"      {line}")
+            end = time.monotonic() + 15
+            while daemon_pid and watchdog.process_alive(daemon_pid) and time.monotonic() < end:
+                time.sleep(0.1)
+        elif result.returncode == 0:
+            completed += 1
+            n_reads, n_writes = result.value
+            reads += n_reads
+            writes += n_writes
+            thread_replies += int(m.stats().get("dio.thread_replies", 0))
+            m.unmount()
+        elif m.daemon is not None and watchdog.is_mounted(m.mnt):
+            m.unmount()
+        left_mounted += watchdog.is_mounted(m.mnt)
+        d_state_left += sum(1 for t in watchdog.stuck_tasks() if t.pid in (result.pid, daemon_pid))
+    return {
+        "runs": RUNS,
+        "completed": completed,
+        "direct_reads_into_mapping": reads,
+        "direct_writes": writes,
+        "thread_replies": thread_replies,
+        "hung_runs": hung,
+        "connections_aborted": aborted,
+        "left_mounted": left_mounted,
+        "d_state_left": d_state_left,
+    }

@@ -1,0 +1,243 @@
+"""The kernel-cache hint and the direct-write fast path on a real mount.
+
+`Buffered.kernel_cached` (diofs/buffered.py) holds the inodes whose bytes the kernel may cache:
+an inode is added when a buffered READ or WRITE of it arrives, and removed when an O_DIRECT
+open makes the kernel drop the file's whole page cache (diofs/ops.py `_file_info`: no
+keep_cache for O_DIRECT opens). Three things depend on it:
+  - a direct write invalidates the kernel's copy of its range only for a marked inode
+    (diofs/dio.py step 10, `dio.kernel_invalidations`);
+  - direct READ replies go out from a worker thread while any inode of the mount is marked
+    (`dio.thread_replies`; tests/test_fsx.py::test_dio_read_into_mapping_deadlock says why);
+  - and, separately, a block-aligned overwrite of written blocks inside i_size takes the fast
+    path (`dio.fast_writes`) only while the daemon caches no page of its range.
+
+Every file here is created and laid out through O_DIRECT fds, so that neither the kernel nor
+the daemon caches any of it until a test reads or writes it buffered on purpose. The counters
+are read with `Mount.stats()` (the stats file's own open and READs touch no hint).
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+
+import pytest
+
+from tests.mounting import Mount, MountFactory
+
+pytestmark = pytest.mark.deadline(60)
+
+PAGE = 4096  # = the default block size: the fast path wants block-aligned writes
+NBLOCKS = 16
+SIZE = NBLOCKS * PAGE
+NWRITES = 24
+
+
+def block(seed: int, idx: int) -> bytes:
+    """One block of bytes naming `seed` and the block index (16 bytes x 256)."""
+    return struct.pack("<QQ", seed, idx) * (PAGE // 16)
+
+
+def dwrite(fd: int, data: bytes, off: int) -> None:
+    """pwrite through an O_DIRECT fd, from a page-aligned buffer."""
+    with mmap.mmap(-1, max(len(data), PAGE)) as buf:
+        buf.write(data)
+        assert os.pwritev(fd, [memoryview(buf)[: len(data)]], off) == len(data)
+
+
+def dread(fd: int, n: int, off: int) -> bytes:
+    """pread through an O_DIRECT fd, into a page-aligned buffer."""
+    with mmap.mmap(-1, max(n, PAGE)) as buf:
+        got = os.preadv(fd, [memoryview(buf)[:n]], off)
+        return bytes(buf[:got])
+
+
+def bread(path: str, n: int = SIZE, off: int = 0) -> bytes:
+    """pread through a fresh buffered fd."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.pread(fd, n, off)
+    finally:
+        os.close(fd)
+
+
+def direct_open_close(path: str) -> None:
+    """An O_DIRECT open (the kernel drops the file's page cache) and nothing else."""
+    os.close(os.open(path, os.O_RDONLY | os.O_DIRECT))
+
+
+def make_direct_file(m: Mount, name: str, seed: int = 1) -> tuple[str, bytearray]:
+    """A file of NBLOCKS written blocks, created and written through an O_DIRECT fd only;
+    returns its path and its expected content."""
+    path = m.path(name)
+    model = bytearray(b"".join(block(seed, i) for i in range(NBLOCKS)))
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_DIRECT, 0o644)
+    try:
+        dwrite(fd, bytes(model), 0)
+    finally:
+        os.close(fd)
+    return path, model
+
+
+def overwrite_blocks(fd: int, model: bytearray, seed: int, blocks: list[int]) -> None:
+    """Direct overwrites of whole blocks, one pwrite each; keeps `model` up to date."""
+    for idx in blocks:
+        data = block(seed, idx)
+        dwrite(fd, data, idx * PAGE)
+        model[idx * PAGE : (idx + 1) * PAGE] = data
+
+
+class Counters:
+    """Differences of the mount's counters since the last `delta()` (or since creation)."""
+
+    def __init__(self, m: Mount) -> None:
+        self.m = m
+        self.last = m.stats()
+
+    def delta(self, *keys: str) -> dict[str, float]:
+        now = self.m.stats()
+        out = {k: now.get(k, 0) - self.last.get(k, 0) for k in keys}
+        self.last = now
+        return out
+
+
+def spread(n: int, step: int = 7) -> list[int]:
+    """n block indices visiting the file in a scattered order."""
+    return [(i * step) % NBLOCKS for i in range(n)]
+
+
+def test_direct_only_file_fast_writes_without_kernel_invalidation(mounted: Mount) -> None:
+    """A file only ever opened O_DIRECT: its overwrites take the fast path, one each, and none
+    invalidates the kernel's cache (the inode was never marked); the bytes are right through
+    O_DIRECT and through a buffered read."""
+    path, model = make_direct_file(mounted, "f")
+    c = Counters(mounted)
+    fd = os.open(path, os.O_RDWR | os.O_DIRECT)
+    try:
+        overwrite_blocks(fd, model, 2, spread(NWRITES))
+        d = c.delta("dio.fast_writes", "dio.kernel_invalidations", "dio.bytes_written")
+        assert d == {
+            "dio.fast_writes": NWRITES,
+            "dio.kernel_invalidations": 0,
+            "dio.bytes_written": NWRITES * PAGE,
+        }
+        assert dread(fd, SIZE, 0) == model
+    finally:
+        os.close(fd)
+    assert bread(path) == model
+
+
+def test_buffered_read_marks_inode_and_direct_open_clears_it(mounted: Mount) -> None:
+    """Direct writes invalidate the kernel range only after a buffered READ of the file
+    arrived, and the buffered fd then sees their bytes; a new O_DIRECT open (the kernel drops
+    the file's cache) clears the mark, and the buffered fd still sees the right bytes."""
+    path, model = make_direct_file(mounted, "f")
+    dfd = os.open(path, os.O_RDWR | os.O_DIRECT)
+    bfd = os.open(path, os.O_RDONLY)
+    c = Counters(mounted)
+    keys = ("dio.kernel_invalidations", "dio.bytes_written")
+    try:
+        overwrite_blocks(dfd, model, 2, [0, 5, 9])
+        assert c.delta(*keys) == {"dio.kernel_invalidations": 0, "dio.bytes_written": 3 * PAGE}
+
+        assert os.pread(bfd, SIZE, 0) == model  # the kernel caches the file now: marked
+        c.delta(*keys)
+        overwrite_blocks(dfd, model, 3, spread(8, 5))
+        assert c.delta(*keys) == {"dio.kernel_invalidations": 8, "dio.bytes_written": 8 * PAGE}
+        assert os.pread(bfd, SIZE, 0) == model  # coherent: no stale kernel page
+
+        direct_open_close(path)  # the kernel drops every page of the file: unmarked
+        overwrite_blocks(dfd, model, 4, spread(8, 3))
+        assert c.delta(*keys) == {"dio.kernel_invalidations": 0, "dio.bytes_written": 8 * PAGE}
+        assert os.pread(bfd, SIZE, 0) == model  # refilled from the daemon: the new bytes
+        assert dread(dfd, SIZE, 0) == model
+    finally:
+        os.close(bfd)
+        os.close(dfd)
+
+
+def test_direct_open_drops_kernel_cache(mounted: Mount) -> None:
+    """A buffered re-read is served by the kernel's cache (no READ reaches the daemon) until
+    an O_DIRECT open of the file: the next buffered read reaches the daemon again."""
+    path, model = make_direct_file(mounted, "f")
+    c = Counters(mounted)
+    served = "cache.bytes_served"  # bytes the daemon served to buffered READs
+    assert bread(path) == model
+    assert c.delta(served)[served] >= SIZE  # cold: every page came from the daemon
+    assert bread(path) == model
+    assert c.delta(served)[served] == 0  # cached by the kernel (keep_cache on buffered opens)
+    direct_open_close(path)
+    assert bread(path) == model
+    assert c.delta(served)[served] >= SIZE  # the O_DIRECT open dropped the kernel's pages
+
+
+def test_no_fast_path_over_pages_the_daemon_caches(mount_factory: MountFactory) -> None:
+    """A direct overwrite of a range the daemon caches a page of (dirty, from a buffered write
+    that writeback leaves alone for a minute; or clean, after fsync) takes the locked path: it
+    must write the dirty page back and shoot the page down, or a later writeback or fill brings
+    the buffered bytes back over the direct ones. The check is per range: an overwrite of a
+    block with nothing cached takes the fast path even while other pages of the inode are
+    cached, and so does a second overwrite of a block once the first one shot it down."""
+    m = mount_factory(opts={"writeback_age": 60})
+    path, model = make_direct_file(m, "f")
+    dfd = os.open(path, os.O_RDWR | os.O_DIRECT)
+    bfd = os.open(path, os.O_RDWR)
+    c = Counters(m)
+
+    def fast(idx: int) -> int:
+        """Overwrite block `idx` directly; 1 if that took the fast path, else 0."""
+        c.delta("dio.fast_writes")
+        overwrite_blocks(dfd, model, 10 + idx, [idx])
+        return int(c.delta("dio.fast_writes")["dio.fast_writes"])
+
+    try:
+        assert fast(1) == 1  # nothing of the inode cached
+        data = b"".join(block(3, i) for i in range(4, 8))
+        assert os.pwrite(bfd, data, 4 * PAGE) == len(data)  # pages 4-7 dirty in the daemon
+        model[4 * PAGE : 8 * PAGE] = data
+        assert [fast(5), fast(6)] == [0, 0]  # over dirty pages: written back, shot down
+        assert fast(5) == 1  # page 5 is gone from the daemon cache now
+        assert fast(12) == 1  # nothing cached in this range (pages 4 and 7 still are)
+        # a direct read writes the range's dirty pages back first: a stale dirty page 5 or 6
+        # would land on the image over the direct bytes
+        assert dread(dfd, SIZE, 0) == model
+        os.fsync(bfd)  # pages 4 and 7: clean (the direct read wrote them back), still cached
+        assert fast(7) == 0  # over a clean cached page: shot down
+        assert fast(7) == 1
+        assert dread(dfd, SIZE, 0) == model
+        assert os.pread(bfd, SIZE, 0) == model
+        os.fsync(bfd)
+    finally:
+        os.close(bfd)
+        os.close(dfd)
+    m.remount()
+    assert bread(path) == model
+
+
+def test_thread_replies_only_while_kernel_may_cache(mounted: Mount) -> None:
+    """Direct READ replies go out from the main loop while no inode of the mount is marked,
+    from a worker thread (counted) once a buffered READ of any file arrived, and from the
+    loop again once an O_DIRECT open unmarked that file."""
+    a, model_a = make_direct_file(mounted, "a", seed=1)
+    b, model_b = make_direct_file(mounted, "b", seed=2)
+    keys = ("dio.thread_replies", "dio.bytes_read")
+    fd = os.open(a, os.O_RDONLY | os.O_DIRECT)
+    c = Counters(mounted)
+
+    def direct_reads(n: int = 8) -> None:
+        for idx in spread(n):
+            assert dread(fd, PAGE, idx * PAGE) == model_a[idx * PAGE : (idx + 1) * PAGE]
+
+    try:
+        direct_reads()
+        assert c.delta(*keys) == {"dio.thread_replies": 0, "dio.bytes_read": 8 * PAGE}
+        assert bread(b) == model_b  # another file of the mount: now the kernel may cache it
+        c.delta(*keys)
+        direct_reads()
+        assert c.delta(*keys) == {"dio.thread_replies": 8, "dio.bytes_read": 8 * PAGE}
+        direct_open_close(b)  # its pages dropped: no inode of the mount is marked
+        direct_reads()
+        assert c.delta(*keys) == {"dio.thread_replies": 0, "dio.bytes_read": 8 * PAGE}
+    finally:
+        os.close(fd)
