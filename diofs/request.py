@@ -90,6 +90,7 @@ def check_binding() -> None:
         and hasattr(pyfuse3, "set_auto_inval_data")
         and hasattr(pyfuse3, "set_eager_receive")
         and hasattr(pyfuse3, "ReplyFromThread")
+        and hasattr(pyfuse3, "set_write_views")
         and hasattr(pyfuse3.Operations, "fallocate")
     )
     if not ok:

@@ -279,6 +279,8 @@ def test_binding_has_diofs_api() -> None:
     assert callable(pyfuse3.set_auto_inval_data)
     assert callable(pyfuse3.set_async_dio)
     assert callable(pyfuse3.set_eager_receive)
+    assert callable(pyfuse3.set_write_views)
+    assert pyfuse3.ReplyFromThread(b"x").data == b"x"
     assert callable(pyfuse3.Operations.fallocate)
 
 

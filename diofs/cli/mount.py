@@ -195,6 +195,9 @@ class Daemon:
         pyfuse3.set_async_dio(o.async_dio)
         # read the next queued request at once instead of after an epoll round trip
         pyfuse3.set_eager_receive(True)
+        # WRITE data as a view of the request buffer, not a copy: every write path copies
+        # what it keeps (cache pages) or writes it to the image before the handler returns
+        pyfuse3.set_write_views(True)
         pyfuse3.init(self.ops, self.mnt, fuse_opts)
 
     async def _write_back(self, ino: int, off: int, data: bytes) -> None:
