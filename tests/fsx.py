@@ -606,10 +606,8 @@ class Fsx:
 
     def cleanup(self) -> None:
         for f in self.files:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(f.path)
-            except FileNotFoundError:
-                pass
 
 
 # ---------------------------------------------------------------------------------------------
@@ -829,7 +827,7 @@ def _worker_main(conn: object, w: RegionWorker, nops: int) -> None:
     try:
         w.run(nops)
         conn.send(("ok", w))
-    except BaseException as exc:  # noqa: BLE001 - reported to the driver
+    except BaseException as exc:  # reported to the driver
         conn.send(("error", str(exc) if isinstance(exc, FsxMismatch) else repr(exc)))
 
 

@@ -563,3 +563,19 @@ def kill_by_pid(pid: int) -> None:
     """SIGKILL one process we started (never by name)."""
     with contextlib.suppress(OSError):
         os.kill(pid, signal.SIGKILL)
+
+
+def assert_rescued_cleanly(m: Mount, result: Any, daemon_pid: int | None) -> None:
+    """After a hang the watchdog broke (`result` of `Mount.run`): it aborted the connection,
+    and nothing is left behind (no mount, no client, no D-state task of ours; the daemon
+    exits)."""
+    client_pid = result.pid
+    assert f"abort conn {m.conn_id}: done" in result.report
+    deadline = time.monotonic() + 15
+    assert not watchdog.is_mounted(m.mnt)
+    assert not watchdog.process_alive(client_pid)
+    while daemon_pid is not None and watchdog.process_alive(daemon_pid):
+        assert time.monotonic() < deadline, "daemon did not exit after the abort"
+        time.sleep(0.1)
+    stuck = [t for t in watchdog.stuck_tasks() if t.pid in (client_pid, daemon_pid)]
+    assert stuck == []
