@@ -21,14 +21,15 @@ Direct write, in order (each step says why it is where it is):
      deadlocks it, which is why the default mode leaves the kernel alone: for direct I/O through
      the mount the kernel drops its own pages (fuse-facts 7b)
   9. release BLOCK and the rwsem
- 10. if the kernel may cache pages of this inode (a buffered READ or WRITE of it returned),
+ 10. if the kernel may cache pages of this inode (a buffered READ or WRITE of it arrived since
+     the last O_DIRECT open, which drops the kernel's cache of the file: ops._file_info),
      invalidate the kernel's copy of [off, end) -- after the release, never under a lock a
      READ may wait on (fuse-facts row 3). The kernel drops its own pages after a
      *synchronous* direct write, but not after an asynchronous one (libaio / io_uring: no
      post-write invalidation on FUSE's AIO completion path; measured: 3-64 stale zero pages
      in the kernel cache after fio libaio over a preallocated file with a buffered reader).
-     Costs a worker-thread hop and ~200 us of daemon CPU per write (measured), so pure
-     direct-I/O files skip it. Invalidating the whole file once instead (and forgetting the
+     Costs a worker-thread hop and ~200 us of daemon CPU per write (measured), so files
+     used only through O_DIRECT fds since their last O_DIRECT open skip it. Invalidating the whole file once instead (and forgetting the
      inode) was tried and hangs: the write still holds one of the kernel's 12 background
      slots while it waits for folio locks of readahead READs that wait for a slot.
  11. O_DSYNC/O_SYNC: flush (group commit) before the reply (seed 001)
