@@ -37,7 +37,7 @@ import pyfuse3
 from diofs.errors import EXIT_MOUNT_FAILED, DiofsError
 
 #: The value of pyfuse3.DIOFS_PATCH_VERSION this module is written against.
-PATCH_VERSION = 2
+PATCH_VERSION = 3
 
 # off_t is a signed 64-bit integer: lengths beyond it mean "to the end of the file".
 _OFF_T_MAX = (1 << 63) - 1
