@@ -29,9 +29,10 @@ Direct write, in order (each step says why it is where it is):
      post-write invalidation on FUSE's AIO completion path; measured: 3-64 stale zero pages
      in the kernel cache after fio libaio over a preallocated file with a buffered reader).
      Costs a worker-thread hop and ~200 us of daemon CPU per write (measured), so files
-     used only through O_DIRECT fds since their last O_DIRECT open skip it. Invalidating the whole file once instead (and forgetting the
-     inode) was tried and hangs: the write still holds one of the kernel's 12 background
-     slots while it waits for folio locks of readahead READs that wait for a slot.
+     used only through O_DIRECT fds since their last O_DIRECT open skip it. Invalidating
+     the whole file once instead (and forgetting the inode) was tried and hangs: the write
+     still holds one of the kernel's 12 background slots while it waits for folio locks of
+     readahead READs that wait for a slot.
  11. O_DSYNC/O_SYNC: flush (group commit) before the reply (seed 001)
 Fast path (most direct writes of a direct-I/O workload): when nobody else touches the inode
 -- its rwsem and pagecache lock idle, no page of the range cached or under writeback, no --bug or
