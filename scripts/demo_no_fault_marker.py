@@ -21,7 +21,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from demolib import stuck_lines
+from demolib import report_hang
 
 from diofs import watchdog
 from tests.test_dio_mmap_self import (
@@ -58,12 +58,7 @@ def run(factory: Any, bug_on: bool) -> dict[str, Any]:
             else:
                 hung += 1
                 aborted += f"abort conn {m.conn_id}: done" in result.report
-            print(f"   [{label}] run hung for {time.monotonic() - t0:.1f}s; watchdog: stuck tasks")
-            for line in stuck_lines(result.report):
-                print(f"      {line}")
-            end = time.monotonic() + 15
-            while daemon_pid and watchdog.process_alive(daemon_pid) and time.monotonic() < end:
-                time.sleep(0.1)
+            report_hang(label, time.monotonic() - t0, result.report, daemon_pid)
         elif result.returncode == 0 and job is locked_self_write:
             completed += 1
             r = result.value

@@ -20,7 +20,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from demolib import stuck_lines
+from demolib import report_hang
 
 from diofs import watchdog
 from tests.test_fsx import prepare_read_into_mapping, read_into_mapping_vs_direct_write
@@ -48,12 +48,7 @@ def run(factory: Any, bug_on: bool) -> dict[str, Any]:
         if result.timed_out:
             hung += 1
             aborted += f"abort conn {m.conn_id}: done" in result.report
-            print(f"   [{label}] run hung for {time.monotonic() - t0:.1f}s; watchdog: stuck tasks")
-            for line in stuck_lines(result.report, frames=5):
-                print(f"      {line}")
-            end = time.monotonic() + 15
-            while daemon_pid and watchdog.process_alive(daemon_pid) and time.monotonic() < end:
-                time.sleep(0.1)
+            report_hang(label, time.monotonic() - t0, result.report, daemon_pid, frames=5)
         elif result.returncode == 0:
             completed += 1
             n_reads, n_writes = result.value

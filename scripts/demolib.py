@@ -19,6 +19,7 @@ import itertools
 import re
 import sys
 import tempfile
+import time
 import traceback
 from pathlib import Path
 from types import ModuleType
@@ -28,6 +29,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from diofs import watchdog  # noqa: E402
 from tests.mounting import MountFactory  # noqa: E402
 
 
@@ -43,6 +45,18 @@ def stuck_lines(report: str, frames: int = 4) -> list[str]:
             stack = itertools.islice(frames_of, frames)
             out.extend("    " + re.sub(r"^\[<0>\] ", "", s.strip()) for s in stack)
     return out
+
+
+def report_hang(label: str, seconds: float, report: str, daemon_pid: int | None,
+                frames: int = 4) -> None:
+    """Print a hung run's stuck tasks (from the watchdog's report), then wait up to 15 s for
+    the aborted daemon to exit."""
+    print(f"   [{label}] run hung for {seconds:.1f}s; watchdog: stuck tasks")
+    for line in stuck_lines(report, frames):
+        print(f"      {line}")
+    end = time.monotonic() + 15
+    while daemon_pid and watchdog.process_alive(daemon_pid) and time.monotonic() < end:
+        time.sleep(0.1)
 
 
 def run_side(demo: ModuleType, bug_on: bool) -> dict[str, Any]:
