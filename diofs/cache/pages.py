@@ -538,15 +538,11 @@ class PageCache:
 
     def holds_nothing_in(self, ino: int, start: int, end: int) -> bool:
         """No page of `ino` touching [start, end) is cached or under writeback."""
-        pages = self._inodes.get(ino)
-        wb = self._wb.get(ino)
-        if not pages and not wb:
-            return True
-        ps = self.page_size
-        for index in range(start // ps, (end - 1) // ps + 1):
-            if (pages and index in pages) or (wb and index in wb):
-                return False
-        return True
+        return not any(
+            next(self._indexes_in(m, start, end), None) is not None
+            for m in (self._inodes.get(ino), self._wb.get(ino))
+            if m
+        )
 
     def writeback_token(self, ino: int, index: int) -> object | None:
         """The token of the writeback in flight on page key (ino, index), or None."""
