@@ -518,8 +518,7 @@ class Filesystem:
         else:
             self.backend.write(phys * bs, data)
         self.image_writes += 1  # after the write returned (see _write_image)
-        inode.mtime_ns = inode.ctime_ns = time.time_ns()
-        self.dirty(inode)
+        self._publish(inode, off // bs, size // bs, end, touch=True, convert=False)
         return True
 
     def _publish(
