@@ -32,6 +32,7 @@ from diofs.errors import FsError
 from diofs.format.metadata import Inode
 from diofs.fs import Filesystem
 from diofs.handles import Handle
+from diofs.kernel_cache import KernelCache
 from diofs.locks import FaultMarker, LockTable, State
 from diofs.request import Request
 
@@ -43,7 +44,8 @@ MAX_FILE_SIZE = 1 << 52  # sparse files may be far larger than the image
 class Buffered:
     def __init__(
         self, fs: Filesystem, cache: PageCache, writeback: Writeback, locks: LockTable,
-        marker: FaultMarker, durability: Durability, *, fill_delay: float = 0.0,
+        marker: FaultMarker, durability: Durability, kernel: KernelCache, *,
+        fill_delay: float = 0.0,
     ) -> None:
         self.fs = fs
         self.cache = cache
@@ -53,11 +55,7 @@ class Buffered:
         self.durability = durability
         self.ps = cache.page_size
         self.fill_delay = fill_delay  # demo hook: widens the fill race window (seconds)
-        # Inodes whose bytes the kernel may cache: added when a buffered READ or WRITE
-        # arrives (its folios are in the kernel's cache, locked, from before it is sent);
-        # removed when an O_DIRECT open makes the kernel drop them all (ops.open); dio.py
-        # step 10.
-        self.kernel_cached: set[int] = set()
+        self.kernel = kernel
 
     async def write_back_page_run(self, ino: int, off: int, data: bytes) -> None:
         """The cache's WriteFn: write a run of dirty pages to the image, clipped to i_size
@@ -72,7 +70,7 @@ class Buffered:
     # ------------------------------------------------------------------ reads
     async def read(self, h: Handle, off: int, size: int, req: Request) -> bytes:
         inode = h.inode
-        self.kernel_cached.add(inode.ino)
+        self.kernel.note_buffered(inode.ino)
         end = min(off + size, inode.size)
         if end <= off:
             return b""
@@ -158,7 +156,7 @@ class Buffered:
     # ------------------------------------------------------------------ writes
     async def write(self, h: Handle, off: int, buf: bytes, req: Request, flags: int) -> int:
         inode = h.inode
-        self.kernel_cached.add(inode.ino)
+        self.kernel.note_buffered(inode.ino)
         if flags & os.O_APPEND:
             off = inode.size
         end = off + len(buf)

@@ -69,6 +69,7 @@ from diofs.errors import FsError
 from diofs.format.metadata import Inode
 from diofs.fs import Filesystem
 from diofs.handles import DioContext, Handle
+from diofs.kernel_cache import KernelCache
 from diofs.locks import FaultMarker, LockTable
 from diofs.locks.rwsem import RwSem
 from diofs.request import Request
@@ -88,7 +89,7 @@ class Direct:
         self.locks: LockTable = buffered.locks
         self.marker: FaultMarker = buffered.marker
         self.durability: Durability = buffered.durability
-        self.kernel_cached = buffered.kernel_cached
+        self.kernel: KernelCache = buffered.kernel
         self.dio_align = dio_align
         self.locked_shootdown = locked_shootdown
         self.write_delay = write_delay  # demo hook: holds BLOCK longer (seconds)
@@ -128,7 +129,7 @@ class Direct:
         # page of one of our files, a direct write's invalidation may hold that lock while it
         # waits for us to answer the WRITE that launders it (tests/test_fsx.py, deadlock).
         # Without cached pages there is nothing to map and nothing to launder.
-        from_thread = bool(self.kernel_cached) and not bugs.enabled(Bug.REPLY_IN_LOOP)
+        from_thread = self.kernel.may_cache_any() and not bugs.enabled(Bug.REPLY_IN_LOOP)
         if self.persistent_ctx and h.dio_ctx is None:
             h.dio_ctx = DioContext()
         # the context's buffer is reused once the reply is out: not when a thread sends it
@@ -166,9 +167,12 @@ class Direct:
         else:
             durable = False
             off, end = await self._write_locked(h, off, end, buf, req, exclusive, append)
-        if inode.ino in self.kernel_cached and not self.locked_shootdown:
+        if self.kernel.may_cache(inode.ino) and not self.locked_shootdown:
             stats.add("dio.kernel_invalidations")
-            await trio.to_thread.run_sync(request.invalidate_kernel_range, inode.ino, off, end)
+            if bugs.enabled(Bug.INVAL_BEFORE_REPLY):
+                await trio.to_thread.run_sync(request.invalidate_kernel_range, inode.ino, off, end)
+            else:
+                self.kernel.invalidate_later(inode.ino, off, end)
         stats.add("dio.bytes_written", len(buf))
         if durable:
             self.durability.durable_write_done()
@@ -237,10 +241,12 @@ class Direct:
                 await self.writeback.writeback_range(inode.ino, start, end)
             self.cache.drop_range(inode.ino, start, end, discard_dirty=True)
             yield
-        # never under a lock a READ may wait on (fuse-facts row 3)
-        await trio.to_thread.run_sync(
-            request.invalidate_kernel_range, inode.ino, start, end if end < 1 << 62 else 0
-        )
+        # The kernel truncates its own cache after our SETATTR / FALLOCATE answer, in the
+        # client's context (kernel_cache.py). Waiting for a reverse invalidation here hangs:
+        # the kernel holds NOWRITE until SETATTR is answered, so the launder WRITE that the
+        # invalidation waits for is never sent (fuse-facts row 10b).
+        if bugs.enabled(Bug.INVAL_BEFORE_REPLY):
+            await trio.to_thread.run_sync(request.invalidate_kernel_range, inode.ino, start, end)
 
     async def truncate(self, inode: Inode, size: int) -> None:
         if size == inode.size:

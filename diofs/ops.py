@@ -5,6 +5,7 @@ Every handler runs inside `_boundary`: diofs errors become their errno, OSError 
 keeps its errno, anything else is logged once with its traceback, answered with EIO, and
 switches the mount to failsafe (later writes fail with EIO, the image is flagged for fsck in
 the log) — pyfuse3 itself would end its main loop on any exception that is not FUSEError.
+`_boundary` also keeps the table of outstanding requests that diofs.hang_detector scans.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from typing import Any, TypeVar
 
 import pyfuse3
 
-from diofs import request, stats
+from diofs import bugs, hang_detector, request, stats
+from diofs.bugs import Bug
 from diofs.buffered import Buffered
 from diofs.dio import Direct
 from diofs.durability import Durability
@@ -50,12 +52,22 @@ F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 def _boundary(fn: F) -> F:
     counter = f"ops.{fn.__name__}"
+    # the hung-request detector's table (diofs/hang_detector.py): one insert and one delete per
+    # request; the binding's (tid, flags) only exists for the data requests
+    outstanding, next_key = hang_detector.OUTSTANDING, hang_detector.next_key
+    monotonic = time.monotonic
+    binding = pyfuse3.request_context if fn.__name__ in hang_detector.BINDING_TID_OPS else None
 
     @functools.wraps(fn)
     async def wrapper(self: Operations, *args: Any, **kwargs: Any) -> Any:
         stats.add(counter)
+        key = next_key()
         try:
-            return await fn(self, *args, **kwargs)
+            coro = fn(self, *args, **kwargs)
+            outstanding[key] = (
+                monotonic(), fn, coro, self, args, kwargs, binding.get() if binding else None
+            )
+            return await coro
         except pyfuse3.FUSEError:
             raise
         except FsError as exc:
@@ -71,6 +83,8 @@ def _boundary(fn: F) -> F:
             self.failsafe = True
             stats.add("errors.internal")
             raise pyfuse3.FUSEError(errno.EIO) from None
+        finally:
+            outstanding.pop(key, None)
 
     return wrapper  # type: ignore[return-value]
 
@@ -147,7 +161,7 @@ class Operations(pyfuse3.Operations):
             self.buffered.cache.drop_inode(inode.ino)
             self.durability.forget(inode.ino)
             self.direct.forget(inode.ino)
-            self.buffered.kernel_cached.discard(inode.ino)
+            self.buffered.kernel.forget(inode.ino)
 
     @_boundary
     async def getattr(self, inode: int, ctx: Any = None) -> Any:
@@ -274,7 +288,7 @@ class Operations(pyfuse3.Operations):
         # inode again. So a file opened for direct I/O skips the kernel-range invalidation
         # after each direct write (dio.py step 10) until a buffered request arrives.
         if h.flags & os.O_DIRECT:
-            self.buffered.kernel_cached.discard(h.inode.ino)
+            self.buffered.kernel.dropped_by_open(h.inode.ino)
             return pyfuse3.FileInfo(fh=h.fh, keep_cache=False, direct_io=False)
         return pyfuse3.FileInfo(fh=h.fh, keep_cache=True, direct_io=False)
 
@@ -309,8 +323,7 @@ class Operations(pyfuse3.Operations):
             return self.stats_reads[fh][off : off + size]
         h = self.handles.get(fh)
         req = request.current()
-        flags = req.flags if req.tid else h.flags
-        if flags & os.O_DIRECT:
+        if req.flags & os.O_DIRECT:  # the request's flags, not the handle's (fuse-facts 1c)
             return await self.direct.read(h, off, size, req)
         return await self.buffered.read(h, off, size, req)
 
@@ -319,9 +332,14 @@ class Operations(pyfuse3.Operations):
         self._check_writable()
         h = self.handles.get(fh)
         req = request.current()
-        # the request's flags are the whole truth (fcntl may have cleared O_APPEND/O_DIRECT
-        # since open, fuse-facts 1c); open-time flags only without the patched binding
-        flags = req.flags if req.tid else h.flags
+        # The request's flags are the whole truth (fcntl may have cleared O_APPEND/O_DIRECT
+        # since open, fuse-facts 1c). tid 0 is the kernel writing back its own page cache
+        # (mmap, writeback, launder; flags 0): buffered whatever the handle, even one opened
+        # with O_DIRECT, whose writeback of a partial last page is not block-aligned.
+        if req.tid or not bugs.enabled(Bug.WRITEBACK_AS_DIRECT):
+            flags = req.flags
+        else:
+            flags = h.flags
         path = self.direct if flags & os.O_DIRECT else self.buffered
         if not flags & os.O_DSYNC:
             return await path.write(h, off, buf, req, flags)
@@ -385,4 +403,6 @@ class Operations(pyfuse3.Operations):
         stats.set("fs.inodes", files)
         stats.set("fs.free_blocks", free)
         stats.set("fs.open_handles", len(self.handles))
+        self.buffered.kernel.publish_stats()
+        hang_detector.publish_stats()
         return stats.snapshot()

@@ -6,10 +6,15 @@ everything back, commits the metadata and exits 0.
 
 Options (-o k=v,...): cache_size=64M, dio_align=N (a multiple of the image's), writeback_age=S,
 commit_interval=S, shootdown=unlocked|locked, backend=raw|crash|fault, crash_log=PATH,
-fault_spec=PATH, max_tasks=N, fill_delay=S, dio_delay=S and data_delay=S (demo hooks that
-widen race windows; data_delay: a data write into new blocks or past EOF sleeps between
-allocating and writing its data). Unknown -o options are passed to FUSE only if they are
-known FUSE options (allow_other, default_permissions, ro...).
+fault_spec=PATH, max_tasks=N, hang_timeout=S (a request outstanding that long is logged once
+with its stacks and counted in `hangs.detected`; never aborted; default 60, 0 = off),
+fill_delay=S, dio_delay=S and data_delay=S (demo hooks that widen race windows; data_delay: a
+data write into new blocks or past EOF sleeps between allocating and writing its data). Unknown
+-o options are passed to FUSE only if they are known FUSE options (allow_other,
+default_permissions, ro...).
+
+Logging: to --log FILE if given; else to stderr with --foreground, and to syslog (ident
+`diofs`, facility daemon, via /dev/log) in the background; nowhere if /dev/log is missing.
 """
 
 from __future__ import annotations
@@ -26,15 +31,16 @@ from dataclasses import dataclass
 
 import trio
 
-from diofs import bugs, request, stats
+from diofs import bugs, hang_detector, request, stats
 from diofs.backend import open_backend
 from diofs.buffered import Buffered
 from diofs.cache import PageCache, Writeback
-from diofs.cli.common import ArgumentParser, parse_size, run_main, setup_logging
+from diofs.cli.common import ArgumentParser, parse_size, run_main, setup_logging, syslog_handler
 from diofs.dio import Direct
 from diofs.durability import Durability
 from diofs.errors import EXIT_MOUNT_FAILED, EXIT_MOUNTPOINT, DiofsError
 from diofs.fs import Filesystem
+from diofs.kernel_cache import KernelCache
 from diofs.locks import FaultMarker, LockTable
 
 log = logging.getLogger(__name__)
@@ -56,6 +62,7 @@ class Options:
     crash_log: str | None = None
     fault_spec: str | None = None
     max_tasks: int = 64
+    hang_timeout: float = hang_detector.DEFAULT_TIMEOUT_S
     fill_delay: float = 0.0
     dio_delay: float = 0.0
     data_delay: float = 0.0
@@ -75,7 +82,8 @@ def parse_options(items: list[str]) -> Options:
                 elif key == "dio_align":
                     o.dio_align = int(value)
                 elif key in (
-                    "writeback_age", "commit_interval", "fill_delay", "dio_delay", "data_delay"
+                    "writeback_age", "commit_interval", "fill_delay", "dio_delay", "data_delay",
+                    "hang_timeout",
                 ):
                     setattr(o, key, float(value))
                 elif key == "max_tasks":
@@ -98,6 +106,10 @@ def parse_options(items: list[str]) -> Options:
                 raise DiofsError(f"bad mount option {item!r}") from None
     if o.cache_size < 1 << 20:
         raise DiofsError("cache_size must be at least 1M")
+    try:
+        hang_detector.check_timeout(o.hang_timeout)
+    except ValueError as exc:
+        raise DiofsError(str(exc)) from None
     if o.backend == "crash" and not o.crash_log:
         raise DiofsError("backend=crash needs crash_log=PATH")
     if o.backend == "fault" and not o.fault_spec:
@@ -174,8 +186,9 @@ class Daemon:
             on_error=self.durability.record_writeback_error,
         )
         locks, marker = LockTable(), FaultMarker()
+        self.kernel = KernelCache()
         self.buffered = Buffered(
-            fs, self.cache, self.writeback, locks, marker, self.durability,
+            fs, self.cache, self.writeback, locks, marker, self.durability, self.kernel,
             fill_delay=o.fill_delay,
         )
         self.direct = Direct(
@@ -199,6 +212,7 @@ class Daemon:
         # what it keeps (cache pages) or writes it to the image before the handler returns
         pyfuse3.set_write_views(True)
         pyfuse3.init(self.ops, self.mnt, fuse_opts)
+        self.kernel.start()
 
     async def _write_back(self, ino: int, off: int, data: bytes) -> None:
         await self.buffered.write_back_page_run(ino, off, data)
@@ -217,6 +231,11 @@ class Daemon:
         import pyfuse3
 
         async with AsyncExitStack() as stack:
+            # inside trio.run, so that its reports include the task tree; a thread, so that it
+            # reports when this loop is stuck (diofs/hang_detector.py)
+            hangs = hang_detector.HangDetector(self.opts.hang_timeout, mountpoint=self.mnt)
+            hangs.start()
+            stack.callback(hangs.stop)
             nursery = await stack.enter_async_context(trio.open_nursery())
             await nursery.start(self.writeback.run)
             nursery.start_soon(self._periodic_commit)
@@ -256,7 +275,7 @@ def mount(argv: list[str]) -> int:
     p.add_argument("--foreground", "-f", action="store_true", help="serve in the foreground")
     p.add_argument("--bug", action="append", default=[], metavar="NAME",
                    help=f"switch a protection off: {', '.join(bugs.names())}")
-    p.add_argument("--log", help="log file (default: stderr in the foreground, else none)")
+    p.add_argument("--log", help="log file (default: stderr in the foreground, else syslog)")
     p.add_argument("--mlock", action="store_true", help="mlockall(MCL_CURRENT|MCL_FUTURE)")
     p.add_argument("--debug", action="store_true")
     a = p.parse_args(argv)
@@ -289,7 +308,10 @@ def mount(argv: list[str]) -> int:
     else:
         w = -1
 
-    setup_logging(a.debug, log_file if (log_file or a.foreground) else os.devnull)
+    if log_file or a.foreground:
+        setup_logging(a.debug, log_file)
+    else:  # in the background: syslog as sshfs and rclone do, or nowhere without /dev/log
+        setup_logging(a.debug, handler=syslog_handler())
     if log_file:
         crit = open(log_file, "a")  # noqa: SIM115 - lives as long as the process
         faulthandler.register(signal.SIGUSR1, file=crit, all_threads=True)
@@ -317,6 +339,7 @@ def mount(argv: list[str]) -> int:
         log.exception("daemon failed")
         raise
     finally:
+        daemon.kernel.stop()  # before close: the thread may be inside a session call
         pyfuse3.close(unmount=True)
         daemon.backend.close()
     return 0
