@@ -21,18 +21,13 @@ Direct write, in order (each step says why it is where it is):
      deadlocks it, which is why the default mode leaves the kernel alone: for direct I/O through
      the mount the kernel drops its own pages (fuse-facts 7b)
   9. release BLOCK and the rwsem
- 10. if the kernel may cache pages of this inode (a buffered READ or WRITE of it arrived since
-     the last O_DIRECT open, which drops the kernel's cache of the file: ops._file_info),
-     invalidate the kernel's copy of [off, end) -- after the release, never under a lock a
-     READ may wait on (fuse-facts row 3). The kernel drops its own pages after a
-     *synchronous* direct write, but not after an asynchronous one (libaio / io_uring: no
-     post-write invalidation on FUSE's AIO completion path; measured: 3-64 stale zero pages
-     in the kernel cache after fio libaio over a preallocated file with a buffered reader).
-     Costs a worker-thread hop and ~200 us of daemon CPU per write (measured), so files
-     used only through O_DIRECT fds since their last O_DIRECT open skip it. Invalidating
-     the whole file once instead (and forgetting the inode) was tried and hangs: the write
-     still holds one of the kernel's 12 background slots while it waits for folio locks of
-     readahead READs that wait for a slot.
+ 10. if the kernel may cache pages of this inode (kernel_cache.py: a buffered READ or WRITE
+     of it arrived since the last O_DIRECT open), post [off, end) to the invalidator and
+     answer without waiting: the kernel drops its own pages after a *synchronous* direct
+     write but not after an asynchronous one (libaio / io_uring; fuse-facts-more row 11),
+     and an answer that waited for the invalidation could wait on folio locks, writeback or
+     background slots that the kernel holds until it gets one of our answers (the "Kernel
+     waits" in diofs/locks/__init__.py; measured hangs: fuse-facts row 10)
  11. O_DSYNC/O_SYNC: flush (group commit) before the reply (seed 001)
 Fast path (most direct writes of a direct-I/O workload): when nobody else touches the inode
 -- its rwsem and pagecache lock idle, no page of the range cached or under writeback, no --bug or
@@ -230,7 +225,7 @@ class Direct:
     @asynccontextmanager
     async def _blocking(self, inode: Inode, start: int, end: int) -> AsyncIterator[None]:
         """Exclusive rwsem + BLOCK; dirty pages of [start, end) written back (and in-flight
-        writeback waited for), then discarded; the kernel's copy invalidated after release."""
+        writeback waited for), then discarded. The kernel's copy is the kernel's business."""
         async with (
             self._rwsem(inode.ino, exclusive=True),
             self.locks.pagecache_block(inode.ino, 0),

@@ -579,3 +579,15 @@ def assert_rescued_cleanly(m: Mount, result: Any, daemon_pid: int | None) -> Non
         time.sleep(0.1)
     stuck = [t for t in watchdog.stuck_tasks() if t.pid in (client_pid, daemon_pid)]
     assert stuck == []
+
+
+def wait_kernel_invalidations(mnt: str | os.PathLike[str], timeout: float = 10.0) -> None:
+    """Wait until the daemon's kernel invalidator has dropped every range posted so far.
+
+    What SPEC 3 holds for *asynchronous* direct writes (docs/concurrency.md race 18): a page
+    the kernel cached while such a write was in flight shows the new bytes once this returns.
+    """
+    deadline = time.monotonic() + timeout
+    while read_stats(mnt).get("kernel.invalidations_pending", 0):
+        assert time.monotonic() < deadline, f"kernel invalidations still pending after {timeout}s"
+        time.sleep(0.01)

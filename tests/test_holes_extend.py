@@ -50,7 +50,7 @@ from typing import Any
 
 import pytest
 
-from tests.mounting import Mount, MountFactory, run_in_child
+from tests.mounting import Mount, MountFactory, run_in_child, wait_kernel_invalidations
 
 pytestmark = pytest.mark.deadline(90)
 
@@ -455,7 +455,9 @@ def final_check(path: str, want: bytes, c: Counts) -> bool:
     skips it for -EIOCBQUEUED, and FUSE's AIO completion does not do it), so a buffered read
     racing a libaio / io_uring write could leave pages of zeros in the kernel cache after the
     write returned (measured: 3-64 pages with fio fallocate=native). diofs invalidates the
-    kernel range itself after such writes (dio.py, step 10)."""
+    kernel range itself after such writes (dio.py, step 10), on its invalidator thread after
+    the answer: what holds is "once the invalidator is idle" (race 18)."""
+    wait_kernel_invalidations(os.path.dirname(path))
     with open(path, "rb") as f:
         data = f.read()
     c["final_kernel_stale_pages"] = sum(

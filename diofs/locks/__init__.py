@@ -32,9 +32,8 @@ Lock ordering (outer first; each edge names where the nesting happens):
         ->page writeback wait   (Writeback.writeback_range: takes no diofs lock)
         ->inode metadata/extents
           ->image I/O           (fs.write_data)
-    [after release, before the reply: kernel range invalidation from a thread if the inode
-     was ever read or written buffered (dio.py step 10; async DIO leaves kernel pages
-     stale), then the sync flush (durability.sync_write)]
+    [after release: the kernel range is POSTED to the invalidator if the kernel may cache
+     the inode (dio.py step 10), never awaited; then the sync flush (durability.sync_write)]
 
   [truncate, punch hole, zero range, preallocate]
   inode RwSem exclusive         (dio.Direct._blocking)
@@ -42,7 +41,7 @@ Lock ordering (outer first; each edge names where the nesting happens):
       ->page writeback wait     (Writeback.writeback_range)
         ->inode metadata/extents
           ->image I/O
-    [after release: request.invalidate_kernel_range from a thread]
+    [no kernel invalidation: the kernel truncates its own cache after our answer]
 
   [direct READ]
   inode RwSem shared            (dio.Direct.read; takes no PagecacheLock)
@@ -66,14 +65,55 @@ Lock ordering (outer first; each edge names where the nesting happens):
   takes them in ascending ino order, both in the same state: with a fair lock even two shared
   holders can deadlock through queued waiters of the other state.
 
+Kernel waits: what the kernel holds while it waits for one of OUR answers, and why no answer
+of ours waits on it (the deadlock-freedom argument; fuse-facts rows 3 and 10, issue 12).
+Our answers wait only for: diofs locks (whose holders wait for nothing below: invariant
+"holders never wait for a new request"), image I/O, the image flush, and the trio scheduler.
+None of those touches a kernel lock. The one daemon activity that does wait on kernel locks,
+the reverse invalidation (FUSE_NOTIFY_INVAL_INODE: locks every cached folio of the range,
+waits for writeback, launders dirty folios), runs on the invalidator thread of
+diofs/kernel_cache.py, which no answer waits for. So each wait below ends:
+  K1 folio locks across a fault / readahead READ (filemap_fault, readahead), until that READ
+     is answered. The READ waits at most for ADD; ADD/BLOCK holders finish on their own.
+  K2 folio locks (and i_rwsem) across a buffered WRITE (fuse_perform_write), until answered.
+     The WRITE waits for ADD, for room in the daemon cache (image writes) and, if sync, the
+     image flush. Measured hang when a direct write's answer waited for an invalidation
+     stuck on these folios (generic/036: fcntl toggling O_DIRECT under AIO writes).
+  K3 folio writeback: a page under writeback until its WRITE (tid 0) is answered; direct
+     I/O and fsync wait for it first (filemap_write_and_wait_range). That WRITE takes the
+     buffered path (ADD, image), also through an O_DIRECT handle (ops.write).
+  K4 NOWRITE (fuse_set_nowrite) across SETATTR(size): writeback / launder WRITEs are queued,
+     not sent, until SETATTR is answered. Our truncate answers after its own work only; the
+     kernel truncates its cache after the answer, once NOWRITE is released (fuse_do_setattr:
+     "Only call invalidate_inode_pages2() after removing FUSE_NOWRITE"). Measured hang when
+     the answer waited for an invalidation stuck in fuse_launder_folio (generic/029).
+     FALLOCATE (punch, zero range) likewise: the kernel drops the range after the answer.
+  K5 i_rwsem across buffered and direct writes, SETATTR, FALLOCATE and FSYNC. The daemon
+     never takes it (nor does a reverse invalidation): no answer depends on it.
+  K6 the 12 background slots (max_background): async DIO requests, readahead READs and
+     writeback WRITEs beyond 12 wait in the kernel's bg_queue, unseen by us. No answer waits
+     for another request to arrive (no invalidation before an answer, no awaited fill), so
+     the slots drain. Measured hang when direct writes holding slots waited for invalidations
+     that waited for readahead READs queued behind them (generic/095, mixed fio engines).
+  K7 async-DIO completion inside our reply write(2) (fuse_aio_complete_req ->
+     folio_mark_dirty_lock) of a direct READ into a mapping of one of our files: the reply
+     write waits on a folio lock whose holder may wait for a launder WRITE of ours. Such
+     replies are written from a worker thread (dio.Direct.read, ReplyFromThread), so the loop
+     and the other pyfuse3 workers keep reading and answering; holds while fewer than
+     max_tasks (64) replies are blocked at once.
+  K8 the invalidator itself waits on K1-K4, and only it does; at unmount the daemon gives it
+     5 s (kernel_cache.KernelCache.stop), by which time the kernel has answered everything.
+Switched off by `--bug inval-before-reply` (answers of direct writes, truncate and fallocate
+wait for the invalidation again: the three hangs above) and, on purpose, in the demonstration
+mode `shootdown=locked`.
+
 Never:
-  - invalidate the kernel page cache (request.invalidate_kernel_range, i.e. the patched
-    pyfuse3.invalidate_inode_range; pyfuse3.invalidate_inode; a raw FUSE_NOTIFY_INVAL_INODE
-    write) while holding any PagecacheLock state of any inode. The
-    kernel locks the folios first and waits for them; a READ that holds a folio lock may be
-    waiting for our lock (ABBA, fuse-facts row 3: measured hang, unkillable client). Even
-    holding ADD is not safe: once a BLOCK waiter exists, new ADD requests queue behind it.
-    Invalidate after release, before replying. The only exception is the opt-in mount
+  - make an answer wait for a kernel invalidation (request.invalidate_kernel_range, i.e. the
+    patched pyfuse3.invalidate_inode_range; pyfuse3.invalidate_inode; a raw
+    FUSE_NOTIFY_INVAL_INODE write), and so never invalidate while holding any PagecacheLock
+    state (ABBA with K1, fuse-facts row 3: measured hang, unkillable client; even ADD, since
+    new ADD requests queue behind a BLOCK waiter). Post the range to the invalidator
+    (kernel_cache.KernelCache.invalidate_later). The only exception is the opt-in mount
     option `shootdown=locked`, which exists to demonstrate the hang: it invalidates while
     holding BLOCK, and the FaultMarker makes the task's OWN faults safe; other processes
     faulting the file still deadlock (row 3), so it is never the default.
