@@ -17,7 +17,9 @@ class Bug(enum.Enum):
     SIZE_BEFORE_DATA = "size-before-data"  # i_size/extent published before data lands (seed 003)
     REPLY_IN_LOOP = "reply-in-loop"  # direct READ replies always from the main loop (seed 002)
     INVAL_BEFORE_REPLY = "inval-before-reply"  # answers wait for kernel invalidation (seed 002)
-    WRITEBACK_AS_DIRECT = "writeback-as-direct"  # kernel writeback via an O_DIRECT fh goes direct
+    # kernel writeback through an O_DIRECT fh goes direct; with inval-before-reply its
+    # invalidation waits for the writeback of its own pages (generic/095 hang needs both)
+    WRITEBACK_AS_DIRECT = "writeback-as-direct"
 
     __hash__ = object.__hash__  # members are singletons; asked on every request (hot path)
 
