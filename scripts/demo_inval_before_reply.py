@@ -16,9 +16,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from demolib import report_hang
+from demolib import leftovers, report_hang
 
-from diofs import watchdog
 
 BUG = "inval-before-reply"
 TITLE = "truncate of a file with mmap-dirtied pages hangs when SETATTR waits for invalidation"
@@ -51,10 +50,9 @@ def run(factory: Any, bug_on: bool) -> dict[str, Any]:
             with open(path, "rb") as f:
                 right_bytes += f.read() == WANT
             m.unmount()
-        elif m.daemon is not None and watchdog.is_mounted(m.mnt):
-            m.unmount()
-        left_mounted += watchdog.is_mounted(m.mnt)
-        d_state_left += sum(1 for t in watchdog.stuck_tasks() if t.pid in (result.pid, daemon_pid))
+        mounted, stuck = leftovers(m, result, daemon_pid)
+        left_mounted += mounted
+        d_state_left += stuck
     return {
         "runs": RUNS,
         "completed": completed,

@@ -21,9 +21,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from demolib import report_hang
+from demolib import leftovers, report_hang
 
-from diofs import watchdog
 from tests.test_dio_mmap_self import (
     LOCKED,
     locked_self_write,
@@ -65,10 +64,9 @@ def run(factory: Any, bug_on: bool) -> dict[str, Any]:
             correct += bool(r["in_mapping"] and r["on_image"] and r["rest_ok"])
             marker_fills += int(m.stats().get("locks.faults_disabled_fills", 0))
             m.unmount()
-        elif m.daemon is not None and watchdog.is_mounted(m.mnt):
-            m.unmount()
-        left_mounted += watchdog.is_mounted(m.mnt)
-        d_state_left += sum(1 for t in watchdog.stuck_tasks() if t.pid in (result.pid, daemon_pid))
+        mounted, stuck = leftovers(m, result, daemon_pid)
+        left_mounted += mounted
+        d_state_left += stuck
     out: dict[str, Any] = {
         "runs": RUNS,
         "completed": completed,

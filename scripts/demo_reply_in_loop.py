@@ -20,9 +20,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from demolib import report_hang
+from demolib import leftovers, report_hang
 
-from diofs import watchdog
 from tests.test_fsx import prepare_read_into_mapping, read_into_mapping_vs_direct_write
 
 BUG = "reply-in-loop"
@@ -56,10 +55,9 @@ def run(factory: Any, bug_on: bool) -> dict[str, Any]:
             writes += n_writes
             thread_replies += int(m.stats().get("dio.thread_replies", 0))
             m.unmount()
-        elif m.daemon is not None and watchdog.is_mounted(m.mnt):
-            m.unmount()
-        left_mounted += watchdog.is_mounted(m.mnt)
-        d_state_left += sum(1 for t in watchdog.stuck_tasks() if t.pid in (result.pid, daemon_pid))
+        mounted, stuck = leftovers(m, result, daemon_pid)
+        left_mounted += mounted
+        d_state_left += stuck
     return {
         "runs": RUNS,
         "completed": completed,

@@ -59,6 +59,15 @@ def report_hang(label: str, seconds: float, report: str, daemon_pid: int | None,
         time.sleep(0.1)
 
 
+def leftovers(m: Any, result: Any, daemon_pid: int | None) -> tuple[int, int]:
+    """End of a run that may have hung: unmount if still mounted and served, then count what
+    is left behind: (1 if still mounted, tasks of the client or daemon in D state)."""
+    if m.daemon is not None and watchdog.is_mounted(m.mnt):
+        m.unmount()
+    stuck = sum(1 for t in watchdog.stuck_tasks() if t.pid in (result.pid, daemon_pid))
+    return int(watchdog.is_mounted(m.mnt)), stuck
+
+
 def run_side(demo: ModuleType, bug_on: bool) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix=f"diofs-demo-{demo.BUG}-") as tmp:
         factory = MountFactory(Path(tmp))
