@@ -47,7 +47,7 @@ coroutines from another thread is racy by nature: a part that changed under the 
 
 Cost on the hot path, per request: one itertools counter step, one time.monotonic(), one
 7-tuple, a dict insert and a dict pop, plus a ContextVar read for data requests. Measured by
-`scripts/bench_hang_table`: about 0.2 us per request (its docstring has the figures), next to
+`scripts/bench_hang_table`: 0.24-0.30 us per request (its docstring has the figures), next to
 the 25-80 us that the fastest diofs requests take end to end.
 """
 
