@@ -847,7 +847,8 @@ class NamespaceWorker(Worker):
         return True
 
     def own_rmdir(self) -> bool:
-        cands = sorted(k for k, e in self.entries.items() if e[0] == "d" and not own_children(self.entries, k))
+        cands = sorted(k for k, e in self.entries.items()
+                       if e[0] == "d" and not own_children(self.entries, k))
         if not cands:
             return False
         rel = self.rng.choice(cands)
