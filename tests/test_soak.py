@@ -128,7 +128,7 @@ STRESS_MINUTES = float(os.environ.get("DIOFS_SOAK_MINUTES", "30"))
 STALL_S = float(os.environ.get("DIOFS_SOAK_STALL_S", "75"))
 # operations left out (triage: keep a known bug from masking others), e.g. dioread_into_map
 NO_OPS = frozenset(filter(None, os.environ.get("DIOFS_SOAK_NO_OPS", "").split(",")))
-IMAGE_SIZE = "160M"
+IMAGE_SIZE = "256M"
 
 FLOOR = 1 * MiB  # shared files never get smaller
 MAX_SIZE = 4 * MiB  # truncates go up to this; writes end below MAX_SIZE + 1 MiB
@@ -310,9 +310,10 @@ class Worker:
         return os.path.join(self.root, *parts)
 
     # ---- logging, counting, problems
-    def note(self, msg: str) -> None:
+    def note(self, msg: str, op: bool = True) -> None:
         """Log an operation before doing it (a hang leaves it as the last line)."""
-        self.op = msg
+        if op:
+            self.op = msg
         line = f"{time.monotonic() - self.t0:9.3f} {msg}\n"
         with self.lock:
             if self._log_bytes > LOG_ROTATE:
@@ -332,14 +333,14 @@ class Worker:
             self.nerrors += 1
             if len(self.errors) < MAX_MESSAGES:
                 self.errors.append(f"[w{self.wid} {self.kind} seed={self.seed}] {msg}")
-        self.note(f"ERROR {msg.splitlines()[0]}")
+        self.note(f"ERROR {msg.splitlines()[0]}", op=False)
 
     def mismatch(self, msg: str) -> None:
         with self.lock:
             self.nmismatches += 1
             if len(self.mismatches) < MAX_MESSAGES:
                 self.mismatches.append(f"[w{self.wid} {self.kind} seed={self.seed}] {msg}")
-        self.note(f"MISMATCH {msg.splitlines()[0]}")
+        self.note(f"MISMATCH {msg.splitlines()[0]}", op=False)
 
     def oserror(self, op: str, exc: OSError, allowed: frozenset[int] | set[int] = frozenset(),
                 what: str = "") -> None:
@@ -535,7 +536,7 @@ class NamespaceWorker(Worker):
 
     OPS = {"create": 10, "mkdir": 6, "rename": 10, "link": 5, "symlink": 4, "unlink": 8,
            "rmdir": 5, "readdir": 6, "stat": 8, "chmod": 3, "utimes": 3, "read": 5,
-           "data_link": 2, "data_stat": 3, "data_replace": 1, "own": 30}
+           "data_link": 2, "data_stat": 3, "data_replace": 1, "prune": 1, "own": 30}
     OWN_OPS = {"create": 6, "mkdir": 2, "rename": 5, "link": 2, "symlink": 2, "unlink": 4,
                "rmdir": 2, "chmod": 2, "utimes": 2, "check": 4}
 
@@ -657,8 +658,31 @@ class NamespaceWorker(Worker):
             self.mismatch(f"read {path}: a soak file of {len(data)} bytes is torn or corrupt "
                           f"(head {data[:24].hex()})")
 
+    def op_prune(self) -> None:
+        """rm -r of what renames moved below ns/x/y/z (no other op reaches it any more),
+        so that the tree stays bounded in long runs."""
+        self.note("prune ns/ below depth 3")
+        for top, dirs, _ in os.walk(self.p("ns")):
+            depth = os.path.relpath(top, self.p("ns")).count("/") + (top != self.p("ns"))
+            if depth >= 2:
+                for d in dirs:
+                    if not os.path.islink(os.path.join(top, d)):
+                        shutil.rmtree(os.path.join(top, d), onerror=self._prune_error)
+                dirs[:] = []
+
+    def _prune_error(self, fn: Any, path: str, info: Any) -> None:
+        exc = info[1]
+        if fn is os.path.islink:  # became a symlink since the walk: leave it
+            self.tolerated["prune:symlink"] += 1
+        elif isinstance(exc, OSError):
+            self.oserror("prune", exc, WALK | {E.ENOTEMPTY}, path)
+        else:
+            self.error(f"prune {path}: {exc!r}")
+
     def op_data_link(self) -> None:
-        src, b = self.rng.choice(SHARED), self.ns_path()
+        # not s0/s1: a link would keep each replaced file (MiBs) alive, the image fills up
+        src = self.rng.choice([n for n in SHARED if n not in REPLACEABLE])
+        b = self.ns_path()
         self.note(f"link data/{src} -> {b}")
         os.link(self.p("data", src), self.p(b))
 
@@ -1253,8 +1277,10 @@ class SpaceWorker(Worker):
             getattr(self, f"op_{op}")(name, fd)
         except OSError as exc:
             self.oserror(op, exc, frozenset(), self.op)
-        finally:
-            os.close(fd)
+        try:
+            os.close(fd)  # reports a failed writeback of the mapping's pages
+        except OSError as exc:
+            self.oserror("close", exc, frozenset(), f"{name} after {self.op}")
 
     def _size(self) -> int:
         n = self.rng.randint(FLOOR, MAX_SIZE)
@@ -1588,6 +1614,13 @@ def _verify_after_remount(root: str, results: list[dict[str, Any]]) -> list[str]
     return problems
 
 
+def _usage(root: str) -> str:
+    st = os.statvfs(root)
+    used = (st.f_blocks - st.f_bfree) * st.f_frsize
+    return (f"{used / MiB:.0f} of {st.f_blocks * st.f_frsize / MiB:.0f} MiB used, "
+            f"{st.f_files - st.f_ffree} inodes")
+
+
 def _group_pids(pgids: set[int]) -> list[int]:
     """Every process whose process group is one of `pgids` (reads /proc only)."""
     found = []
@@ -1667,43 +1700,51 @@ def soak(mount_factory: MountFactory, tmp_path: Path, seconds: float) -> dict[st
     results: dict[int, dict[str, Any]] = {}
     hung: list[Worker] = []
     reason = ""
-    while len(results) < len(procs):
-        for wid, (proc, conn, w) in procs.items():
-            if wid in results:
-                continue
-            if conn.poll():
-                try:
-                    results[wid] = conn.recv()
-                except (EOFError, OSError):
-                    results[wid] = {"wid": wid, "kind": w.kind, "seed": w.seed,
-                                    "nerrors": 1, "errors": ["result lost"], "counts": {}}
-                proc.join(30)
-            elif not proc.is_alive() and not conn.poll():
-                proc.join()
-                results[wid] = {
-                    "wid": wid, "kind": w.kind, "seed": w.seed, "counts": {}, "tolerated": {},
-                    "nerrors": 1, "nmismatches": 0, "mismatches": [], "extra": {},
-                    "errors": [f"[w{wid} {w.kind} seed={w.seed}] worker died with exit code "
-                               f"{proc.exitcode} (-7 is SIGBUS)\n--- stderr ---\n"
-                               + _tail(os.path.join(logdir, f"w{wid}-{w.kind}.stderr"), 40)
-                               + "--- last ops ---\n" + _tail(w.logpath, 10)]}
-        if len(results) == len(procs):
-            break
-        now = time.monotonic()
-        running = [w for wid, (_, _, w) in procs.items() if wid not in results]
-        stalled = [w for w in running if now - hb[w.wid] > STALL_S]
-        if stalled:
-            reason = (f"no progress for {STALL_S:.0f}s: "
-                      + ", ".join(f"w{w.wid} {w.kind} (last beat {now - hb[w.wid]:.0f}s ago)"
-                                  for w in stalled))
-        elif now > t_end + STALL_S:
-            stalled = running
-            reason = f"still running {STALL_S:.0f}s after the end: " + ", ".join(
-                f"w{w.wid} {w.kind}" for w in running)
-        if stalled:
-            hung = stalled
-            break
-        time.sleep(0.5)
+    try:
+        while len(results) < len(procs):
+            for wid, (proc, conn, w) in procs.items():
+                if wid in results:
+                    continue
+                if conn.poll():
+                    try:
+                        results[wid] = conn.recv()
+                    except (EOFError, OSError):
+                        results[wid] = {"wid": wid, "kind": w.kind, "seed": w.seed,
+                                        "nerrors": 1, "errors": ["result lost"], "counts": {}}
+                    proc.join(30)
+                elif not proc.is_alive() and not conn.poll():
+                    proc.join()
+                    results[wid] = {
+                        "wid": wid, "kind": w.kind, "seed": w.seed, "counts": {}, "tolerated": {},
+                        "nerrors": 1, "nmismatches": 0, "mismatches": [], "extra": {},
+                        "errors": [f"[w{wid} {w.kind} seed={w.seed}] worker died with exit code "
+                                   f"{proc.exitcode} (-7 is SIGBUS)\n--- stderr ---\n"
+                                   + _tail(os.path.join(logdir, f"w{wid}-{w.kind}.stderr"), 40)
+                                   + "--- last ops ---\n" + _tail(w.logpath, 10)]}
+            if len(results) == len(procs):
+                break
+            now = time.monotonic()
+            running = [w for wid, (_, _, w) in procs.items() if wid not in results]
+            stalled = [w for w in running if now - hb[w.wid] > STALL_S]
+            if stalled:
+                reason = (f"no progress for {STALL_S:.0f}s: "
+                          + ", ".join(f"w{w.wid} {w.kind} (last beat {now - hb[w.wid]:.0f}s ago)"
+                                      for w in stalled))
+            elif now > t_end + STALL_S:
+                stalled = running
+                reason = f"still running {STALL_S:.0f}s after the end: " + ", ".join(
+                    f"w{w.wid} {w.kind}" for w in running)
+            if stalled:
+                hung = stalled
+                break
+            time.sleep(0.5)
+    except BaseException:  # interrupted (^C, a bug here): leave no worker behind
+        for wid, (proc, _, _) in procs.items():
+            if wid not in results:
+                with contextlib.suppress(OSError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.join(15)
+        raise
 
     elapsed = time.monotonic() - t0
     if hung:
@@ -1718,6 +1759,7 @@ def soak(mount_factory: MountFactory, tmp_path: Path, seconds: float) -> dict[st
     problems = run_in_child(_verify_after_remount, root, list(results.values()), timeout=300,
                             mounts=[m])
     summary["after_remount"] = problems
+    summary["usage"] = run_in_child(_usage, root, timeout=60, mounts=[m])
     return summary
 
 
@@ -1789,7 +1831,8 @@ def _report(summary: dict[str, Any]) -> None:
           f"{summary['workers']} workers, {summary['total']} ops, hangs 0, "
           f"mismatches {summary['nmismatches']}, errors {summary['nerrors']}, "
           f"fsck: {summary['fsck']}, after remount: "
-          f"{'clean' if not summary['after_remount'] else summary['after_remount']}\n"
+          f"{'clean' if not summary['after_remount'] else summary['after_remount']}, "
+          f"image: {summary['usage']}\n"
           f"  ops by kind: {ops}\n  tolerated: {tol}", flush=True)
 
 
@@ -1822,16 +1865,17 @@ def _assert_clean(summary: dict[str, Any]) -> None:
         known.append(f"{summary['nerrors']} errors (first {len(summary['errors'])} per "
                      f"worker):\n" + "\n\n".join(summary["errors"]))
     where = f"soak of {summary['minutes']} min, base seed {summary['seed']} (DIOFS_SOAK_SEED)"
+    also = "".join(f"\n\nalso: {k}" for k in known)  # hard failures show the rest too
     assert not summary["after_remount"], f"{where}: after remount:\n" + "\n".join(
-        summary["after_remount"])
-    assert "clean" in summary["fsck"], summary["fsck"]
+        summary["after_remount"]) + also
+    assert "clean" in summary["fsck"], summary["fsck"] + also
     ops = summary["ops"]
     for kind in ("ns.rename", "ns.create", "own.rename", "mapper.mmap_write",
                  "mapper.dio_write", "mapper.fcntl_toggle", "mapper.aio",
                  "space.truncate_mapped", "space.punch", "space.zero", "space.falloc"):
-        assert ops.get(kind, 0) > 0, f"no {kind} operation ran: {ops}"
+        assert ops.get(kind, 0) > 0, f"{where}: no {kind} operation ran: {ops}{also}"
     if shutil.which("fio"):
-        assert any(k.startswith("fio.") and ops[k] > 0 for k in ops), ops
+        assert any(k.startswith("fio.") and ops[k] > 0 for k in ops), f"{ops}{also}"
     if known:
         message = f"{where}:\n" + "\n\n".join(known)
         if STRICT:
