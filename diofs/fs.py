@@ -585,7 +585,14 @@ class Filesystem:
 
     # ------------------------------------------------------------------ attributes
     def blocks_512(self, inode: Inode) -> int:
-        return inode.extents.mapped_blocks() * (self.bs // 512)
+        """st_blocks: mapped blocks (written or unwritten) plus the blocks reserved for
+        dirty cached pages over holes (delayed allocation), as ext4 counts its reserved
+        blocks: `du` right after a buffered write agrees with `du` after writeback or a
+        remount. The two sets are disjoint (`reserve` skips mapped blocks; mapping a block
+        drops its reservation in the same step), so the sum never changes at writeback."""
+        reserved = self.reserved.get(inode.ino)
+        n = inode.extents.mapped_blocks() + (len(reserved) if reserved else 0)
+        return n * (self.bs // 512)
 
     def statfs_counts(self) -> tuple[int, int, int]:
         """(data blocks, free blocks, inodes in use). Free counts blocks waiting for the
