@@ -11,6 +11,11 @@ Exit codes:
     4  fsck found damage (and did not repair it)
     5  mountpoint missing, busy or not a directory
     6  mount failed (daemon did not come up)
+    7  image in use: locked by a running daemon, fsck --repair or mkfs (diofs.image_lock)
+    8  unmount failed: not a diofs mount, or fusermount3 refused (busy)      [umount.diofs]
+    9  unmounted, but the daemon reported a failed final writeback or commit [umount.diofs]
+   10  unmounted, but the daemon's final status cannot be known (it died without
+       reporting one, or did not exit within --timeout)                      [umount.diofs]
 """
 
 from __future__ import annotations
@@ -23,6 +28,10 @@ EXIT_CORRUPT = 3
 EXIT_DAMAGED = 4
 EXIT_MOUNTPOINT = 5
 EXIT_MOUNT_FAILED = 6
+EXIT_IN_USE = 7
+EXIT_UNMOUNT_FAILED = 8
+EXIT_DAEMON_FAILED = 9
+EXIT_STATUS_UNKNOWN = 10
 
 
 class DiofsError(Exception):

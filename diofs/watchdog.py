@@ -57,6 +57,7 @@ class MountInfo:
     mountpoint: str
     fstype: str
     source: str
+    super_options: str = ""  # e.g. "rw,user_id=0,group_id=0,default_permissions" for FUSE
 
 
 def _unescape(field: str) -> str:
@@ -89,6 +90,7 @@ def mounts() -> list[MountInfo]:
                     mountpoint=_unescape(fields[4]),
                     fstype=rfields[0] if rfields else "",
                     source=_unescape(rfields[1]) if len(rfields) > 1 else "",
+                    super_options=rfields[2] if len(rfields) > 2 else "",
                 )
             )
     return result

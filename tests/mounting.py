@@ -48,6 +48,7 @@ _CLI_MODULES = {
     "mkfs.diofs": "diofs.cli.mkfs",
     "fsck.diofs": "diofs.cli.fsck",
     "mount.diofs": "diofs.cli.mount",
+    "umount.diofs": "diofs.cli.umount",
     "diofs": "diofs.cli.stats",
 }
 
@@ -315,6 +316,35 @@ class Mount:
         self.daemon = None
         if rc != 0:
             raise MountError(f"daemon exited with {rc} after unmount\n{self.log_tails()}")
+
+    def unmount_with(
+        self, argv: Sequence[str], timeout: float = UNMOUNT_TIMEOUT_S
+    ) -> tuple[subprocess.CompletedProcess[str], int | None, int]:
+        """Unmount with a command of the test's choosing (umount.diofs, umount(8)); returns
+        (its result, the daemon's exit code if it had already exited when the command
+        returned, else None; the daemon's exit code). The mount must be gone afterwards; the
+        daemon is reaped within `timeout` (rescued and reported if either fails)."""
+        assert self.daemon is not None, "not mounted"
+        try:
+            proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout,
+                                  cwd=REPO, env=cli_env(), stdin=subprocess.DEVNULL, check=False)
+        except subprocess.TimeoutExpired:
+            report = self._rescue(f"{shlex.join(argv)} hung")
+            raise MountError(f"{shlex.join(argv)} hung\n{report}\n{self.log_tails()}") from None
+        at_return = self.daemon.poll()
+        if self.mounted:
+            report = self._rescue(f"{shlex.join(argv)} left the mount")
+            raise MountError(f"{shlex.join(argv)} exited {proc.returncode} and left the mount:"
+                             f" {proc.stderr.strip()}\n{report}\n{self.log_tails()}")
+        try:
+            rc = self.daemon.wait(timeout)
+        except subprocess.TimeoutExpired:
+            report = self._rescue(f"daemon still running {timeout}s after unmount")
+            raise MountError(
+                f"daemon did not exit within {timeout}s of unmount\n{report}\n{self.log_tails()}"
+            ) from None
+        self.daemon = None
+        return proc, at_return, rc
 
     def remount(self, extra_opts: dict[str, Any] | None = None) -> None:
         """Unmount (with all checks) if mounted, then mount the same image again."""

@@ -1,6 +1,14 @@
-"""fsck.diofs IMAGE [--repair]: check an image; exit 0 when clean, 4 on damage, 3 if it
-cannot be read at all. Read-only unless --repair (which rebuilds the bitmap, fixes link
-counts, drops dangling entries and frees unreachable inodes, then commits).
+"""fsck.diofs IMAGE [--repair] [--force]: check an image; exit 0 when clean, 4 on damage, 3 if
+it cannot be read at all, 7 if the image is in use. Read-only unless --repair (which rebuilds
+the bitmap, fixes link counts, drops dangling entries and frees unreachable inodes, then
+commits).
+
+A mounted image is locked by its daemon (diofs.image_lock) until its final commit is durable;
+fsck refuses it (exit 7, one line), as e2fsck refuses a mounted filesystem: its last commit may
+be seconds old, and a repair would be overwritten by, or corrupt, the daemon's next commit.
+`--force` checks a locked image anyway, read-only, and says that it did; `--repair` never runs
+on a locked image. A check holds the lock shared (checks may run side by side, a mount waits),
+a repair exclusively.
 
 Checks: superblock and commit checksums (diofs.format.layout), the metadata blob, every
 directory entry points at an inode, link counts match the entries, every inode is reachable
@@ -12,9 +20,11 @@ exactly the metadata area plus the blocks extents use.
 
 from __future__ import annotations
 
+import os
 import stat as S
 from collections import Counter
 
+from diofs import image_lock
 from diofs.backend import open_backend
 from diofs.cli.common import ArgumentParser, run_main
 from diofs.errors import EXIT_DAMAGED
@@ -131,10 +141,14 @@ def fsck(argv: list[str]) -> int:
     p = ArgumentParser(prog="fsck.diofs", description=__doc__)
     p.add_argument("image")
     p.add_argument("--repair", action="store_true", help="fix what can be fixed")
+    p.add_argument("--force", action="store_true",
+                   help="check a locked (mounted) image anyway, read-only: its last commit")
     p.add_argument("--debug", action="store_true")
     a = p.parse_args(argv)
-    backend = open_backend(a.image, writable=a.repair)
+    backend = open_backend(a.image, writable=a.repair)  # first: its one-line errors
+    lock: int | None = None
     try:
+        lock, stale = _lock(a.image, repair=a.repair, force=a.force)
         loaded = image.load(backend)  # ImageCorrupt -> one line, exit 3
         problems = check(loaded, repair=a.repair)
         for line in problems:
@@ -146,11 +160,30 @@ def fsck(argv: list[str]) -> int:
             return 0
     finally:
         backend.close()
+        if lock is not None:
+            os.close(lock)
     if problems:
         return EXIT_DAMAGED
     n = len(loaded.md.inodes)
-    print(f"fsck.diofs: {a.image}: clean ({n} inodes, generation {loaded.generation})")
+    print(f"fsck.diofs: {a.image}: clean ({n} inodes, generation {loaded.generation}){stale}")
     return 0
+
+
+def _lock(image: str, *, repair: bool, force: bool) -> tuple[int | None, str]:
+    """Lock the image for the check: (the descriptor holding the lock, or None under
+    --force; a note for the result line). Raises ImageInUse (exit 7) unless `force` allows a
+    read-only look."""
+    try:
+        return image_lock.lock_image(image, exclusive=repair), ""
+    except image_lock.ImageInUse as exc:
+        if repair:
+            exc.message += "; unmount it first (--repair never runs on an image in use)"
+            raise
+        if not force:
+            exc.message += "; unmount it first, or check its last commit with --force"
+            raise
+        print(f"fsck.diofs: {image}: in use; checking its last commit read-only (--force)")
+        return None, " [in use: the last commit, not the live state]"
 
 
 def main(argv: list[str] | None = None) -> None:

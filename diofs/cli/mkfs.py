@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+from diofs import image_lock
 from diofs.backend import open_backend
 from diofs.cli.common import ArgumentParser, parse_size, run_main
 from diofs.errors import DiofsError
@@ -42,17 +43,19 @@ def mkfs(argv: list[str]) -> int:
     except OSError as exc:
         raise DiofsError(f"cannot open {a.image}: {exc.strerror}") from None
     try:
+        # never over a mounted image (or one fsck is checking): exit 7, nothing written
+        image_lock.lock_fd(fd, a.image, exclusive=True)
         if os.fstat(fd).st_size != size:
             os.ftruncate(fd, size)
+        backend = open_backend(a.image)
+        try:
+            sb = image.mkfs(backend, size, a.block_size, a.dio_align)
+        except ValueError as exc:
+            raise DiofsError(str(exc)) from None
+        finally:
+            backend.close()
     finally:
-        os.close(fd)
-    backend = open_backend(a.image)
-    try:
-        sb = image.mkfs(backend, size, a.block_size, a.dio_align)
-    except ValueError as exc:
-        raise DiofsError(str(exc)) from None
-    finally:
-        backend.close()
+        os.close(fd)  # releases the lock
     print(
         f"mkfs.diofs: {a.image}: {size >> 20} MiB, block size {sb.block_size}, "
         f"dio alignment {sb.dio_align}, {sb.data_blocks} data blocks"

@@ -1,8 +1,12 @@
 """mount.diofs IMAGE MOUNTPOINT [-o opts] [--foreground] [--bug NAME]... [--log FILE]
 
 Without --foreground the command returns once the filesystem is mounted and serving; the
-daemon keeps running in the background until `fusermount3 -u MOUNTPOINT`, when it writes
-everything back, commits the metadata and exits 0.
+daemon keeps running in the background until the mount is unmounted, when it writes everything
+back, commits the metadata and exits 0 (1 if the final writeback or commit failed). Unmount
+with `umount.diofs MOUNTPOINT`, which returns once that is done, with the daemon's status
+(`fusermount3 -u` returns before). The mount's source (`mount`, `df`) is the image's path.
+The image stays locked (diofs.image_lock) until the final commit is durable: mount.diofs and
+fsck.diofs refuse a locked image with exit code 7.
 
 Options (-o k=v,...): cache_size=64M, dio_align=N (a multiple of the image's), writeback_age=S,
 commit_interval=S, shootdown=unlocked|locked, backend=raw|crash|fault, crash_log=PATH,
@@ -21,7 +25,6 @@ from __future__ import annotations
 
 import ctypes
 import faulthandler
-import fcntl
 import logging
 import os
 import signal
@@ -31,14 +34,14 @@ from dataclasses import dataclass
 
 import trio
 
-from diofs import bugs, hang_detector, request, stats
+from diofs import bugs, daemon_status, hang_detector, image_lock, request, stats
 from diofs.backend import open_backend
 from diofs.buffered import Buffered
 from diofs.cache import PageCache, Writeback
 from diofs.cli.common import ArgumentParser, parse_size, run_main, setup_logging, syslog_handler
 from diofs.dio import Direct
 from diofs.durability import Durability
-from diofs.errors import EXIT_MOUNT_FAILED, EXIT_MOUNTPOINT, DiofsError
+from diofs.errors import EXIT_ERROR, EXIT_MOUNT_FAILED, EXIT_MOUNTPOINT, DiofsError
 from diofs.fs import Filesystem
 from diofs.kernel_cache import KernelCache
 from diofs.locks import FaultMarker, LockTable
@@ -134,15 +137,14 @@ def mlockall() -> None:
         raise DiofsError(f"mlockall failed: {os.strerror(err)}")
 
 
-def lock_image(image: str) -> int:
-    """An exclusive flock on the image for the daemon's lifetime: one mount per image."""
-    fd = os.open(image, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise DiofsError(f"image {image} is in use (mounted elsewhere?)", EXIT_MOUNTPOINT) from None
-    return fd
+def fsname_option(image: str) -> str:
+    """`fsname=IMAGE`: the mount's source in mountinfo, `mount` and `df`, and what `umount
+    IMAGE` matches. fuse_opt unescapes backslashes, so `\\` and `,` are escaped; pyfuse3
+    passes options as ASCII, so a path that is not printable ASCII shows as `diofs`
+    (umount.diofs does not need it: it finds the daemon by the mount's device number)."""
+    if not (image.isascii() and image.isprintable()):
+        return "fsname=diofs"
+    return "fsname=" + image.replace("\\", "\\\\").replace(",", "\\,")
 
 
 class Daemon:
@@ -152,7 +154,12 @@ class Daemon:
         self.mnt = mnt
         self.opts = opts
         self.mlock = mlock
-        self._image_lock = lock_image(image)
+        self.image = os.path.abspath(image)
+        # one mount per image; held until release(), after the final commit (ImageInUse: 7)
+        self._image_lock = image_lock.lock_image(image)
+        self.status = daemon_status.Publisher()
+        # why the daemon's exit status is not 0; shutdown() clears it after the final commit
+        self.final_error: str | None = "the daemon ended before its final commit"
         self.backend = open_backend(
             image, opts.backend, crash_log=opts.crash_log, fault_spec=opts.fault_spec
         )
@@ -201,7 +208,8 @@ class Daemon:
         self.locks = locks
         fuse_opts = set(pyfuse3.default_options)
         fuse_opts.discard("default_permissions")
-        fuse_opts |= {"fsname=diofs", "subtype=diofs", "default_permissions", *o.fuse}
+        fuse_opts |= {fsname_option(self.image), "subtype=diofs", "default_permissions", *o.fuse}
+        canonical_mnt = os.path.realpath(self.mnt)  # now: once mounted, this would stat us
         # diofs is the only writer of its image: drop the kernel's whole-file invalidation on
         # mtime change, which loses data under threaded mmap + O_DIRECT (fuse-facts row 9).
         pyfuse3.set_auto_inval_data(False)
@@ -212,6 +220,7 @@ class Daemon:
         # what it keeps (cache pages) or writes it to the image before the handler returns
         pyfuse3.set_write_views(True)
         pyfuse3.init(self.ops, self.mnt, fuse_opts)
+        self.status.publish(self.image, canonical_mnt)  # for umount.diofs
         self.kernel.start()
 
     async def _write_back(self, ino: int, off: int, data: bytes) -> None:
@@ -247,14 +256,28 @@ class Daemon:
                 nursery.cancel_scope.cancel()
 
     async def shutdown(self) -> None:
-        """Unmount: write everything back, free orphans, commit, close the image."""
+        """Unmount: write everything back, free orphans, commit (durable on return; the image
+        is closed and the lock released after, in mount()). Sets `final_error`."""
+        error = None
         try:
             await self.writeback.writeback_all()
         except OSError as exc:
             log.error("final writeback failed: %s", exc)
+            error = f"final writeback failed ({exc}): data not yet written back is lost"
         self.fs.unmount_cleanup()
         await self.fs.commit()
-        log.info("unmounted cleanly (generation %d)", self.fs.generation)
+        if error is None and self.ops.failsafe:
+            error = "an internal error made the mount failsafe (see the log); run fsck.diofs"
+        self.final_error = error
+        if error is None:
+            log.info("unmounted cleanly (generation %d)", self.fs.generation)
+
+    def release(self) -> None:
+        """The daemon's last steps, in this order: publish the exit status, then release the
+        image lock. Whoever waits for the lock or for this process then finds the final commit
+        durable (it fdatasyncs before returning) and the status readable."""
+        self.status.finish(EXIT_ERROR if self.final_error else 0, self.final_error or "")
+        os.close(self._image_lock)
 
 
 def _daemonize(ready_w: int) -> None:
@@ -335,13 +358,19 @@ def mount(argv: list[str]) -> int:
 
     try:
         trio.run(daemon.serve)
-    except BaseException:
+    except BaseException as exc:
         log.exception("daemon failed")
+        daemon.final_error = f"daemon failed: {type(exc).__name__}: {exc}"
         raise
     finally:
-        daemon.kernel.stop()  # before close: the thread may be inside a session call
-        pyfuse3.close(unmount=True)
-        daemon.backend.close()
+        try:
+            daemon.kernel.stop()  # before close: the thread may be inside a session call
+            pyfuse3.close(unmount=True)
+            daemon.backend.close()
+        finally:
+            daemon.release()
+    if daemon.final_error:
+        raise DiofsError(daemon.final_error)
     return 0
 
 
