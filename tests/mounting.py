@@ -29,7 +29,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -306,6 +306,14 @@ class Mount:
                 f"fusermount3 -u {self.mnt} exited {proc.returncode}: "
                 f"{proc.stderr.strip()}\n{report}\n{self.log_tails()}"
             )
+        rc = self._wait_daemon_exit(timeout)
+        if rc != 0:
+            raise MountError(f"daemon exited with {rc} after unmount\n{self.log_tails()}")
+
+    def _wait_daemon_exit(self, timeout: float) -> int:
+        """The mount is gone: the daemon must exit within `timeout` (rescued and reported if
+        not); returns its exit code."""
+        assert self.daemon is not None
         try:
             rc = self.daemon.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -314,8 +322,7 @@ class Mount:
                 f"daemon did not exit within {timeout}s of unmount\n{report}\n{self.log_tails()}"
             ) from None
         self.daemon = None
-        if rc != 0:
-            raise MountError(f"daemon exited with {rc} after unmount\n{self.log_tails()}")
+        return rc
 
     def unmount_with(
         self, argv: Sequence[str], timeout: float = UNMOUNT_TIMEOUT_S
@@ -336,14 +343,7 @@ class Mount:
             report = self._rescue(f"{shlex.join(argv)} left the mount")
             raise MountError(f"{shlex.join(argv)} exited {proc.returncode} and left the mount:"
                              f" {proc.stderr.strip()}\n{report}\n{self.log_tails()}")
-        try:
-            rc = self.daemon.wait(timeout)
-        except subprocess.TimeoutExpired:
-            report = self._rescue(f"daemon still running {timeout}s after unmount")
-            raise MountError(
-                f"daemon did not exit within {timeout}s of unmount\n{report}\n{self.log_tails()}"
-            ) from None
-        self.daemon = None
+        rc = self._wait_daemon_exit(timeout)
         return proc, at_return, rc
 
     def remount(self, extra_opts: dict[str, Any] | None = None) -> None:
@@ -587,6 +587,20 @@ def run_in_child(
             f"(exit {result.returncode}):\n{result.stderr}"
         )
     return result.value
+
+
+def process_stats() -> Iterator[tuple[int, list[str]]]:
+    """(pid, /proc/PID/stat fields after the command name) of every process, read from /proc
+    only: fields[0] is the state, [1] ppid, [2] process group, [3] session."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        yield int(entry), stat[stat.rfind(")") + 2 :].split()
 
 
 def kill_by_pid(pid: int) -> None:

@@ -59,7 +59,13 @@ from typing import Any
 import pytest
 
 from tests.fsx import WEIGHTS, Fsx, cold_read, direct_pread, run_with_remounts
-from tests.mounting import Mount, MountFactory, assert_rescued_cleanly, run_in_child
+from tests.mounting import (
+    Mount,
+    MountFactory,
+    assert_rescued_cleanly,
+    process_stats,
+    run_in_child,
+)
 from tests.test_dio_mmap_self import pattern
 
 REPEAT = 1  # repetitions of each workload per test by default
@@ -117,19 +123,7 @@ def _threads(part: str) -> list[tuple[str, str]]:
 
 def _session_members(sid: int) -> list[int]:
     """Live processes of session `sid` (the workload's argv child leads its own session)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2 :].split()
-        if int(fields[3]) == sid and fields[0] != "Z":
-            found.append(int(entry))
-    return found
+    return [pid for pid, fields in process_stats() if int(fields[3]) == sid and fields[0] != "Z"]
 
 
 def assert_invalidation_hang(m: Mount, result: Any, daemon_pid: int | None,

@@ -119,7 +119,7 @@ from tests.fsx import (
     fallocate,
     read_full,
 )
-from tests.mounting import Mount, MountFactory, run_in_child
+from tests.mounting import Mount, MountFactory, process_stats, run_in_child
 
 KiB, MiB = 1 << 10, 1 << 20
 
@@ -1623,19 +1623,7 @@ def _usage(root: str) -> str:
 
 def _group_pids(pgids: set[int]) -> list[int]:
     """Every process whose process group is one of `pgids` (reads /proc only)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                s = f.read()
-        except OSError:
-            continue
-        fields = s[s.rfind(")") + 2 :].split()
-        if len(fields) > 2 and int(fields[2]) in pgids:
-            found.append(int(entry))
-    return sorted(found)
+    return sorted(pid for pid, fields in process_stats() if int(fields[2]) in pgids)
 
 
 def _tail(path: str, n: int) -> str:
