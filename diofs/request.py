@@ -19,7 +19,7 @@ Where each field comes from (notes/fuse-facts.md):
   to `fuse_lowlevel_notify_inval_inode` (stock pyfuse3 can only invalidate the whole file,
   row 7). It blocks until the kernel has locked and dropped every cached page in the range; a
   page that is locked because a READ of it is waiting for diofs is only dropped once diofs
-  answers that READ (row 3: the ABBA deadlock).
+  answers that READ (row 3: the ABBA deadlock), so only the invalidator thread calls it.
 - The patched binding also offers `pyfuse3.set_auto_inval_data(False)`, which the mount calls
   before `pyfuse3.init`: with FUSE_CAP_AUTO_INVAL_DATA, an mtime change seen in GETATTR makes
   the kernel drop the whole file's cache, which lost data under threaded mmap + O_DIRECT
@@ -108,10 +108,10 @@ def invalidate_kernel_range(ino: int, start: int, end: int) -> None:
     The kernel widens the range to whole pages. An inode the kernel has never looked up
     (ENOENT) has nothing cached and is ignored; other errors raise OSError.
 
-    BLOCKING: call it from a thread (`trio.to_thread.run_sync`), and never call it while
-    holding a diofs lock a READ may wait on: the kernel keeps a page locked until diofs
-    answers the READ that fills it, and this call waits for that page lock (fuse-facts
-    row 3). Invalidate after releasing the lock, before replying.
+    BLOCKING: it waits for folio locks, writeback and launder WRITEs that the kernel only
+    ends once diofs answers other requests (fuse-facts rows 3 and 10). Called from the
+    invalidator thread of diofs/kernel_cache.py, which no answer waits for; a handler that
+    awaits it (`--bug inval-before-reply`, `-o shootdown=locked`) can hang the mount.
     """
     if start < 0:
         raise ValueError(f"negative start {start}")

@@ -212,7 +212,7 @@ def test_dio_read_into_mapping_deadlock(mount_factory: MountFactory, bug_on: boo
     waiting (folio_wait_writeback) for the WRITE it just sent. Seen in the hang reports: in
     most runs the client's direct write (generic_file_direct_write ->
     invalidate_inode_pages2_range), in about 1 run in 10 the daemon's own
-    invalidate_kernel_range thread after the previous direct write (dio.py step 10:
+    invalidation after the previous direct write (dio.py step 10, then the invalidator thread:
     fuse_reverse_inval_inode -> invalidate_inode_pages2_range). Fixed by sending direct READ
     replies from a worker thread while the kernel may cache pages of the mount (diofs/dio.py,
     `dio.thread_replies`): the main loop stays free to answer the laundering WRITE.
@@ -227,7 +227,7 @@ def test_dio_read_into_mapping_deadlock(mount_factory: MountFactory, bug_on: boo
         assert n[0] > 0 and n[1] > 0, n  # both threads made progress
         st = m.stats()
         # every direct READ of the reader went out from a worker thread (the mapping's fault
-        # READ put the inode in kernel_cached before the first one was sent)
+        # READ marked the inode in KernelCache before the first one was sent)
         assert st.get("dio.thread_replies", 0) >= n[0], (n, st)
         return
     m.expect_rescue()
@@ -247,7 +247,7 @@ def test_dio_read_into_mapping_deadlock(mount_factory: MountFactory, bug_on: boo
     assert "fuse_aio_complete_req" in daemon_part, report
     # ... held by an invalidation that launders that page and waits for the WRITE nobody
     # reads: the client's direct write (generic_file_direct_write) or the daemon's own
-    # invalidate_kernel_range thread (dio.py step 10), whichever got there first
+    # invalidator thread (diofs/kernel_cache.py), whichever got there first
     assert "fuse_launder_folio" in report, report
     assert "invalidate_inode_pages2_range" in report, report
     assert "state=D" in client_part, report
