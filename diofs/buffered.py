@@ -32,7 +32,7 @@ from diofs.errors import FsError
 from diofs.format.metadata import Inode
 from diofs.fs import Filesystem
 from diofs.handles import Handle
-from diofs.kernel_cache import KernelCache
+from diofs.kernel_cache import PAGE, KernelCache
 from diofs.locks import FaultMarker, LockTable, State
 from diofs.request import Request
 
@@ -82,13 +82,15 @@ class Buffered:
         pages = self.cache.lookup_run(inode.ino, first, last - first + 1)
         if None in pages:
             if self.marker.faults_disabled(req.tid, inode.ino):
-                return await self._read_faults_disabled(inode, off, end)
+                return await self._read_faults_disabled(inode, off, end, size)
             if not await self._fill(h, inode, first, last, want, req.tid):
                 # its own direct I/O took BLOCK while this fill waited (fault_marker rule M6)
-                return await self._read_faults_disabled(inode, off, end)
+                return await self._read_faults_disabled(inode, off, end, size)
             pages = [self.cache.peek(inode.ino, i) for i in range(first, last + 1)]
             if None in pages:  # evicted again under memory pressure: read around the cache
-                return await self._read_faults_disabled(inode, off, end)
+                return await self._read_faults_disabled(inode, off, end, size)
+        # cached pages hold every direct write posted so far (dio.py steps 5-7, then 10)
+        self._kernel_filled(inode.ino, off, off + size, self.kernel.generation())
         stats.add("cache.bytes_served", end - off)
         if len(pages) == 1:
             return bytes(pages[0][off - first * ps : end - first * ps])  # type: ignore[index]
@@ -137,11 +139,13 @@ class Buffered:
                 stats.add("cache.readahead_pages", run_end - max(idx, last + 1) + 1)
             idx = run_end + 1
 
-    async def _read_faults_disabled(self, inode: Inode, off: int, end: int) -> bytes:
+    async def _read_faults_disabled(self, inode: Inode, off: int, end: int, size: int) -> bytes:
         """The task's own direct I/O holds BLOCK on this inode: read the image, overlay the
         cached (possibly dirty) pages, insert nothing (seed 004, faults_disabled_mapping)."""
         stats.add("locks.faults_disabled_fills")
+        generation = self.kernel.generation()  # the image read below sees those writes
         data = await self.fs.read_data(inode, off, end - off)
+        self._kernel_filled(inode.ino, off, off + size, generation)
         end = off + len(data)  # i_size may have shrunk while the caller waited (truncate)
         if end <= off:
             return b""
@@ -152,6 +156,11 @@ class Buffered:
                 s, e = max(off, idx * ps), min(end, (idx + 1) * ps)
                 data[s - off : e - off] = page[s - idx * ps : e - idx * ps]
         return bytes(data)
+
+    def _kernel_filled(self, ino: int, start: int, end: int, generation: int) -> None:
+        """The kernel's pages wholly inside [start, end) now hold our bytes of `generation`
+        (a READ answer fills its pages whole: the kernel zeroes what a short one leaves)."""
+        self.kernel.answered(ino, -(-start // PAGE), end // PAGE, generation)
 
     # ------------------------------------------------------------------ writes
     async def write(self, h: Handle, off: int, buf: bytes, req: Request, flags: int) -> int:
@@ -165,6 +174,9 @@ class Buffered:
         await self.writeback.wait_for_room()
         async with h.lock(self.locks).add(req.tid):
             written = await self._write_pages(inode, off, buf)
+            # the kernel's copy of these pages is this write's bytes; under ADD no direct
+            # write lands, so it is newer than every one posted so far
+            self._kernel_filled(inode.ino, off, off + written, self.kernel.generation())
         stats.add("cache.bytes_written", written)
         sync, full = wants_sync(flags)
         if sync:

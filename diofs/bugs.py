@@ -20,6 +20,9 @@ class Bug(enum.Enum):
     # kernel writeback through an O_DIRECT fh goes direct; with inval-before-reply its
     # invalidation waits for the writeback of its own pages (generic/095 hang needs both)
     WRITEBACK_AS_DIRECT = "writeback-as-direct"
+    # after every direct write of a kernel-cached file the invalidator drops its range, also
+    # when no older page can be cached: a later O_DIRECT read into a mapping loses its bytes
+    INVAL_ALWAYS = "inval-always"
 
     __hash__ = object.__hash__  # members are singletons; asked on every request (hot path)
 

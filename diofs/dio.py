@@ -21,13 +21,15 @@ Direct write, in order (each step says why it is where it is):
      deadlocks it, which is why the default mode leaves the kernel alone: for direct I/O through
      the mount the kernel drops its own pages (fuse-facts 7b)
   9. release BLOCK and the rwsem
- 10. if the kernel may cache pages of this inode (kernel_cache.py: a buffered READ or WRITE
-     of it arrived since the last O_DIRECT open), post [off, end) to the invalidator and
-     answer without waiting: the kernel drops its own pages after a *synchronous* direct
-     write but not after an asynchronous one (libaio / io_uring; fuse-facts-more row 11),
-     and an answer that waited for the invalidation could wait on folio locks, writeback or
-     background slots that the kernel holds until it gets one of our answers (the "Kernel
-     waits" in diofs/locks/__init__.py; measured hangs: fuse-facts row 10)
+ 10. tell the kernel-cache tracker the write landed (kernel_cache.py, also after a failure):
+     it queues for the invalidator thread the pages of the range that a buffered answer may
+     have filled with older bytes while the write was on its way, and we answer without
+     waiting: the kernel drops its own pages after a *synchronous* direct write but not
+     after an asynchronous one (libaio / io_uring; fuse-facts-more row 11), and an answer
+     that waited for the invalidation could wait on folio locks, writeback or background
+     slots that the kernel holds until it gets one of our answers (the "Kernel waits" in
+     diofs/locks/__init__.py; measured hangs: fuse-facts row 10). Only those pages: a drop
+     of a page that a later direct READ has pinned loses that READ's bytes (race 19)
  11. O_DSYNC/O_SYNC: flush (group commit) before the reply (seed 001)
 Fast path (most direct writes of a direct-I/O workload): when nobody else touches the inode
 -- its rwsem and pagecache lock idle, no page of the range cached or under writeback, no --bug or
@@ -155,19 +157,21 @@ class Direct:
         exclusive = append or end > inode.size or off % bs != 0 or end % bs != 0
         sync, full = wants_sync(flags)
         durable = sync and not full and self.durability.lone_sync_write()
-        if not exclusive and self._uncontended(h, off, end) and self.fs.overwrite_inline(
-            inode, off, buf, durable=durable
-        ):
-            stats.add("dio.fast_writes")
-        else:
-            durable = False
-            off, end = await self._write_locked(h, off, end, buf, req, exclusive, append)
+        token = self.kernel.direct_write_arrived()
+        try:
+            if not exclusive and self._uncontended(h, off, end) and self.fs.overwrite_inline(
+                inode, off, buf, durable=durable
+            ):
+                stats.add("dio.fast_writes")
+            else:
+                durable = False
+                off, end = await self._write_locked(h, off, end, buf, req, exclusive, append)
+        finally:  # step 10 (also after a failure: part of the range may be written)
+            self.kernel.direct_write_landed(inode.ino, off, end, token)
         if self.kernel.may_cache(inode.ino) and not self.locked_shootdown:
             stats.add("dio.kernel_invalidations")
             if bugs.enabled(Bug.INVAL_BEFORE_REPLY):
                 await trio.to_thread.run_sync(request.invalidate_kernel_range, inode.ino, off, end)
-            else:
-                self.kernel.invalidate_later(inode.ino, off, end)
         stats.add("dio.bytes_written", len(buf))
         if durable:
             self.durability.durable_write_done()

@@ -85,6 +85,8 @@ def _boundary(fn: F) -> F:
             raise pyfuse3.FUSEError(errno.EIO) from None
         finally:
             outstanding.pop(key, None)
+            if not outstanding:
+                self.buffered.kernel.daemon_idle()
 
     return wrapper  # type: ignore[return-value]
 

@@ -113,7 +113,7 @@ Never:
     FUSE_NOTIFY_INVAL_INODE write), and so never invalidate while holding any PagecacheLock
     state (ABBA with K1, fuse-facts row 3: measured hang, unkillable client; even ADD, since
     new ADD requests queue behind a BLOCK waiter). Post the range to the invalidator
-    (kernel_cache.KernelCache.invalidate_later). The only exception is the opt-in mount
+    (kernel_cache.KernelCache.direct_write_landed). The only exception is the opt-in mount
     option `shootdown=locked`, which exists to demonstrate the hang: it invalidates while
     holding BLOCK, and the FaultMarker makes the task's OWN faults safe; other processes
     faulting the file still deadlock (row 3), so it is never the default.
