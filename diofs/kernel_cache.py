@@ -23,11 +23,11 @@ bytes taken before the write landed. Such an answer is given after the daemon wa
 to read /dev/fuse, so the kernel's queue to us is empty, its 12 background slots are not full,
 and a write it has prepared (its range dropped) is not held back there but arrives next. (Not
 covered: a write already queued but not yet read at that very instant, one scheduling round of
-the loop.) So `direct_write_landed` queues the pages of the
-range that answers since that idle point filled with older bytes (`answered` records them with
-their `generation`, which the write's landing raises), and an answer taken before a write
-landed but given after it queues its own pages. A synchronous direct write, the kernel drops
-again itself after it; and pages refilled with new bytes leave the queue (`_spare`).
+the loop.) So `direct_write_landed` queues the pages of the range that answers since that idle
+point filled with older bytes (`answered` records them with their `generation`, which the
+write's landing raises), and an answer taken before a write landed but given after it queues
+its own pages. A synchronous direct write, the kernel drops again itself after it; and pages
+refilled with new bytes leave the queue (`_spare`).
 
 Why so narrow: dropping a page is not harmless. `invalidate_inode_pages2_range` takes a page
 out of the page cache even while a direct READ has it pinned as its destination (an O_DIRECT
@@ -131,11 +131,11 @@ class KernelCache:
         write arrived, and return at once. Safe from the trio loop: it takes a lock that
         nothing holds for long."""
         self._generation += 1
+        if not self.may_cache(ino):  # nothing cached; a READ arriving later sees these bytes
+            return
         first, stop = start // PAGE, -(-end // PAGE)
         posts = self._posts.setdefault(ino, deque(maxlen=POSTS_KEPT))
         posts.append((self._generation, first, stop))
-        if not self.may_cache(ino):
-            return
         recent = self._recent
         if bugs.enabled(Bug.INVAL_ALWAYS) or (
             len(recent) == recent.maxlen and recent[0][0] > token + 1  # some are forgotten
