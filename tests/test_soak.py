@@ -1834,13 +1834,13 @@ def _report(summary: dict[str, Any]) -> None:
 
 # Data mismatches and worker errors the soak still finds (0 hangs since 2b5a4e6), both
 # diagnosed, both open:
-#  - dioread_into_map (fsx private files and the owned region of s2): an O_DIRECT read into
-#    a MAP_SHARED mapping of the same file is lost. The invalidator thread (kernel_cache.py)
-#    drops the range of an earlier direct write *after* its answer, merged into a hull per
-#    inode; when it runs while a later direct READ has the mapping's pages pinned and not yet
-#    dirty, the pages leave the page cache and the READ's bytes land in orphans. One process
-#    shows it (a 512 B direct write, then a direct read into a mapping covering it): about 1
-#    in 8 lost; 0 with --bug inval-before-reply.
+#  - dioread_into_map (the owned region of s2): an O_DIRECT read into a MAP_SHARED mapping of
+#    the same file is lost when the kernel drops the file's whole page cache while the READ
+#    has the mapping's pages pinned: the READ's bytes land in orphaned pages. The daemon's own
+#    invalidator no longer does this (kernel_cache.py "Which pages"; measured with it off:
+#    the mismatches stay). What still does: an O_DIRECT open of s2 by another worker (fio,
+#    mapper), answered without keep_cache (ops._file_info); and any size-changing truncate
+#    (FUSE fuse_do_setattr), which is why the space worker leaves s2's size alone.
 #  - shared_fd_misaligned: a buffered write() crossing a page, on an fd whose O_DIRECT another
 #    thread toggles, returns a short count: the kernel builds each WRITE request with the
 #    file's f_flags at that moment, so the second page's request says O_DIRECT and diofs
