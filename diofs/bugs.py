@@ -23,6 +23,9 @@ class Bug(enum.Enum):
     # after every direct write of a kernel-cached file the invalidator drops its range, also
     # when no older page can be cached: a later O_DIRECT read into a mapping loses its bytes
     INVAL_ALWAYS = "inval-always"
+    # an O_DIRECT open unmarks its inode when answered, before the kernel's whole-file drop
+    # ran: a direct READ into a mapping, answered from the loop, hangs against that drop
+    OPEN_DROP_AT_ANSWER = "open-drop-at-answer"
 
     __hash__ = object.__hash__  # members are singletons; asked on every request (hot path)
 

@@ -11,9 +11,18 @@ the kernel truncates its own cache after the SETATTR / FALLOCATE answer (fs/fuse
 fuse_do_setattr, fs/fuse/file.c fuse_file_fallocate).
 
 Which inodes: `note_buffered` when a buffered READ or WRITE arrives (its folios are in the
-kernel's cache, locked, from before it was sent); `dropped_by_open` when an O_DIRECT OPEN is
-answered without keep_cache, which makes the kernel drop the whole file in the opener's context
-(ops._file_info, fuse-facts-more row 17). Only direct writes of an inode in the set are watched.
+kernel's cache, locked, from before it was sent). An O_DIRECT OPEN answered without keep_cache
+makes the kernel drop the whole file in the opener's context (ops._file_info, fuse-facts-more
+row 17), but only *after* our answer, and that drop may itself need us: it locks each folio and
+launders a dirty one with a WRITE. So `dropped_by_open(ino, fh)` only notes the drop as
+pending; it is done once a request carrying that fh arrives (`fh_used`: the fd exists, so the
+open, drop included, has returned), and the inode leaves the set when every such drop is done
+and no buffered READ or WRITE arrived meanwhile (that cancels them: it may come after the drop).
+Dropping the mark at the answer instead hung a mount: a direct READ into a MAP_SHARED mapping
+of the file, answered from the loop, blocked in the reply's write(2) on the folio lock that a
+concurrent O_DIRECT open's drop held while it waited for its launder WRITE, which the blocked
+loop never read (tests/test_dio_kernel_cache.py::test_direct_open_while_reading_into_mapping).
+Only direct writes of an inode in the set are watched.
 
 Which pages: only those a buffered answer may have filled with bytes older than the write.
 The kernel drops the write's range before it queues the WRITE, so a stale page comes from a
@@ -79,6 +88,7 @@ POSTS_KEPT = 16  # landed direct writes remembered per inode
 class KernelCache:
     def __init__(self) -> None:
         self._may_cache: set[int] = set()
+        self._dropping: dict[int, set[int]] = {}  # ino -> fhs whose open's drop may be running
         # ino -> sorted, disjoint [first_page, end_page, generation] still to drop
         self._pending: dict[int, list[list[int]]] = {}
         self._generation = 0  # direct writes landed so far (the loop's alone, like the rest)
@@ -96,9 +106,24 @@ class KernelCache:
     # ---------------------------------------------------------------- what may be cached
     def note_buffered(self, ino: int) -> None:
         self._may_cache.add(ino)
+        self._dropping.pop(ino, None)
 
-    def dropped_by_open(self, ino: int) -> None:
-        self._may_cache.discard(ino)
+    def dropped_by_open(self, ino: int, fh: int) -> None:
+        """An open of `ino` as `fh` is answered without keep_cache: a whole-file drop follows."""
+        if ino in self._may_cache and not bugs.enabled(Bug.OPEN_DROP_AT_ANSWER):
+            self._dropping.setdefault(ino, set()).add(fh)
+        else:
+            self._may_cache.discard(ino)
+
+    def fh_used(self, ino: int, fh: int) -> None:
+        """A request carrying `fh` arrived: its open has returned, its drop is done."""
+        fhs = self._dropping.get(ino)
+        if fhs is None or fh not in fhs:
+            return
+        fhs.discard(fh)
+        if not fhs:
+            del self._dropping[ino]
+            self._may_cache.discard(ino)
 
     def may_cache(self, ino: int) -> bool:
         return ino in self._may_cache
@@ -109,6 +134,7 @@ class KernelCache:
     def forget(self, ino: int) -> None:
         """The inode is gone: the kernel forgot it too (nothing left to invalidate)."""
         self._may_cache.discard(ino)
+        self._dropping.pop(ino, None)
         self._posts.pop(ino, None)
         with self._cond:
             self._pending.pop(ino, None)

@@ -285,12 +285,13 @@ class Operations(pyfuse3.Operations):
         # fails with ENODEV (fuse-facts 6a), and the kernel's O_DIRECT path reaches us anyway.
         # keep_cache: diofs is the only writer of its image and invalidates what it changes.
         # Except for an O_DIRECT open: without keep_cache the kernel drops the file's whole
-        # cache in the opener's context, after this reply and before open() returns, holding
-        # nothing of ours; any page cached later comes with a READ or WRITE that marks the
-        # inode again. So a file opened for direct I/O skips the kernel-range invalidation
-        # after each direct write (dio.py step 10) until a buffered request arrives.
+        # cache in the opener's context, after this reply and before open() returns; any page
+        # cached later comes with a READ or WRITE that marks the inode again. So a file opened
+        # for direct I/O skips the kernel-range invalidation after each direct write (dio.py
+        # step 10) until a buffered request arrives, once that drop is known to be done
+        # (kernel_cache.py "Which inodes": the first request with this fh, `_handle`).
         if h.flags & os.O_DIRECT:
-            self.buffered.kernel.dropped_by_open(h.inode.ino)
+            self.buffered.kernel.dropped_by_open(h.inode.ino, h.fh)
             return pyfuse3.FileInfo(fh=h.fh, keep_cache=False, direct_io=False)
         return pyfuse3.FileInfo(fh=h.fh, keep_cache=True, direct_io=False)
 
@@ -319,11 +320,17 @@ class Operations(pyfuse3.Operations):
         h = self.handles.open(node, flags, 0)
         return self._file_info(h), self._entry(node)
 
+    def _handle(self, fh: int) -> Handle:
+        """The open file `fh` of a request: the open that made it has returned."""
+        h = self.handles.get(fh)
+        self.buffered.kernel.fh_used(h.inode.ino, fh)
+        return h
+
     @_boundary
     async def read(self, fh: int, off: int, size: int) -> Any:
         if fh >= STATS_INO:
             return self.stats_reads[fh][off : off + size]
-        h = self.handles.get(fh)
+        h = self._handle(fh)
         req = request.current()
         if req.flags & os.O_DIRECT:  # the request's flags, not the handle's (fuse-facts 1c)
             return await self.direct.read(h, off, size, req)
@@ -332,7 +339,7 @@ class Operations(pyfuse3.Operations):
     @_boundary
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         self._check_writable()
-        h = self.handles.get(fh)
+        h = self._handle(fh)
         req = request.current()
         # The request's flags are the whole truth (fcntl may have cleared O_APPEND/O_DIRECT
         # since open, fuse-facts 1c). tid 0 is the kernel writing back its own page cache
@@ -351,7 +358,7 @@ class Operations(pyfuse3.Operations):
     @_boundary
     async def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
         self._check_writable()
-        h = self.handles.get(fh)
+        h = self._handle(fh)
         if offset < 0 or length <= 0:
             raise FsError(errno.EINVAL)
         if mode & ~(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE):
@@ -367,13 +374,14 @@ class Operations(pyfuse3.Operations):
 
     @_boundary
     async def flush(self, fh: int) -> None:
-        return None
+        if fh < STATS_INO:
+            self._handle(fh)  # close(2) of this fd: its open has long returned
 
     @_boundary
     async def fsync(self, fh: int, datasync: bool) -> None:
         if fh >= STATS_INO:
             return
-        h = self.handles.get(fh)
+        h = self._handle(fh)
         with contextlib.suppress(OSError):  # recorded (errseq) by the writeback; reported below
             await self.buffered.writeback.writeback_inode(h.inode.ino)
         await self.durability.make_durable(metadata=not datasync)
@@ -385,6 +393,7 @@ class Operations(pyfuse3.Operations):
             self.stats_reads.pop(fh, None)
             return
         h = self.handles.close(fh)
+        self.buffered.kernel.fh_used(h.inode.ino, fh)
         self._maybe_free(h.inode)
 
     # ------------------------------------------------------------------ misc

@@ -23,10 +23,17 @@ import os
 import shutil
 import struct
 import subprocess
+import threading
 
 import pytest
 
-from tests.mounting import Mount, MountFactory, run_in_child, wait_kernel_invalidations
+from tests.mounting import (
+    Mount,
+    MountFactory,
+    assert_rescued_cleanly,
+    run_in_child,
+    wait_kernel_invalidations,
+)
 
 pytestmark = pytest.mark.deadline(60)
 
@@ -350,3 +357,75 @@ def test_direct_read_into_own_mapping_keeps_its_bytes(
     else:
         assert lost == 0, f"{lost} of 1500 direct reads into the mapping lost"
         assert m.stats().get("kernel.invalidations_posted", 0) == 0
+
+
+OPEN_RACE_ROUNDS = 1500
+OPEN_RACE_TIMEOUT_S = 20.0  # the good run takes about 2 s; with the bug it hangs at once
+
+
+def direct_reads_into_mapping_vs_direct_opens(path: str, rounds: int) -> tuple[int, int]:
+    """Child: one thread `rounds` times writes page 2 directly and reads it back with
+    O_DIRECT into a MAP_SHARED mapping of page 0 (which each read's completion dirties),
+    while another thread opens and closes the file with O_DIRECT in a loop. Returns
+    (reads, opens) done."""
+    fd = os.open(path, os.O_RDWR | os.O_DIRECT)
+    mfd = os.open(path, os.O_RDWR)
+    m = mmap.mmap(mfd, 3 * PAGE)
+    stop = threading.Event()
+    opens = 0
+
+    def opener() -> None:
+        nonlocal opens
+        while not stop.is_set():
+            direct_open_close(path)
+            opens += 1
+
+    t = threading.Thread(target=opener)
+    t.start()
+    try:
+        with mmap.mmap(-1, PAGE) as buf:
+            for i in range(rounds):
+                buf[:8] = i.to_bytes(8, "little")
+                os.pwritev(fd, [buf], 2 * PAGE)
+                with memoryview(m)[:PAGE] as dest:
+                    assert os.preadv(fd, [dest], 2 * PAGE) == PAGE
+    finally:
+        stop.set()
+        t.join()
+        m.close()
+        os.close(mfd)
+        os.close(fd)
+    return rounds, opens
+
+
+@pytest.mark.parametrize("bug_on", [False, True], ids=["default", "open-drop-at-answer"])
+def test_direct_open_while_reading_into_mapping(mount_factory: MountFactory, bug_on: bool) -> None:
+    """An O_DIRECT open answered without keep_cache makes the kernel drop the whole file
+    after our answer (fuse_open -> invalidate_inode_pages2), laundering the mapped page a
+    direct read's completion dirtied: it holds that folio's lock while it waits for the
+    launder WRITE. If the open's answer already cleared the inode's may-cache mark, the next
+    direct READ of the mapping is answered from the loop, whose write(2) of the reply sleeps
+    on that folio lock (folio_mark_dirty_lock): the loop never reads the WRITE, and the mount
+    hangs (measured: before the first of 3000 rounds completed; in the first soak, 2 hours
+    until the fusectl abort). diofs keeps the mark until a request with the new fh proves
+    the open returned (kernel_cache.py "Which inodes"). (Most reads' bytes are lost here: the
+    drop takes the pinned page out of the cache, docs/concurrency.md race 19; not asserted.)"""
+    m = mount_factory(size="16M", bugs=["open-drop-at-answer"] if bug_on else [])
+    path = m.path("f")
+    with open(path, "wb") as f:
+        f.write(os.urandom(3 * PAGE))
+    if not bug_on:
+        reads, opens = run_in_child(direct_reads_into_mapping_vs_direct_opens, path,
+                                    OPEN_RACE_ROUNDS, timeout=OPEN_RACE_TIMEOUT_S, mounts=[m])
+        assert reads == OPEN_RACE_ROUNDS and opens > 0, (reads, opens)
+        assert m.stats().get("dio.thread_replies", 0) > 0
+        return
+    m.expect_rescue()
+    daemon_pid = m.daemon.pid if m.daemon else None
+    result = m.run(direct_reads_into_mapping_vs_direct_opens, path, OPEN_RACE_ROUNDS,
+                   timeout=OPEN_RACE_TIMEOUT_S)
+    assert result.timed_out, "no hang although the O_DIRECT open's answer clears the mark"
+    report = result.report
+    assert "folio_mark_dirty_lock" in report and "fuse_launder_folio" in report, report
+    assert "fuse_open" in report, report  # the opener's drop holds the folio lock
+    assert_rescued_cleanly(m, result, daemon_pid)
