@@ -13,10 +13,9 @@ aborts the FUSE connection; nothing stays mounted or stuck.
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
-from demolib import leftovers, report_hang
+from demolib import hang_runs
 
 
 BUG = "inval-before-reply"
@@ -31,34 +30,14 @@ WANT = b"\x58" * 2048 + b"\x59" * 3072
 
 
 def run(factory: Any, bug_on: bool) -> dict[str, Any]:
-    hung = completed = right_bytes = aborted = left_mounted = d_state_left = 0
-    for i in range(RUNS):
-        m = factory(size="16M", bugs=(BUG,) if bug_on else ())
-        daemon_pid = m.daemon.pid if m.daemon else None
-        m.expect_rescue()  # the runs that hang are rescued by the watchdog
-        path = m.path(f"f{i}")
-        argv = ["xfs_io", "-f", *(a for c in COMMANDS for a in ("-c", c)), path]
-        t0 = time.monotonic()
-        result = m.run(argv, timeout=HANG_TIMEOUT_S)
-        if result.timed_out:
-            hung += 1
-            aborted += f"abort conn {m.conn_id}: done" in result.report
-            report_hang(BUG if bug_on else "protection on", time.monotonic() - t0,
-                        result.report, daemon_pid, frames=5)
-        elif result.returncode == 0:
-            completed += 1
-            with open(path, "rb") as f:
-                right_bytes += f.read() == WANT
-            m.unmount()
-        mounted, stuck = leftovers(m, result, daemon_pid)
-        left_mounted += mounted
-        d_state_left += stuck
-    return {
-        "runs": RUNS,
-        "completed": completed,
-        "right_bytes": right_bytes,
-        "hung_runs": hung,
-        "connections_aborted": aborted,
-        "left_mounted": left_mounted,
-        "d_state_left": d_state_left,
-    }
+    paths: list[str] = []
+
+    def start(m: Any, i: int) -> tuple[list[str], tuple[()]]:
+        paths.append(m.path(f"f{i}"))
+        return ["xfs_io", "-f", *(a for c in COMMANDS for a in ("-c", c)), paths[-1]], ()
+
+    def done(m: Any, result: Any) -> dict[str, int]:
+        with open(paths[-1], "rb") as f:
+            return {"right_bytes": int(f.read() == WANT)}
+
+    return hang_runs(factory, BUG, bug_on, RUNS, HANG_TIMEOUT_S, start, done)

@@ -19,10 +19,9 @@ tasks' kernel stacks and aborts the FUSE connection, and nothing stays mounted o
 from __future__ import annotations
 
 import os
-import time
 from typing import Any
 
-from demolib import leftovers, report_hang
+from demolib import hang_runs
 
 from tests.test_dio_kernel_cache import PAGE, direct_reads_into_mapping_vs_direct_opens
 
@@ -35,41 +34,15 @@ HANG_TIMEOUT_S = 10.0  # with the bug it hangs before the first round completes
 
 
 def run(factory: Any, bug_on: bool) -> dict[str, Any]:
-    hung = completed = aborted = left_mounted = d_state_left = 0
-    reads = opens = thread_replies = 0
-    for _ in range(RUNS):
-        m = factory(size="16M", bugs=(BUG,) if bug_on else ())
+    def start(m: Any, i: int) -> tuple[Any, tuple[Any, ...]]:
         path = m.path("f")
         with open(path, "wb") as f:
             f.write(os.urandom(3 * PAGE))
-        daemon_pid = m.daemon.pid if m.daemon else None
-        m.expect_rescue()  # the runs that hang are rescued by the watchdog
-        t0 = time.monotonic()
-        result = m.run(direct_reads_into_mapping_vs_direct_opens, path, ROUNDS,
-                       timeout=HANG_TIMEOUT_S)
-        label = BUG if bug_on else "protection on"
-        if result.timed_out:
-            hung += 1
-            aborted += f"abort conn {m.conn_id}: done" in result.report
-            report_hang(label, time.monotonic() - t0, result.report, daemon_pid, frames=5)
-        elif result.returncode == 0:
-            completed += 1
-            n_reads, n_opens = result.value
-            reads += n_reads
-            opens += n_opens
-            thread_replies += int(m.stats().get("dio.thread_replies", 0))
-            m.unmount()
-        mounted, stuck = leftovers(m, result, daemon_pid)
-        left_mounted += mounted
-        d_state_left += stuck
-    return {
-        "runs": RUNS,
-        "completed": completed,
-        "direct_reads_into_mapping": reads,
-        "direct_opens": opens,
-        "thread_replies": thread_replies,
-        "hung_runs": hung,
-        "connections_aborted": aborted,
-        "left_mounted": left_mounted,
-        "d_state_left": d_state_left,
-    }
+        return direct_reads_into_mapping_vs_direct_opens, (path, ROUNDS)
+
+    def done(m: Any, result: Any) -> dict[str, int]:
+        reads, opens = result.value
+        return {"direct_reads_into_mapping": reads, "direct_opens": opens,
+                "thread_replies": int(m.stats().get("dio.thread_replies", 0))}
+
+    return hang_runs(factory, BUG, bug_on, RUNS, HANG_TIMEOUT_S, start, done)

@@ -22,6 +22,7 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
@@ -66,6 +67,42 @@ def leftovers(m: Any, result: Any, daemon_pid: int | None) -> tuple[int, int]:
         m.unmount()
     stuck = sum(1 for t in watchdog.stuck_tasks() if t.pid in (result.pid, daemon_pid))
     return int(watchdog.is_mounted(m.mnt)), stuck
+
+
+def hang_runs(
+    factory: Any, bug: str, bug_on: bool, runs: int, timeout: float,
+    start: Callable[[Any, int], tuple[Any, tuple[Any, ...]]],
+    done: Callable[[Any, Any], dict[str, int]],
+) -> dict[str, Any]:
+    """The shape of a demo whose bug is a hang: `runs` fresh mounts; on each, `start(m, i)`
+    gives the workload (an argv or a callable, and its args) run with a `timeout` deadline.
+    A run that completes adds `done(m, result)`'s counts; a hung one prints its stuck tasks.
+    Returns the run counts, the summed counts, and what each run left behind."""
+    out: dict[str, Any] = {"runs": runs, "completed": 0}
+    hung = aborted = left_mounted = d_state_left = 0
+    for i in range(runs):
+        m = factory(size="16M", bugs=(bug,) if bug_on else ())
+        daemon_pid = m.daemon.pid if m.daemon else None
+        m.expect_rescue()  # the runs that hang are rescued by the watchdog
+        target, args = start(m, i)
+        t0 = time.monotonic()
+        result = m.run(target, *args, timeout=timeout)
+        if result.timed_out:
+            hung += 1
+            aborted += f"abort conn {m.conn_id}: done" in result.report
+            report_hang(bug if bug_on else "protection on", time.monotonic() - t0,
+                        result.report, daemon_pid, frames=5)
+        elif result.returncode == 0:
+            out["completed"] += 1
+            for k, v in done(m, result).items():
+                out[k] = out.get(k, 0) + v
+            m.unmount()
+        mounted, stuck = leftovers(m, result, daemon_pid)
+        left_mounted += mounted
+        d_state_left += stuck
+    out.update(hung_runs=hung, connections_aborted=aborted, left_mounted=left_mounted,
+               d_state_left=d_state_left)
+    return out
 
 
 def run_side(demo: ModuleType, bug_on: bool) -> dict[str, Any]:

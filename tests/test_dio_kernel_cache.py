@@ -373,12 +373,16 @@ def direct_reads_into_mapping_vs_direct_opens(path: str, rounds: int) -> tuple[i
     m = mmap.mmap(mfd, 3 * PAGE)
     stop = threading.Event()
     opens = 0
+    failed: list[OSError] = []  # raised by the reader once it is done (after an abort: never)
 
     def opener() -> None:
         nonlocal opens
-        while not stop.is_set():
-            direct_open_close(path)
-            opens += 1
+        try:
+            while not stop.is_set():
+                direct_open_close(path)
+                opens += 1
+        except OSError as exc:
+            failed.append(exc)
 
     t = threading.Thread(target=opener)
     t.start()
@@ -395,6 +399,8 @@ def direct_reads_into_mapping_vs_direct_opens(path: str, rounds: int) -> tuple[i
         m.close()
         os.close(mfd)
         os.close(fd)
+    if failed:
+        raise failed[0]
     return rounds, opens
 
 
