@@ -491,6 +491,11 @@ def xfs_io_argv(path: str, commands: list[str]) -> list[str]:
     return [*argv, path]
 
 
+def truncate_image_size(reps: int) -> str:
+    """An image for `reps` sets of TRUNCATE_CASES kept side by side (about 15 MiB a set)."""
+    return f"{64 + 20 * (reps - 1)}M"
+
+
 def run_truncate_cases(m: Mount, tag: str = "") -> None:
     for name, commands, size, layout in TRUNCATE_CASES:
         result = m.run(xfs_io_argv(m.path(f"{name}{tag}"), commands), timeout=DEADLINE_S)
@@ -511,7 +516,7 @@ def check_truncate_cases_after_remount(m: Mount, tag: str = "") -> None:
 @pytest.mark.parametrize("bug_on", [False, True], ids=["default", "inval-before-reply"])
 def test_truncate_mmap_dirty(factory: MountFactory, reps: int, bug_on: bool) -> None:
     if not bug_on:
-        m = factory(size="64M")
+        m = factory(size=truncate_image_size(reps))
         for i in range(reps):
             run_truncate_cases(m, f".{i}")
         for i in range(reps):
@@ -645,7 +650,7 @@ def test_fsx_mapped_writes_through_direct_fd(factory: MountFactory, reps: int,
                     reason="fio or xfs_io is not installed")
 def test_all_workloads_one_mount(factory: MountFactory, reps: int, tmp_path: Path,
                                  aio_fcntl_prog: str) -> None:
-    m = factory(size="64M")
+    m = factory(size=truncate_image_size(reps))
     for i in range(reps):
         t0 = time.monotonic()
         argv, out = fio_argv(m, tmp_path / f"fio{i}", loops=1)

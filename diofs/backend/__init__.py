@@ -1,8 +1,10 @@
 """The Backend protocol and `open_backend`: where every byte of the image is read and written.
 
 A backend is a synchronous object over one image (a regular file or a block device). The daemon
-calls it from worker threads (`trio.to_thread.run_sync`), so every backend must accept concurrent
-`read` / `readinto` / `write` / `flush` calls from several threads. `close()` must not race with
+calls it inline on the trio thread for transfers up to 1 MiB and from worker threads
+(`trio.to_thread.run_sync`, at most 4) for larger ones and for every flush (fs.Filesystem._io),
+so every backend must accept concurrent `read` / `readinto` / `write` / `flush` calls from
+several threads. `close()` must not race with
 anything: the caller closes only once all I/O has returned.
 
 Kinds (mount option `backend=`):

@@ -100,7 +100,11 @@ diofs/kernel_cache.py, which no answer waits for. So each wait below ends:
      write waits on a folio lock whose holder may wait for a launder WRITE of ours. Such
      replies are written from a worker thread (dio.Direct.read, ReplyFromThread), so the loop
      and the other pyfuse3 workers keep reading and answering; holds while fewer than
-     max_tasks (64) replies are blocked at once.
+     max_tasks (64) replies are blocked at once. The folio lock holders: a direct write's
+     invalidate_inode_pages2_range, our invalidator, and the whole-file drop that follows
+     our answer to an OPEN without keep_cache, which runs after that answer: an O_DIRECT
+     open counts as having dropped the file's pages only once a request with its fh arrives
+     (kernel_cache.KernelCache.fh_used; measured hang otherwise, `--bug open-drop-at-answer`).
   K8 the invalidator itself waits on K1-K4, and only it does; at unmount the daemon gives it
      5 s (kernel_cache.KernelCache.stop), by which time the kernel has answered everything.
 Switched off by `--bug inval-before-reply` (answers of direct writes, truncate and fallocate

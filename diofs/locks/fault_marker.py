@@ -41,8 +41,9 @@ Invariants and rules:
         submitter reading the file while its write is in flight) only costs an uncached read;
         a false negative is the deadlock this marker exists to prevent.
 
-The `--bug no-fault-marker` switch lives here: `faults_disabled()` answers False, so the
-writer's own faults wait for the lock its own direct write holds.
+The `--bug no-fault-marker` switch lives at the one place that sets the marker
+(dio.Direct._write_locked): unmarked, the writer's own faults wait for the lock its own direct
+write holds.
 """
 
 from __future__ import annotations

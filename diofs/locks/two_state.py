@@ -53,7 +53,7 @@ Stats (diofs.stats): `locks.add_waits` / `locks.block_waits` (acquisitions that 
 gauges `locks.waiters_now` (tasks waiting on any lock) and `locks.contended_now` (locks with at
 least one waiter).
 
-Not here: the `--bug no-pagecache-lock` switch. The fill path (diofs.cache) decides whether to
+Not here: the `--bug no-pagecache-lock` switch. The fill path (diofs/buffered.py, Buffered) decides whether to
 take the ADD state at all; the lock itself always works.
 """
 
