@@ -53,8 +53,8 @@ Stats (diofs.stats): `locks.add_waits` / `locks.block_waits` (acquisitions that 
 gauges `locks.waiters_now` (tasks waiting on any lock) and `locks.contended_now` (locks with at
 least one waiter).
 
-Not here: the `--bug no-pagecache-lock` switch. The fill path (diofs/buffered.py, Buffered) decides whether to
-take the ADD state at all; the lock itself always works.
+Not here: the `--bug no-pagecache-lock` switch. The fill path (diofs/buffered.py) decides
+whether to take the ADD state at all; the lock itself always works.
 """
 
 from __future__ import annotations
