@@ -18,6 +18,7 @@ other, so either the fill finishes (and is shot down) or starts after the write.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import time
@@ -201,7 +202,7 @@ class Buffered:
         for idx in range(off // ps, (end - 1) // ps + 1):
             s, e = max(off, idx * ps), min(end, (idx + 1) * ps)
             try:  # ENOSPC here, at write(), not at writeback
-                await self.fs.retry_on_enospc(lambda i=idx: self.fs.reserve(inode, i))
+                await self.fs.retry_on_enospc(functools.partial(self.fs.reserve, inode, idx))
             except FsError:
                 if s == off:
                     raise

@@ -142,9 +142,9 @@ class Coalescer:
                     del self._errors[old]
                 event, self._finished = self._finished, trio.Event()
                 event.set()
-        exc = self._errors.get(target)
-        if exc is not None:
-            raise exc
+        error = self._errors.get(target)
+        if error is not None:
+            raise error
 
 
 @dataclass(slots=True)

@@ -18,14 +18,14 @@ import logging
 import os
 import stat as S
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import pyfuse3
 
 from diofs import bugs, hang_detector, request, stats
-from diofs.bugs import Bug
 from diofs.buffered import Buffered
+from diofs.bugs import Bug
 from diofs.dio import Direct
 from diofs.durability import Durability
 from diofs.errors import FsError
@@ -71,7 +71,7 @@ def _boundary(fn: F) -> F:
         except pyfuse3.FUSEError:
             raise
         except FsError as exc:
-            raise pyfuse3.FUSEError(exc.errno) from None
+            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
         except OSError as exc:
             if exc.errno is None:
                 raise pyfuse3.FUSEError(errno.EIO) from None
@@ -150,7 +150,7 @@ class Operations(pyfuse3.Operations):
         return a
 
     @_boundary
-    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
+    async def forget(self, inode_list: Sequence[tuple[pyfuse3.InodeT, int]]) -> None:
         for ino, nlookup in inode_list:
             inode = self.fs.inodes.get(ino)
             if inode is not None:
@@ -345,10 +345,8 @@ class Operations(pyfuse3.Operations):
         # since open, fuse-facts 1c). tid 0 is the kernel writing back its own page cache
         # (mmap, writeback, launder; flags 0): buffered whatever the handle, even one opened
         # with O_DIRECT, whose writeback of a partial last page is not block-aligned.
-        if req.tid or not bugs.enabled(Bug.WRITEBACK_AS_DIRECT):
-            flags = req.flags
-        else:
-            flags = h.flags
+        by_handle = not req.tid and bugs.enabled(Bug.WRITEBACK_AS_DIRECT)
+        flags = h.flags if by_handle else req.flags
         path = self.direct if flags & os.O_DIRECT else self.buffered
         if not flags & os.O_DSYNC:
             return await path.write(h, off, buf, req, flags)

@@ -24,7 +24,8 @@ def read_stats(mountpoint: str | os.PathLike[str]) -> dict[str, float]:
         raise DiofsError(f"{mountpoint} is not a mounted diofs filesystem") from None
     except OSError as exc:
         raise DiofsError(f"cannot read stats of {mountpoint}: {exc.strerror}") from None
-    return json.loads(raw)
+    counters: dict[str, float] = json.loads(raw)
+    return counters
 
 
 def stats_main(argv: list[str]) -> int:
