@@ -37,11 +37,11 @@ demo delay -- a block-aligned overwrite of written blocks inside i_size runs ste
 synchronous image write (fs.overwrite_inline). No await happens between the check and the
 end of the write, so no other request runs in between (trio): taking and dropping the locks
 around it would change nothing, and steps 4, 5 and 7 would find no pages. Steps 1, 10 and 11
-stay. Counted as dio.fast_writes. Measured (fio 4 KiB randwrite over a laid-out file): psync
-11.1k -> 14.1k IOPS, libaio QD16 16.8k -> 20.8k IOPS. A lone O_DSYNC write on the fast path
-(durability.lone_sync_write: no other sync write in the daemon, metadata committed) is written
-with RWF_DSYNC, a flush of its own range, instead of step 11's group flush of the whole image
-in a worker thread (seed 001: still durable before the reply).
+stay. Counted as dio.fast_writes (its gain: the fast-path row of docs/bench.md's table of
+changes). A lone O_DSYNC write on the fast path (durability.lone_sync_write: no other sync
+write in the daemon, metadata committed) is written with RWF_DSYNC, a flush of its own range,
+instead of step 11's group flush of the whole image in a worker thread (seed 001: still
+durable before the reply).
 
 Direct read: alignment, rwsem shared, write back and wait for dirty pages of the range, read.
 """

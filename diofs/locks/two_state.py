@@ -78,7 +78,7 @@ class State(enum.Enum):
     BLOCK = "block"
 
     # Members are singletons: identity hashing (a C slot) instead of Enum's Python-level
-    # hash(name), which was 16 calls per direct write on the hot path.
+    # hash(name), a Python call per dict lookup on the direct-write hot path.
     __hash__ = object.__hash__
 
 
