@@ -26,6 +26,9 @@ class Bug(enum.Enum):
     # an O_DIRECT open unmarks its inode when answered, before the kernel's whole-file drop
     # ran: a direct READ into a mapping, answered from the loop, hangs against that drop
     OPEN_DROP_AT_ANSWER = "open-drop-at-answer"
+    # the mount uses a commit whose checksums match without checking it (format/verify.py): a
+    # crafted extent on the superblock reads it back, and a write there destroys the image
+    TRUST_CHECKSUMS = "trust-checksums"
 
     __hash__ = object.__hash__  # members are singletons; asked on every request (hot path)
 

@@ -34,7 +34,7 @@ from diofs import bugs, stats
 from diofs.backend import Backend
 from diofs.bugs import Bug
 from diofs.errors import FsError
-from diofs.format import image, metadata
+from diofs.format import image, metadata, verify
 from diofs.format.extents import Segment
 from diofs.format.layout import Superblock
 from diofs.format.metadata import Inode
@@ -85,7 +85,10 @@ class Filesystem:
     # ------------------------------------------------------------------ loading, commits
     @classmethod
     def load(cls, backend: Backend) -> Filesystem:
-        fs = cls(backend, image.load(backend))
+        loaded = image.load(backend)
+        if not bugs.enabled(Bug.TRUST_CHECKSUMS):
+            verify.check(loaded.md, loaded.sb)  # before anything uses it; ImageCorrupt, exit 3
+        fs = cls(backend, loaded)
         for ino in [i for i, n in fs.inodes.items() if n.nlink == 0]:
             fs.free_inode(fs.inodes[ino])  # orphans of a crash (unlinked while open)
         return fs

@@ -10,8 +10,9 @@ be seconds old, and a repair would be overwritten by, or corrupt, the daemon's n
 on a locked image. A check holds the lock shared (checks may run side by side, a mount waits),
 a repair exclusively.
 
-Checks: superblock and commit checksums (diofs.format.layout), the metadata blob, every
-directory entry points at an inode, link counts match the entries, every inode is reachable
+Checks: superblock and commit checksums (diofs.format.layout), the metadata blob, the checks
+a mount makes before it uses a commit (diofs.format.verify: file types, sizes, entry names),
+every directory entry points at an inode, link counts match the entries, every inode is reachable
 from the root (except orphans: nlink 0 and no entry, freed at the next mount), extents lie in
 the data area, do not overlap (within or across files), blocks past EOF are only unwritten
 (SPEC 5: a block turns written together with the i_size that covers it), and the bitmap marks
@@ -28,29 +29,28 @@ from diofs import image_lock
 from diofs.backend import open_backend
 from diofs.cli.common import ArgumentParser, run_main
 from diofs.errors import EXIT_DAMAGED
-from diofs.format import image, metadata
+from diofs.format import image, metadata, verify
 from diofs.format.image import ROOT_INO
 
 
 def check(loaded: image.Loaded, *, repair: bool) -> list[str]:
     sb, md = loaded.sb, loaded.md
-    problems: list[str] = []
     inodes = md.inodes
+    problems = verify.inode_problems(md)
     if ROOT_INO not in inodes or not S.S_ISDIR(inodes[ROOT_INO].mode):
-        return ["root directory is missing"]
+        return problems
+    for dir_ino, name, ino in list(verify.dangling_entries(md)):
+        problems.append(f"directory {dir_ino}: entry {name!r} points at missing inode {ino}")
+        if repair:
+            (inodes[dir_ino].entries or {}).pop(name)
+            inodes[dir_ino].record = None
     refs: Counter[int] = Counter()
     subdirs: Counter[int] = Counter()
     for d in inodes.values():
-        if d.entries is None:
-            continue
-        for name, ino in list(d.entries.items()):
+        for ino in (d.entries or {}).values():
             child = inodes.get(ino)
             if child is None:
-                problems.append(f"directory {d.ino}: entry {name!r} points at missing inode {ino}")
-                if repair:
-                    del d.entries[name]
-                    d.record = None
-                continue
+                continue  # dangling, reported above
             refs[ino] += 1
             if child.is_dir:
                 subdirs[d.ino] += 1
@@ -82,27 +82,13 @@ def check(loaded: image.Loaded, *, repair: bool) -> list[str]:
                 inode.record = None
     for inode in inodes.values():
         problems += _check_written_within_size(inode, sb.block_size, repair=repair)
-    owner: dict[int, int] = {}
+    problems += verify.extent_problems(md, sb)
     used = bytearray(sb.total_blocks)
     used[: sb.data_start] = b"\x01" * sb.data_start
     for inode in inodes.values():
-        prev_end = 0
         for e in inode.extents:
-            if e.count <= 0 or e.start < prev_end:
-                problems.append(f"inode {inode.ino}: extents overlap or are empty at {e.start}")
-            prev_end = e.start + e.count
-            if e.phys < sb.data_start or e.phys + e.count > sb.total_blocks:
-                problems.append(
-                    f"inode {inode.ino}: extent at file block {e.start} points outside the "
-                    f"data area ({e.phys}+{e.count})"
-                )
-                continue
-            for b in range(e.phys, e.phys + e.count):
-                if b in owner:
-                    problems.append(f"block {b} is used by inodes {owner[b]} and {inode.ino}")
-                    break
-                owner[b] = inode.ino
-            used[e.phys : e.phys + e.count] = b"\x01" * e.count
+            if sb.data_start <= e.phys and e.phys + e.count <= sb.total_blocks:
+                used[e.phys : e.phys + e.count] = b"\x01" * e.count
     if used != md.bitmap:
         leaked = sum(1 for a, b in zip(md.bitmap, used, strict=True) if a and not b)
         missing = sum(1 for a, b in zip(md.bitmap, used, strict=True) if b and not a)
