@@ -90,7 +90,8 @@ class Buffered:
             pages = [self.cache.peek(inode.ino, i) for i in range(first, last + 1)]
             if None in pages:  # evicted again under memory pressure: read around the cache
                 return await self._read_faults_disabled(inode, off, end, size)
-        # cached pages hold every direct write posted so far (dio.py steps 5-7, then 10)
+        # cached pages hold every direct write posted so far (the direct write's shootdowns,
+        # then its landed-write hint)
         self._kernel_filled(inode.ino, off, off + size, self.kernel.generation())
         stats.add("cache.bytes_served", end - off)
         if len(pages) == 1:

@@ -1,47 +1,23 @@
 """Direct I/O and the other "block"-state operations: direct read/write, truncate, punch
 hole, zero range, preallocation (SPEC 3-5; seeds 002, 003, 004).
 
-Direct write, in order (each step says why it is where it is):
-  1. alignment check: offset and length multiples of the logical block size, else EINVAL
-     before anything changes (the kernel does not check for FUSE, fuse-facts row 5)
-  2. inode rwsem: shared for aligned writes inside i_size; exclusive for extending writes
-     (i_size then grows in order, seed 003) and for sub-block writes (they zero-fill whole new
-     blocks, which must not race another write to the same block)
-  3. pagecache BLOCK (owner = tid) and the fault marker for (tid, inode): from here on no fill
-     can insert pages of this inode, and this task's own faults bypass the lock (seed 004)
-  4. write back and wait for dirty cached pages of the range (they are older than our data)
-  5. shoot down cached pages of the range
-  6. write the data; fs.write_data converts unwritten extents and grows i_size only after it
-  7. shoot down again: (a) a page inserted before step 3 by a fill that raced step 5 cannot
-     exist, because fills hold ADD; (b) this drop is what still protects us with
-     --bug no-pagecache-lock, and only partly, which the demo shows
-  8. -o shootdown=locked: invalidate the kernel's cache while still holding BLOCK, as a kernel
-     filesystem does under its invalidate lock. This is the fuse-facts row 3 deadlock unless
-     the marker lets our own fault READs through; any *other* process faulting the file still
-     deadlocks it, which is why the default mode leaves the kernel alone: for direct I/O through
-     the mount the kernel drops its own pages (fuse-facts 7b)
-  9. release BLOCK and the rwsem
- 10. tell the kernel-cache tracker the write landed (kernel_cache.py, also after a failure):
-     it queues for the invalidator thread the pages of the range that a buffered answer may
-     have filled with older bytes while the write was on its way, and we answer without
-     waiting: the kernel drops its own pages after a *synchronous* direct write but not
-     after an asynchronous one (libaio / io_uring; fuse-facts-more row 11), and an answer
-     that waited for the invalidation could wait on folio locks, writeback or background
-     slots that the kernel holds until it gets one of our answers (the "Kernel waits" in
-     diofs/locks/__init__.py; measured hangs: fuse-facts row 10). Only those pages: a drop
-     of a page that a later direct READ has pinned loses that READ's bytes (race 19)
- 11. O_DSYNC/O_SYNC: flush (group commit) before the reply (seed 001)
+The order of a direct write's steps, numbered, and the races each one closes, are in
+docs/concurrency.md ("Direct write", "Races"); the why of each step is a comment at the call
+that does it (`write`, `_write_locked`). In short: check alignment; take the inode rwsem and
+pagecache BLOCK with this task's fault marker; write back older dirty pages of the range, shoot
+cached pages down, write the data (i_size after it), shoot down again; release; tell the
+kernel-cache tracker the write landed; O_DSYNC/O_SYNC flush; reply.
+
 Fast path (most direct writes of a direct-I/O workload): when nobody else touches the inode
 -- its rwsem and pagecache lock idle, no page of the range cached or under writeback, no --bug or
-demo delay -- a block-aligned overwrite of written blocks inside i_size runs steps 2-9 as one
-synchronous image write (fs.overwrite_inline). No await happens between the check and the
-end of the write, so no other request runs in between (trio): taking and dropping the locks
-around it would change nothing, and steps 4, 5 and 7 would find no pages. Steps 1, 10 and 11
-stay. Counted as dio.fast_writes (its gain: the fast-path row of docs/bench.md's table of
-changes). A lone O_DSYNC write on the fast path (durability.lone_sync_write: no other sync
-write in the daemon, metadata committed) is written with RWF_DSYNC, a flush of its own range,
-instead of step 11's group flush of the whole image in a worker thread (seed 001: still
-durable before the reply).
+demo delay -- a block-aligned overwrite of written blocks inside i_size is one synchronous image
+write (fs.overwrite_inline). No await happens between the check and the end of the write, so no
+other request runs in between (trio): taking and dropping the locks around it would change
+nothing, and the writeback and shootdowns would find no pages. Counted as dio.fast_writes (its
+gain: the fast-path row of docs/bench.md's table of changes). A lone O_DSYNC write on the fast
+path (durability.lone_sync_write: no other sync write in the daemon, metadata committed) is
+written with RWF_DSYNC, a flush of its own range, instead of the group flush of the whole image
+in a worker thread (seed 001: still durable before the reply).
 
 Direct read: alignment, rwsem shared, write back and wait for dirty pages of the range, read.
 """
@@ -104,6 +80,8 @@ class Direct:
         self._rwsems.pop(ino, None)
 
     def _check_alignment(self, off: int, size: int) -> None:
+        """EINVAL before anything changes: the kernel does not check O_DIRECT alignment for
+        FUSE (fuse-facts row 5), so only the daemon can (SPEC 3)."""
         if (off % self.dio_align or size % self.dio_align) and not bugs.enabled(
             Bug.NO_ALIGN_CHECK
         ):
@@ -166,7 +144,15 @@ class Direct:
             else:
                 durable = False
                 off, end = await self._write_locked(h, off, end, buf, req, exclusive, append)
-        finally:  # step 10 (also after a failure: part of the range may be written)
+        finally:
+            # Also after a failure: part of the range may be written. The tracker queues a
+            # drop of the kernel pages that a buffered answer may have filled with older
+            # bytes meanwhile, and we answer without waiting for it: the kernel drops its own
+            # pages after a synchronous direct write but not after an asynchronous one
+            # (fuse-facts-more row 11), and an answer that waited for an invalidation could
+            # wait on folio locks the kernel holds until it gets one of our answers
+            # (diofs/locks/__init__.py, "Kernel waits"). Only those pages: a drop of a page a
+            # later direct READ has pinned loses that READ's bytes (race 19).
             self.kernel.direct_write_landed(inode.ino, off, end, token)
         if self.kernel.may_cache(inode.ino) and not self.locked_shootdown:
             stats.add("dio.kernel_invalidations")
@@ -175,7 +161,7 @@ class Direct:
         stats.add("dio.bytes_written", len(buf))
         if durable:
             self.durability.durable_write_done()
-        elif sync:
+        elif sync:  # durable before the reply, by group commit (seed 001)
             await self.durability.sync_write(full_sync=full)
         return len(buf)
 
@@ -196,7 +182,8 @@ class Direct:
         self, h: Handle, off: int, end: int, buf: bytes, req: Request, exclusive: bool,
         append: bool,
     ) -> tuple[int, int]:
-        """Steps 2-9; returns the range written (O_APPEND: EOF as found under the rwsem)."""
+        """The locked steps; returns the range written (O_APPEND: EOF as found under the
+        rwsem)."""
         inode = h.inode
         tid = req.tid
         # --bug no-fault-marker: the one place; unmarked, own faults wait for our BLOCK
@@ -206,6 +193,9 @@ class Direct:
             else self.marker.marked(tid, inode.ino)
         )
         while True:
+            # Exclusive for writes that extend the file (i_size grows in order, seed 003) and
+            # for sub-block ones (they zero-fill new blocks, which must not race another
+            # write to the same block); shared for aligned overwrites inside i_size.
             async with self._rwsem(inode.ino, exclusive=exclusive):
                 if not exclusive and end > inode.size:
                     exclusive = True  # a truncate shrank the file while we waited: we extend
@@ -213,15 +203,25 @@ class Direct:
                 if append and off != inode.size:
                     off, end = inode.size, inode.size + len(buf)
                     self._check_alignment(off, len(buf))
+                # BLOCK: from here no fill can insert pages of this inode; the marker lets
+                # this task's own faults (its buffer mmap'ed from this file) through (seed 004)
                 async with h.lock(self.locks).block(tid):
                     with marker:
+                        # older dirty pages of the range reach the image before our data
                         await self.writeback.writeback_range(inode.ino, off, end)
                         self._shootdown(inode.ino, off, end)
                         if self.write_delay:
                             await trio.sleep(self.write_delay)
+                        # unwritten extents turn written, and i_size grows, after the data
                         await self.fs.write_data(inode, off, buf)
+                        # A fill that raced the first shootdown cannot have inserted a page
+                        # (fills hold ADD); this one is what still protects, partly, with
+                        # --bug no-pagecache-lock (race 2).
                         self._shootdown(inode.ino, off, end)
                         if self.locked_shootdown:
+                            # as a kernel filesystem does under its invalidate lock: the
+                            # fuse-facts row 3 deadlock for any other process faulting the
+                            # file, which is why the default leaves the kernel alone
                             await trio.to_thread.run_sync(pyfuse3.invalidate_inode, inode.ino)
                 return off, end
 

@@ -152,9 +152,9 @@ class KernelCache:
 
     def direct_write_landed(self, ino: int, start: int, end: int, token: int) -> None:
         """The write's bytes are in the image and the daemon cache holds no older page of
-        [start, end) (dio.py steps 5-7). Queue a drop of the kernel pages of the range that a
-        buffered answer filled with older bytes since the daemon was last idle before the
-        write arrived, and return at once. Safe from the trio loop: it takes a lock that
+        [start, end) (the direct write's shootdowns). Queue a drop of the kernel pages of the
+        range that a buffered answer filled with older bytes since the daemon was last idle
+        before the write arrived, and return at once. Safe from the trio loop: it takes a lock that
         nothing holds for long."""
         self._generation += 1
         if not self.may_cache(ino):  # nothing cached; a READ arriving later sees these bytes

@@ -287,9 +287,10 @@ class Operations(pyfuse3.Operations):
         # Except for an O_DIRECT open: without keep_cache the kernel drops the file's whole
         # cache in the opener's context, after this reply and before open() returns; any page
         # cached later comes with a READ or WRITE that marks the inode again. So a file opened
-        # for direct I/O skips the kernel-range invalidation after each direct write (dio.py
-        # step 10) until a buffered request arrives, once that drop is known to be done
-        # (kernel_cache.py "Which inodes": the first request with this fh, `_handle`).
+        # for direct I/O skips the kernel-range invalidation after each direct write (its
+        # landed-write hint, Direct.write) until a buffered request arrives, once that drop
+        # is known to be done (kernel_cache.py "Which inodes": the first request with this
+        # fh, `_handle`).
         if h.flags & os.O_DIRECT:
             self.buffered.kernel.dropped_by_open(h.inode.ino, h.fh)
             return pyfuse3.FileInfo(fh=h.fh, keep_cache=False, direct_io=False)

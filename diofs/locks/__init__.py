@@ -33,7 +33,8 @@ Lock ordering (outer first; each edge names where the nesting happens):
         ->inode metadata/extents
           ->image I/O           (fs.write_data)
     [after release: the kernel range is POSTED to the invalidator if the kernel may cache
-     the inode (dio.py step 10), never awaited; then the sync flush (durability.sync_write)]
+     the inode (Direct.write's landed-write hint), never awaited; then the sync flush
+     (durability.sync_write)]
 
   [truncate, punch hole, zero range, preallocate]
   inode RwSem exclusive         (dio.Direct._blocking)
