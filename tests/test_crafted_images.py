@@ -1,4 +1,5 @@
-"""Images whose checksums are valid but whose metadata lies (diofs/format/verify.py).
+"""Images whose checksums are valid but whose metadata lies (diofs/format/verify.py), and
+images whose metadata area is damaged.
 
 Each case writes a real image through a real mount, then rewrites its metadata as a new commit
 with valid checksums (a crafted image, or a bug in some other writer). The mount must refuse it
@@ -10,18 +11,27 @@ extent was moved onto the superblock reads the superblock back.
 from __future__ import annotations
 
 import hashlib
+import random
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from diofs import watchdog
+from diofs.backend import open_backend
 from diofs.errors import EXIT_CORRUPT, EXIT_DAMAGED
 from diofs.format import image as image_fmt
 from diofs.format import metadata
 from diofs.format.layout import MAGIC, Superblock
 from tests.crafting import file_inode, move_extent, rewrite_commit
-from tests.mounting import MountFactory, run_cli
-from tests.test_cli_errors import assert_one_line_error, try_mount
+from tests.mounting import MountFactory, run_cli, run_tool
+from tests.test_cli_errors import (
+    assert_one_line_error,
+    mount_cmd,
+    run,
+    try_mount,
+    unmount_unexpected,
+)
 
 DATA = b"d" * 8192
 
@@ -107,3 +117,61 @@ def test_trust_checksums_reads_the_superblock(
         head = f.read(len(MAGIC))
     m.unmount()
     assert head == MAGIC, head
+
+
+# --------------------------------------------------------------------------- damaged images
+
+
+def _damaged_variants(base: bytes, sb: Superblock, seed: int = 1203) -> dict[str, bytes]:
+    """Bit flips in the metadata area, zeroed metadata blocks, truncations."""
+    rng = random.Random(seed)
+    bs, meta_end = sb.block_size, sb.data_start * sb.block_size
+    out: dict[str, bytes] = {}
+    for i in range(8):
+        img = bytearray(base)
+        for _ in range(rng.randint(1, 8)):
+            bit = rng.randrange(meta_end * 8)
+            img[bit // 8] ^= 1 << (bit % 8)
+        out[f"flips-{i}"] = bytes(img)
+    regions = [sb.region_offset(0), sb.region_offset(1)]
+    for name, off in [("superblock", 0), ("slot-0", sb.slot_offset(0)),
+                      ("slot-1", sb.slot_offset(1)), ("region-0", regions[0]),
+                      ("region-1", regions[1])]:
+        img = bytearray(base)
+        start = off - off % bs
+        img[start : start + bs] = bytes(bs)
+        out[f"zeroed-{name}"] = bytes(img)
+    for size in (0, 100, bs, meta_end, len(base) - bs):
+        out[f"truncated-{size}"] = base[:size]
+    return out
+
+
+def test_damaged_images_give_one_line_or_mount(written_image: Path, tmp_path: Path) -> None:
+    """Bit flips, zeroed blocks and truncations of the metadata area: fsck.diofs reports
+    (exit 0, 3 or 4, never a traceback) and mount.diofs either mounts a valid older commit
+    or refuses with one line; nothing hangs (the test's deadline)."""
+    base = written_image.read_bytes()
+    backend = open_backend(str(written_image), writable=False)
+    try:
+        sb = image_fmt.load(backend).sb
+    finally:
+        backend.close()
+    mnt = tmp_path / "dmnt"
+    mnt.mkdir()
+    outcomes: dict[str, int] = {}
+    for name, raw in _damaged_variants(base, sb).items():
+        img = tmp_path / f"damaged-{name}"
+        img.write_bytes(raw)
+        fsck = run_tool("fsck.diofs", img)
+        assert fsck.returncode in (0, EXIT_CORRUPT, EXIT_DAMAGED), (name, fsck)
+        assert "Traceback" not in fsck.stdout + fsck.stderr, (name, fsck.stderr)
+        proc = run(mount_cmd(img, mnt))
+        if proc.returncode == 0:
+            assert watchdog.is_mounted(mnt), name
+            unmount_unexpected(mnt)
+        else:
+            assert_one_line_error(proc, "mount.diofs")
+        outcomes[name] = proc.returncode
+        img.unlink()
+    assert any(rc == 0 for rc in outcomes.values()), outcomes  # older commits do mount
+    assert any(rc == EXIT_CORRUPT for rc in outcomes.values()), outcomes
