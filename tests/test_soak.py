@@ -1550,10 +1550,13 @@ class PrivateWorker(Worker):
 
     def finish(self) -> None:
         self.op = "final checks"
+        # After a problem the files as they are become the model, as during the run: the
+        # remount check then asks only that the unmount kept what the mount last showed.
         try:
             self.fsx.check_all("final check")
         except FsxMismatch as exc:
             self._problem(exc)
+            self.fsx_resync()
         rw = self.region
         try:
             drop_kernel_cache(rw.fd)
@@ -1561,6 +1564,7 @@ class PrivateWorker(Worker):
                       rw.hi - rw.lo)
         except FsxMismatch as exc:
             self._problem(exc)
+            self.region_resync()
         self.fsx.close_all()
         os.close(rw.fd)
         os.close(rw.dfd)
