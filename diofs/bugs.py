@@ -26,6 +26,9 @@ class Bug(enum.Enum):
     # an O_DIRECT open unmarks its inode when answered, before the kernel's whole-file drop
     # ran: a direct READ into a mapping, answered from the loop, hangs against that drop
     OPEN_DROP_AT_ANSWER = "open-drop-at-answer"
+    # the INIT reply lacks FUSE_HANDLE_KILLPRIV_V2 (libfuse 3.14's own): with xattrs answered,
+    # the kernel sends GETXATTR(security.capability) before every WRITE
+    NO_KILLPRIV_V2 = "no-killpriv-v2"
 
     __hash__ = object.__hash__  # members are singletons; asked on every request (hot path)
 

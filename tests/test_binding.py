@@ -273,7 +273,7 @@ def _aligned(size: int, fill: bytes = b"\0") -> mmap.mmap:
 
 # --------------------------------------------------------------------------- part 1: API
 def test_binding_has_diofs_api() -> None:
-    assert pyfuse3.DIOFS_PATCH_VERSION == 3
+    assert pyfuse3.DIOFS_PATCH_VERSION == 4
     assert pyfuse3.request_context.get() == (0, 0)
     assert callable(pyfuse3.invalidate_inode_range)
     assert callable(pyfuse3.set_auto_inval_data)
