@@ -333,7 +333,9 @@ class Filesystem:
     # special files, trusted.* without CAP_SYS_ADMIN): repeated here so that the daemon's
     # answer never depends on it. Limits and the on-image encoding: diofs.format.xattrs.
     # Privilege is uid 0 (CAP_SYS_ADMIN is not visible to a FUSE daemon).
-    def _xattr_check(self, inode: Inode, name: bytes, uid: int, *, write: bool) -> None:
+    def _xattr_check(
+        self, inode: Inode, name: bytes, uid: int, *, write: bool, remove: bool = False
+    ) -> None:
         if not name or len(name) > xattr_format.NAME_MAX:
             raise FsError(errno.ERANGE)
         prefix = xattr_format.namespace(name)
@@ -346,7 +348,10 @@ class Filesystem:
             raise FsError(denied)
         if prefix == xattr_format.TRUSTED and uid != 0:
             raise FsError(denied)
-        if prefix == xattr_format.SECURITY and write and uid != 0:
+        # removal is not checked: without KILLPRIV_V2 the kernel itself removes
+        # security.capability on a non-root write (REMOVEXATTR with the writer's uid); a
+        # user's removexattr is checked by the kernel first (cap_inode_removexattr)
+        if prefix == xattr_format.SECURITY and write and not remove and uid != 0:
             raise FsError(errno.EPERM)
 
     def getxattr(self, inode: Inode, name: bytes, uid: int) -> bytes:
@@ -379,7 +384,7 @@ class Filesystem:
         self._xattrs_changed(inode, xattrs)
 
     def removexattr(self, inode: Inode, name: bytes, uid: int) -> None:
-        self._xattr_check(inode, name, uid, write=True)
+        self._xattr_check(inode, name, uid, write=True, remove=True)
         if not inode.xattrs or name not in inode.xattrs:
             raise FsError(errno.ENODATA)
         del inode.xattrs[name]

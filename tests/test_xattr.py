@@ -177,6 +177,11 @@ def test_trusted_and_security_need_root(mount_factory: MountFactory) -> None:
         except OSError as exc:
             out["get trusted"] = exc.errno
         out["get security"] = os.getxattr(path, "security.s")
+        try:
+            os.removexattr(path, "security.s")
+            out["remove security"] = 0
+        except OSError as exc:
+            out["remove security"] = exc.errno
         os.setxattr(path, "user.mine", b"1")
         return out
 
@@ -185,6 +190,7 @@ def test_trusted_and_security_need_root(mount_factory: MountFactory) -> None:
     assert got["trusted.t2"] == errno.EPERM and got["security.s2"] == errno.EPERM
     assert got["get trusted"] == errno.ENODATA
     assert got["get security"] == b"label"
+    assert got["remove security"] == errno.EPERM  # the kernel's check (cap_inode_removexattr)
     assert sorted(os.listxattr(p)) == ["security.s", "trusted.t", "user.mine", "user.u"]
 
 
@@ -356,6 +362,7 @@ def test_unprivileged_write_truncate_open_trunc_kill_suid_sgid(
 ) -> None:
     m = mount_factory(bugs=[bug] if bug else [], opts=OTHERS)
     both = _suid_file(m, "both", 0o6775)  # suid + sgid + group x: both go
+    os.setxattr(both, "security.capability", CAPABILITY)  # goes too
     sgid_only = _suid_file(m, "nox", 0o6745)  # sgid without group x: stays (in the group)
     run_in_child(_kill_by, how, m.mnt, "both", timeout=30)
     run_in_child(_kill_by, how, m.mnt, "nox", timeout=30)
@@ -366,6 +373,7 @@ def test_unprivileged_write_truncate_open_trunc_kill_suid_sgid(
         return
     assert stat.S_IMODE(os.stat(both).st_mode) == 0o0775
     assert stat.S_IMODE(os.stat(sgid_only).st_mode) == 0o2745
+    assert "security.capability" not in os.listxattr(both)
     m.remount()  # the daemon's own inode changed, not just the kernel's view
     assert stat.S_IMODE(os.stat(both).st_mode) == 0o0775
 
