@@ -401,7 +401,9 @@ class Filesystem:
         when it leaves this to the daemon (FUSE_HANDLE_KILLPRIV_V2). `suidgid` (the request
         asked for it; the caller lacks CAP_FSETID): clear S_ISUID, and S_ISGID when S_IXGRP
         is set (should_remove_suid). security.capability goes in any case, as the kernel
-        removes it for every writer (security_inode_killpriv)."""
+        removes it for every writer (security_inode_killpriv). Unlike the kernel's
+        setattr_should_drop_sgid, an S_ISGID without S_IXGRP stays also for a writer outside
+        the file's group: a WRITE does not say who wrote it."""
         changed = False
         if suidgid and inode.mode & (S.S_ISUID | S.S_ISGID):
             kill = S.S_ISUID | (S.S_ISGID if inode.mode & S.S_IXGRP else 0)
