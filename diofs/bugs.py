@@ -29,6 +29,9 @@ class Bug(enum.Enum):
     # the mount uses a commit whose checksums match without checking it (format/verify.py): a
     # crafted extent on the superblock reads it back, and a write there destroys the image
     TRUST_CHECKSUMS = "trust-checksums"
+    # the INIT reply lacks FUSE_HANDLE_KILLPRIV_V2 (libfuse 3.14's own): with xattrs answered,
+    # the kernel sends GETXATTR(security.capability) before every WRITE
+    NO_KILLPRIV_V2 = "no-killpriv-v2"
 
     __hash__ = object.__hash__  # members are singletons; asked on every request (hot path)
 

@@ -35,6 +35,7 @@ from diofs.backend import Backend
 from diofs.bugs import Bug
 from diofs.errors import FsError
 from diofs.format import image, metadata, verify
+from diofs.format import xattrs as xattr_format
 from diofs.format.extents import Segment
 from diofs.format.layout import Superblock
 from diofs.format.metadata import Inode
@@ -328,6 +329,99 @@ class Filesystem:
         if dst is not None:
             self.maybe_free(dst)
         return dst
+
+    # ------------------------------------------------------------------ extended attributes
+    # Linux's rules (fs/xattr.c xattr_permission, the ext4 namespace handlers); the kernel
+    # checks most of them before the request reaches us (name length, value size, user.* on
+    # special files, trusted.* without CAP_SYS_ADMIN): repeated here so that the daemon's
+    # answer never depends on it. Limits and the on-image encoding: diofs.format.xattrs.
+    # Privilege is uid 0 (CAP_SYS_ADMIN is not visible to a FUSE daemon).
+    def _xattr_check(
+        self, inode: Inode, name: bytes, uid: int, *, write: bool, remove: bool = False
+    ) -> None:
+        if not name or len(name) > xattr_format.NAME_MAX:
+            raise FsError(errno.ERANGE)
+        prefix = xattr_format.namespace(name)
+        if prefix is None:  # system.* (POSIX ACLs: not supported) and unknown namespaces
+            raise FsError(errno.EOPNOTSUPP)
+        if len(name) == len(prefix) or b"\0" in name:
+            raise FsError(errno.EINVAL)
+        denied = errno.EPERM if write else errno.ENODATA
+        if prefix == xattr_format.USER and not (inode.is_reg or inode.is_dir):
+            raise FsError(denied)
+        if prefix == xattr_format.TRUSTED and uid != 0:
+            raise FsError(denied)
+        # removal is not checked: without KILLPRIV_V2 the kernel itself removes
+        # security.capability on a non-root write (REMOVEXATTR with the writer's uid); a
+        # user's removexattr is checked by the kernel first (cap_inode_removexattr)
+        if prefix == xattr_format.SECURITY and write and not remove and uid != 0:
+            raise FsError(errno.EPERM)
+
+    def getxattr(self, inode: Inode, name: bytes, uid: int) -> bytes:
+        self._xattr_check(inode, name, uid, write=False)
+        value = inode.xattrs.get(name) if inode.xattrs else None
+        if value is None:
+            raise FsError(errno.ENODATA)
+        return value
+
+    def listxattr(self, inode: Inode, uid: int) -> list[bytes]:
+        """Names of `inode`'s xattrs; trusted.* only for root (as ext4)."""
+        if not inode.xattrs:
+            return []
+        return [
+            n for n in inode.xattrs if uid == 0 or not n.startswith(xattr_format.TRUSTED)
+        ]
+
+    def setxattr(self, inode: Inode, name: bytes, value: bytes, uid: int) -> None:
+        """Create or replace (pyfuse3 checks XATTR_CREATE / XATTR_REPLACE with getxattr
+        first, in the same atomic section: neither call awaits)."""
+        self._xattr_check(inode, name, uid, write=True)
+        if len(value) > xattr_format.VALUE_MAX:
+            raise FsError(errno.E2BIG)
+        xattrs = inode.xattrs or {}
+        old = xattrs.get(name)
+        used = xattr_format.total_bytes(xattrs) - (len(name) + len(old) if old is not None else 0)
+        if used + len(name) + len(value) > xattr_format.INODE_MAX:
+            raise FsError(errno.ENOSPC)
+        xattrs[name] = bytes(value)
+        self._xattrs_changed(inode, xattrs)
+
+    def removexattr(self, inode: Inode, name: bytes, uid: int) -> None:
+        self._xattr_check(inode, name, uid, write=True, remove=True)
+        if not inode.xattrs or name not in inode.xattrs:
+            raise FsError(errno.ENODATA)
+        del inode.xattrs[name]
+        self._xattrs_changed(inode, inode.xattrs)
+
+    def _xattrs_changed(self, inode: Inode, xattrs: dict[bytes, bytes]) -> None:
+        inode.xattrs = xattrs or None
+        inode.xattr_record = None
+        inode.ctime_ns = time.time_ns()
+        self.dirty(inode)
+
+    def kill_privs(self, inode: Inode, *, suidgid: bool) -> None:
+        """A write or truncate changes the file: what the kernel's file_remove_privs does
+        when it leaves this to the daemon (FUSE_HANDLE_KILLPRIV_V2). `suidgid` (the request
+        asked for it; the caller lacks CAP_FSETID): clear S_ISUID, and S_ISGID when S_IXGRP
+        is set (should_remove_suid). security.capability goes in any case, as the kernel
+        removes it for every writer (security_inode_killpriv). Unlike the kernel's
+        setattr_should_drop_sgid, an S_ISGID without S_IXGRP stays also for a writer outside
+        the file's group: a WRITE does not say who wrote it."""
+        changed = False
+        if suidgid and inode.mode & (S.S_ISUID | S.S_ISGID):
+            kill = S.S_ISUID | (S.S_ISGID if inode.mode & S.S_IXGRP else 0)
+            if inode.mode & kill:
+                inode.mode &= ~kill
+                changed = True
+        if inode.xattrs and xattr_format.CAPABILITY in inode.xattrs:
+            del inode.xattrs[xattr_format.CAPABILITY]
+            inode.xattrs = inode.xattrs or None
+            inode.xattr_record = None
+            changed = True
+        if changed:
+            inode.ctime_ns = time.time_ns()
+            self.dirty(inode)
+            stats.add("xattr.privs_killed")
 
     def maybe_free(self, inode: Inode) -> None:
         """Free an inode with no names, no open handles and no kernel references."""

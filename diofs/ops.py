@@ -35,10 +35,15 @@ from diofs.handles import Handle, HandleTable
 
 log = logging.getLogger(__name__)
 
-# The counters are read from a virtual file at the root (`diofs stats MNT`), not from an
-# xattr: answering any getxattr makes the kernel ask for security.capability before every
-# write (file_remove_privs), which cost one extra request per WRITE (measured: 6013 getxattr
-# for 6011 writes). With no xattr handlers the kernel learns ENOSYS once and stops asking.
+# Extended attributes (diofs.fs, diofs/format/xattrs.py). Answering getxattr at all makes
+# the kernel ask for security.capability before every WRITE (file_remove_privs; measured:
+# 6013 GETXATTR for 6011 WRITEs, fuse-facts-more row 10) unless the mount has SB_NOSEC, which
+# the kernel sets when the INIT reply carries FUSE_HANDLE_KILLPRIV_V2. libfuse 3.14 cannot
+# negotiate it; the patched binding adds it (pyfuse3.set_handle_killpriv_v2, cli/mount.py),
+# and diofs then kills suid/sgid itself where the request asks (request.KILL_SUIDGID:
+# `write`, `setattr`, `open` with O_TRUNC; fs.kill_privs). `-o xattr=off` answers ENOSYS to
+# the four xattr requests, so the kernel stops sending them (and setfattr gets EOPNOTSUPP).
+# The counters are read from a virtual file at the root (`diofs stats MNT`), not an xattr.
 STATS_NAME = b".diofs-stats"
 STATS_INO = 1 << 62
 ENTRY_TIMEOUT = 1.0
@@ -96,8 +101,12 @@ class Operations(pyfuse3.Operations):
     enable_writeback_cache = False  # per-task reasoning needs synchronous WRITEs (fuse-facts 6b)
     enable_acl = False
 
-    def __init__(self, fs: Filesystem, buffered: Buffered, direct: Direct, dur: Durability):
+    def __init__(
+        self, fs: Filesystem, buffered: Buffered, direct: Direct, dur: Durability,
+        *, xattrs: bool = True,
+    ):
         super().__init__()
+        self.xattrs = xattrs
         self.fs = fs
         self.buffered = buffered
         self.direct = direct
@@ -175,11 +184,15 @@ class Operations(pyfuse3.Operations):
     async def setattr(self, inode: int, attr: Any, fields: Any, fh: Any, ctx: Any) -> Any:
         node = self.fs.get(inode)
         now = time.time_ns()
+        kill = request.current().kill_suidgid  # truncate or chown (KILLPRIV_V2)
         if fields.update_size:
             self._check_writable()
             if node.is_dir:
                 raise FsError(errno.EISDIR)
+            self.fs.kill_privs(node, suidgid=kill)
             await self.direct.truncate(node, attr.st_size)
+        elif kill:
+            self.fs.kill_privs(node, suidgid=True)
         if fields.update_mode:
             node.mode = (node.mode & ~0o7777) | (attr.st_mode & 0o7777)
         if fields.update_uid:
@@ -309,8 +322,10 @@ class Operations(pyfuse3.Operations):
             raise FsError(errno.EISDIR)
         if flags & os.O_ACCMODE != os.O_RDONLY:
             self._check_writable()
-        if flags & os.O_TRUNC and node.size:  # before the handle exists: no leak if it fails
-            await self.direct.truncate(node, 0)
+        if flags & os.O_TRUNC:
+            self.fs.kill_privs(node, suidgid=request.current().kill_suidgid)
+            if node.size:  # before the handle exists: no leak if it fails
+                await self.direct.truncate(node, 0)
         h = self.handles.open(node, flags, self.durability.sample(node.ino))
         return self._file_info(h)
 
@@ -348,6 +363,8 @@ class Operations(pyfuse3.Operations):
         # with O_DIRECT, whose writeback of a partial last page is not block-aligned.
         by_handle = not req.tid and bugs.enabled(Bug.WRITEBACK_AS_DIRECT)
         flags = h.flags if by_handle else req.flags
+        if req.flags & request.KILL_SUIDGID or h.inode.xattrs is not None:
+            self.fs.kill_privs(h.inode, suidgid=req.kill_suidgid)
         path = self.direct if flags & os.O_DIRECT else self.buffered
         if not flags & os.O_DSYNC:
             return await path.write(h, off, buf, req, flags)
@@ -395,6 +412,36 @@ class Operations(pyfuse3.Operations):
         self.buffered.kernel.fh_used(h.inode.ino, fh)
         self._maybe_free(h.inode)
 
+    # ------------------------------------------------------------------ extended attributes
+    def _xattr_inode(self, inode: int, stats_errno: int = errno.EPERM) -> Inode:
+        if not self.xattrs:  # -o xattr=off: the kernel stops asking after this
+            raise FsError(errno.ENOSYS)
+        if inode == STATS_INO:  # the virtual stats file has none and takes none
+            raise FsError(stats_errno)
+        return self.fs.get(inode)
+
+    @_boundary
+    async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
+        return self.fs.getxattr(self._xattr_inode(inode, errno.ENODATA), name, ctx.uid)
+
+    @_boundary
+    async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
+        if inode == STATS_INO and self.xattrs:
+            return []
+        return self.fs.listxattr(self._xattr_inode(inode), ctx.uid)
+
+    @_boundary
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
+        node = self._xattr_inode(inode)
+        self._check_writable()
+        self.fs.setxattr(node, name, value, ctx.uid)
+
+    @_boundary
+    async def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:
+        node = self._xattr_inode(inode)
+        self._check_writable()
+        self.fs.removexattr(node, name, ctx.uid)
+
     # ------------------------------------------------------------------ misc
     @_boundary
     async def statfs(self, ctx: Any) -> Any:
@@ -413,6 +460,7 @@ class Operations(pyfuse3.Operations):
         stats.set("fs.inodes", files)
         stats.set("fs.free_blocks", free)
         stats.set("fs.open_handles", len(self.handles))
+        stats.set("fuse.killpriv_v2", int(request.killpriv_v2_negotiated()))
         self.buffered.kernel.publish_stats()
         hang_detector.publish_stats()
         return stats.snapshot()

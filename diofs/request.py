@@ -20,6 +20,11 @@ Where each field comes from (notes/fuse-facts.md):
   row 7). It blocks until the kernel has locked and dropped every cached page in the range; a
   page that is locked because a READ of it is waiting for diofs is only dropped once diofs
   answers that READ (row 3: the ABBA deadlock), so only the invalidator thread calls it.
+- The binding's request_context also carries KILL_SUIDGID (bit 32 of the flags) on the
+  WRITE, SETATTR and OPEN requests in which the kernel leaves killing suid/sgid to diofs
+  (FUSE_HANDLE_KILLPRIV_V2, which libfuse 3.14 cannot negotiate: the binding adds it to the
+  INIT reply itself, `pyfuse3.set_handle_killpriv_v2`). For setattr and open the context is
+  set only when the bit is.
 - The patched binding also offers `pyfuse3.set_auto_inval_data(False)`, which the mount calls
   before `pyfuse3.init`: with FUSE_CAP_AUTO_INVAL_DATA, an mtime change seen in GETATTR makes
   the kernel drop the whole file's cache, which lost data under threaded mmap + O_DIRECT
@@ -37,7 +42,12 @@ import pyfuse3
 from diofs.errors import EXIT_MOUNT_FAILED, DiofsError
 
 #: The value of pyfuse3.DIOFS_PATCH_VERSION this module is written against.
-PATCH_VERSION = 3
+PATCH_VERSION = 4
+
+#: In `Request.flags` when the kernel asks diofs to kill suid/sgid (FUSE_HANDLE_KILLPRIV_V2,
+#: negotiated by `pyfuse3.set_handle_killpriv_v2`): a WRITE, a SETATTR (truncate, chown) or
+#: an OPEN with O_TRUNC by a caller without CAP_FSETID. Above the 32 open-flag bits.
+KILL_SUIDGID: int = getattr(pyfuse3, "KILL_SUIDGID", 1 << 32)
 
 # off_t is a signed 64-bit integer: lengths beyond it mean "to the end of the file".
 _OFF_T_MAX = (1 << 63) - 1
@@ -53,6 +63,11 @@ class Request:
 
     tid: int
     flags: int
+
+    @property
+    def kill_suidgid(self) -> bool:
+        """The kernel asks diofs to clear suid/sgid as it would (see KILL_SUIDGID)."""
+        return bool(self.flags & KILL_SUIDGID)
 
     @property
     def direct(self) -> bool:
@@ -79,6 +94,12 @@ def current() -> Request:
     return Request(tid, flags)
 
 
+def killpriv_v2_negotiated() -> bool:
+    """Whether the INIT reply carried FUSE_HANDLE_KILLPRIV_V2 (the kernel offered it and the
+    mount asked for it with `pyfuse3.set_handle_killpriv_v2(True)` before `pyfuse3.init`)."""
+    return bool(pyfuse3.handle_killpriv_v2_negotiated())
+
+
 def check_binding() -> None:
     """Raise DiofsError (exit code EXIT_MOUNT_FAILED) unless pyfuse3 carries the diofs patch."""
     version = getattr(pyfuse3, "DIOFS_PATCH_VERSION", None)
@@ -91,6 +112,7 @@ def check_binding() -> None:
         and hasattr(pyfuse3, "set_eager_receive")
         and hasattr(pyfuse3, "ReplyFromThread")
         and hasattr(pyfuse3, "set_write_views")
+        and hasattr(pyfuse3, "set_handle_killpriv_v2")
         and hasattr(pyfuse3.Operations, "fallocate")
     )
     if not ok:

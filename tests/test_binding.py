@@ -9,7 +9,9 @@ request with what the test did:
   - fallocate(2) reaches Operations.fallocate with the caller's mode/offset/length;
   - requests without a context (LOOKUP, GETATTR) see the default (0, 0), never a stale value;
   - invalidate_inode_range (via diofs.request) drops only the given range from the kernel cache;
-  - set_auto_inval_data(False) stops the kernel from dropping the cache on an mtime change.
+  - set_auto_inval_data(False) stops the kernel from dropping the cache on an mtime change;
+  - set_handle_killpriv_v2(True) removes the GETXATTR(security.capability) before every WRITE
+    and passes the kernel's kill-suid/sgid requests up as pyfuse3.KILL_SUIDGID.
 
 The daemon writes one JSON line per request to a report file before replying. Every mount has
 a hard deadline: past it the FUSE connection is aborted through fusectl, the mount is lazily
@@ -48,7 +50,8 @@ INO_F = 2  # plain data file (threads, RWF_DSYNC, fallocate)
 INO_G = 3  # attr_timeout=0 and a new mtime on every GETATTR (auto_inval_data)
 INO_H = 4  # filled with b"A"; the control file replaces it with b"B" (range invalidation)
 INO_CTL = 5  # control file: a WRITE of b"INVAL ino start end" runs invalidate_kernel_range
-FILES = {b"f": INO_F, b"g": INO_G, b"h": INO_H, b"ctl": INO_CTL}
+INO_K = 6  # mode 0666: written, truncated and opened with O_TRUNC by an unprivileged uid
+FILES = {b"f": INO_F, b"g": INO_G, b"h": INO_H, b"ctl": INO_CTL, b"k": INO_K}
 
 
 # --------------------------------------------------------------------------- the daemon
@@ -57,14 +60,17 @@ class TinyFs(pyfuse3.Operations):
 
     def __init__(self, report: Path) -> None:
         super().__init__()
-        self.data = {ino: bytearray(FILE_SIZE) for ino in (INO_F, INO_G, INO_H)}
+        self.data = {ino: bytearray(FILE_SIZE) for ino in (INO_F, INO_G, INO_H, INO_K)}
         self.data[INO_H][:] = b"A" * FILE_SIZE
         self.g_ticks = 0
         self.report = open(report, "a", buffering=1)  # noqa: SIM115 (lives as long as the fs)
 
     def _record(self, op: str, ino: int, **kw: Any) -> None:
         tid, flags = pyfuse3.request_context.get()
-        self.report.write(json.dumps({"op": op, "ino": ino, "tid": tid, "flags": flags, **kw}))
+        killpriv = pyfuse3.handle_killpriv_v2_negotiated()
+        self.report.write(json.dumps(
+            {"op": op, "ino": ino, "tid": tid, "flags": flags, "killpriv": killpriv, **kw}
+        ))
         self.report.write("\n")
 
     def _attr(self, ino: int) -> pyfuse3.EntryAttributes:
@@ -77,7 +83,7 @@ class TinyFs(pyfuse3.Operations):
         if ino == pyfuse3.ROOT_INODE:
             a.st_mode, a.st_nlink = 0o40755, 2
         else:
-            a.st_mode, a.st_nlink = 0o100644, 1
+            a.st_mode, a.st_nlink = (0o100666 if ino == INO_K else 0o100644), 1
             a.st_size = len(self.data.get(ino, b""))
             a.st_blocks = (a.st_size + 511) // 512
         if ino == INO_G:
@@ -97,7 +103,18 @@ class TinyFs(pyfuse3.Operations):
         return self._attr(inode)
 
     async def open(self, inode, flags, ctx):  # type: ignore[no-untyped-def]
+        self._record("open", inode, open_flags=flags)
         return pyfuse3.FileInfo(fh=inode)
+
+    async def setattr(self, inode, attr, fields, fh, ctx):  # type: ignore[no-untyped-def]
+        self._record("setattr", inode, size=attr.st_size if fields.update_size else None)
+        if fields.update_size:
+            del self.data[inode][attr.st_size :]
+        return self._attr(inode)
+
+    async def getxattr(self, inode, name, ctx):  # type: ignore[no-untyped-def]
+        self._record("getxattr", inode, name=name.decode(errors="replace"))
+        raise pyfuse3.FUSEError(errno.ENODATA)
 
     async def read(self, fh, off, size):  # type: ignore[no-untyped-def]
         self._record("read", fh, off=off, size=size)
@@ -144,11 +161,13 @@ class TinyFs(pyfuse3.Operations):
         self._record("release", fh)
 
 
-def daemon_main(mnt: str, report: str, auto_inval: bool) -> None:
+def daemon_main(mnt: str, report: str, auto_inval: bool, killpriv: bool) -> None:
     import trio
 
     pyfuse3.set_auto_inval_data(auto_inval)
-    pyfuse3.init(TinyFs(Path(report)), mnt, set(pyfuse3.default_options) | {"fsname=tinyfs"})
+    pyfuse3.set_handle_killpriv_v2(killpriv)
+    opts = set(pyfuse3.default_options) | {"fsname=tinyfs", "allow_other"}
+    pyfuse3.init(TinyFs(Path(report)), mnt, opts)
     try:
         trio.run(pyfuse3.main)
     finally:
@@ -209,11 +228,12 @@ def _conn_abort(st_dev: int) -> None:
 
 
 @contextlib.contextmanager
-def tiny_mount(tmp: Path, auto_inval: bool) -> Iterator[TinyMount]:
+def tiny_mount(tmp: Path, auto_inval: bool, killpriv: bool = False) -> Iterator[TinyMount]:
     mnt, report, log = tmp / "mnt", tmp / "report.jsonl", tmp / "daemon.log"
     mnt.mkdir()
     report.touch()
-    argv = [sys.executable, __file__, "--daemon", str(mnt), str(report), str(int(auto_inval))]
+    argv = [sys.executable, __file__, "--daemon", str(mnt), str(report), str(int(auto_inval)),
+            str(int(killpriv))]
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
     with open(log, "wb") as logf:
         child = subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT, env=env)
@@ -273,13 +293,16 @@ def _aligned(size: int, fill: bytes = b"\0") -> mmap.mmap:
 
 # --------------------------------------------------------------------------- part 1: API
 def test_binding_has_diofs_api() -> None:
-    assert pyfuse3.DIOFS_PATCH_VERSION == 3
+    assert pyfuse3.DIOFS_PATCH_VERSION == 4
     assert pyfuse3.request_context.get() == (0, 0)
     assert callable(pyfuse3.invalidate_inode_range)
     assert callable(pyfuse3.set_auto_inval_data)
     assert callable(pyfuse3.set_async_dio)
     assert callable(pyfuse3.set_eager_receive)
     assert callable(pyfuse3.set_write_views)
+    assert callable(pyfuse3.set_handle_killpriv_v2)
+    assert pyfuse3.handle_killpriv_v2_negotiated() is False  # no mount in this process
+    assert pyfuse3.KILL_SUIDGID == 1 << 32
     assert pyfuse3.ReplyFromThread(b"x").data == b"x"
     assert callable(pyfuse3.Operations.fallocate)
 
@@ -446,5 +469,77 @@ def test_auto_inval_data_on_drops_cache_on_mtime_change(tmp_path: Path) -> None:
     assert first >= 1 and second > first
 
 
-if __name__ == "__main__" and len(sys.argv) == 5 and sys.argv[1] == "--daemon":
-    daemon_main(sys.argv[2], sys.argv[3], sys.argv[4] == "1")
+# --------------------------------------------------------------------------- KILLPRIV_V2
+def _write_n(path: str, n: int) -> None:
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        for i in range(n):
+            os.pwrite(fd, b"w" * 512, i * 512)
+    finally:
+        os.close(fd)
+
+
+@needs_mount
+@pytest.mark.parametrize("killpriv", [True, False])
+def test_killpriv_v2_removes_the_getxattr_before_every_write(
+    tmp_path: Path, killpriv: bool
+) -> None:
+    """The custom I/O adds FUSE_HANDLE_KILLPRIV_V2 to the INIT reply: the kernel stops asking
+    for security.capability before each WRITE. Without it (libfuse's reply): one per WRITE."""
+    with tiny_mount(tmp_path, auto_inval=False, killpriv=killpriv) as m:
+        _write_n(m.path("f"), 100)
+        writes = m.records("write", INO_F)
+        getxattr = m.records("getxattr", INO_F)
+    assert len(writes) == 100
+    assert all(r["killpriv"] is killpriv for r in writes)
+    if killpriv:
+        assert len(getxattr) <= 1
+    else:
+        assert len(getxattr) >= 100
+        assert {r["name"] for r in getxattr} == {"security.capability"}
+
+
+def _unprivileged_kill_requests(mnt: str) -> None:
+    dfd = os.open(mnt, os.O_RDONLY | os.O_DIRECTORY)
+    os.setgroups([])
+    os.setgid(65534)
+    os.setuid(65534)
+    fd = os.open("k", os.O_RDWR, dir_fd=dfd)
+    os.pwrite(fd, b"u", 0)
+    os.ftruncate(fd, PAGE)
+    os.close(fd)
+    os.close(os.open("k", os.O_WRONLY | os.O_TRUNC, dir_fd=dfd))
+    os._exit(0)
+
+
+@needs_mount
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop to another uid")
+def test_kill_suidgid_flag_reaches_write_setattr_and_open(tmp_path: Path) -> None:
+    """An unprivileged WRITE, truncate and open(O_TRUNC) carry pyfuse3.KILL_SUIDGID in the
+    request flags (libfuse 3.14 passes none of the kernel's bits up); root's do not."""
+    kill = pyfuse3.KILL_SUIDGID
+    with tiny_mount(tmp_path, auto_inval=False, killpriv=True) as m:
+        pid = os.fork()
+        if pid == 0:
+            try:
+                _unprivileged_kill_requests(str(m.mnt))
+            finally:
+                os._exit(1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        user = {op: m.records(op, INO_K) for op in ("write", "setattr", "open")}
+        fd = os.open(m.path("k"), os.O_RDWR | os.O_TRUNC)
+        os.pwrite(fd, b"r", 0)
+        os.ftruncate(fd, PAGE)
+        os.close(fd)
+        root = {op: m.records(op, INO_K)[len(user[op]) :] for op in ("write", "setattr", "open")}
+    for recs in (user, root):  # only an open with O_TRUNC may ask for the kill
+        recs["open"] = [r for r in recs["open"] if r["open_flags"] & os.O_TRUNC]
+    for op in ("write", "setattr", "open"):
+        assert user[op] and all(r["flags"] & kill for r in user[op]), (op, user[op])
+        assert root[op] and not any(r["flags"] & kill for r in root[op]), (op, root[op])
+    assert user["write"][0]["flags"] & ~kill & os.O_ACCMODE == os.O_RDWR  # fi->flags kept
+
+
+if __name__ == "__main__" and len(sys.argv) == 6 and sys.argv[1] == "--daemon":
+    daemon_main(sys.argv[2], sys.argv[3], sys.argv[4] == "1", sys.argv[5] == "1")

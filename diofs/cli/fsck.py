@@ -15,8 +15,10 @@ a mount makes before it uses a commit (diofs.format.verify: file types, sizes, e
 every directory entry points at an inode, link counts match the entries, every inode is reachable
 from the root (except orphans: nlink 0 and no entry, freed at the next mount), extents lie in
 the data area, do not overlap (within or across files), blocks past EOF are only unwritten
-(SPEC 5: a block turns written together with the i_size that covers it), and the bitmap marks
-exactly the metadata area plus the blocks extents use.
+(SPEC 5: a block turns written together with the i_size that covers it), the bitmap marks
+exactly the metadata area plus the blocks extents use, and extended attributes are well formed
+(names in a supported namespace, user.* only on files and directories, sizes within the limits
+of diofs.format.xattrs) and belong to an existing inode (--repair drops the bad ones).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from diofs.backend import open_backend
 from diofs.cli.common import ArgumentParser, run_main
 from diofs.errors import EXIT_DAMAGED
 from diofs.format import image, metadata, verify
+from diofs.format import xattrs as xattr_format
 from diofs.format.image import ROOT_INO
 
 
@@ -82,6 +85,8 @@ def check(loaded: image.Loaded, *, repair: bool) -> list[str]:
                 inode.record = None
     for inode in inodes.values():
         problems += _check_written_within_size(inode, sb.block_size, repair=repair)
+        problems += xattr_format.check(inode, repair=repair)
+    problems += md.lost_xattrs  # not loaded: a repair's commit drops them
     problems += verify.extent_problems(md, sb)
     used = bytearray(sb.total_blocks)
     used[: sb.data_start] = b"\x01" * sb.data_start

@@ -12,6 +12,7 @@ Options (-o k=v,...): cache_size=64M, dio_align=N (a multiple of the image's), w
 commit_interval=S, shootdown=unlocked|locked, backend=raw|crash|fault, crash_log=PATH,
 fault_spec=PATH, max_tasks=N, hang_timeout=S (a request outstanding that long is logged once
 with its stacks and counted in `hangs.detected`; never aborted; default 60, 0 = off),
+xattr=on|off (extended attributes; off answers ENOSYS to every xattr request),
 fill_delay=S, dio_delay=S and data_delay=S (demo hooks that widen race windows; data_delay: a
 data write into new blocks or past EOF sleeps between allocating and writing its data). Unknown
 -o options are passed to FUSE only if they are known FUSE options (allow_other,
@@ -70,6 +71,7 @@ class Options:
     dio_delay: float = 0.0
     data_delay: float = 0.0
     async_dio: bool = True
+    xattr: bool = True
     fuse: tuple[str, ...] = ()
 
 
@@ -93,6 +95,8 @@ def parse_options(items: list[str]) -> Options:
                     o.max_tasks = int(value)
                 elif key == "async_dio" and value in ("on", "off"):
                     o.async_dio = value == "on"
+                elif key == "xattr" and value in ("on", "off"):
+                    o.xattr = value == "on"
                 elif key == "shootdown" and value in ("unlocked", "locked"):
                     o.shootdown = value
                 elif key == "backend" and value in ("raw", "crash", "fault"):
@@ -204,7 +208,7 @@ class Daemon:
             persistent_ctx=self.mlock,
         )
         fs.data_delay = o.data_delay
-        self.ops = Operations(fs, self.buffered, self.direct, self.durability)
+        self.ops = Operations(fs, self.buffered, self.direct, self.durability, xattrs=o.xattr)
         self.locks = locks
         fuse_opts = set(pyfuse3.default_options)
         fuse_opts.discard("default_permissions")
@@ -219,6 +223,9 @@ class Daemon:
         # WRITE data as a view of the request buffer, not a copy: every write path copies
         # what it keeps (cache pages) or writes it to the image before the handler returns
         pyfuse3.set_write_views(True)
+        # SB_NOSEC: no GETXATTR(security.capability) before every WRITE; diofs kills
+        # suid/sgid itself where the requests ask (ops.py, top comment)
+        pyfuse3.set_handle_killpriv_v2(not bugs.enabled(bugs.Bug.NO_KILLPRIV_V2))
         pyfuse3.init(self.ops, self.mnt, fuse_opts)
         self.status.publish(self.image, canonical_mnt)  # for umount.diofs
         self.kernel.start()

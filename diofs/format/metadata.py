@@ -9,6 +9,8 @@ Record layout (little endian), after decompression:
              n_extents x (start:u64 phys:u64 count:u64 with bit 63 = unwritten)
              payload: directory entries (ino:u64 name_len:u16 name) or the symlink target
     bitmap   one bit per image block, 1 = in use (metadata area included), LSB first
+    xattrs   only in a "DIOFSmd2" blob, the one written when some inode has extended
+             attributes: the section of diofs.format.xattrs (which owns its layout)
 
 `Inode.record` caches an inode's serialised bytes; whoever changes an inode calls
 `Filesystem.dirty(inode)`, which clears it, so a commit only re-serialises changed inodes.
@@ -22,6 +24,7 @@ import zlib
 from dataclasses import dataclass, field
 
 from diofs.errors import ImageCorrupt
+from diofs.format import xattrs as xattr_format
 from diofs.format.extents import Extent, ExtentMap
 
 _HDR = struct.Struct("<8sQQQ")
@@ -29,6 +32,7 @@ _INO = struct.Struct("<QIIIIQqqqQII")
 _EXT = struct.Struct("<QQQ")
 _DENT = struct.Struct("<QH")
 _MAGIC = b"DIOFSmd1"
+_MAGIC_XATTRS = b"DIOFSmd2"  # md1 + the xattr section
 _UNWRITTEN = 1 << 63
 
 
@@ -51,6 +55,8 @@ class Inode:
     entries: dict[bytes, int] | None = None  # directories: name -> ino (insertion ordered)
     target: bytes = b""  # symlinks
     record: bytes | None = None  # cached serialisation, None when changed since
+    xattrs: dict[bytes, bytes] | None = None  # name -> value (diofs.format.xattrs)
+    xattr_record: bytes | None = None  # cached encoding of `xattrs`, like `record`
     # run-time only (not on the image):
     lookups: int = 0
     opens: int = 0
@@ -112,13 +118,18 @@ class Metadata:
     next_ino: int
     inodes: dict[int, Inode]
     bitmap: bytearray  # one byte per image block, 1 = in use
+    # xattrs on the image that belong to no inode (left out by decode; fsck reports them)
+    lost_xattrs: list[str] = field(default_factory=list)
 
 
 def encode(md: Metadata) -> bytes:
     bitmap = pack_bitmap(md.bitmap)
-    parts = [_HDR.pack(_MAGIC, md.next_ino, len(md.inodes), len(bitmap))]
+    xattrs = xattr_format.encode_section(md.inodes.values())
+    magic = _MAGIC_XATTRS if xattrs else _MAGIC
+    parts = [_HDR.pack(magic, md.next_ino, len(md.inodes), len(bitmap))]
     parts.extend(ino.serialise() for ino in md.inodes.values())
     parts.append(bitmap)
+    parts.append(xattrs)
     return zlib.compress(b"".join(parts), 1)
 
 
@@ -126,7 +137,7 @@ def decode(blob: bytes, total_blocks: int) -> Metadata:
     try:
         raw = zlib.decompress(blob)
         magic, next_ino, n_inodes, bitmap_len = _HDR.unpack_from(raw)
-        if magic != _MAGIC:
+        if magic not in (_MAGIC, _MAGIC_XATTRS):
             raise ImageCorrupt("metadata blob has a bad magic")
         pos = _HDR.size
         inodes: dict[int, Inode] = {}
@@ -161,8 +172,12 @@ def decode(blob: bytes, total_blocks: int) -> Metadata:
             inode.record = raw[start:pos]
             inodes[inode.ino] = inode
         bitmap = unpack_bitmap(raw[pos : pos + bitmap_len], total_blocks)
-        if len(raw) != pos + bitmap_len:
+        pos += bitmap_len
+        lost: list[str] = []
+        if magic == _MAGIC_XATTRS:
+            pos, lost = xattr_format.decode_section(raw, pos, inodes)
+        if len(raw) != pos:
             raise ImageCorrupt("metadata blob has trailing or missing bytes")
     except (struct.error, zlib.error, ValueError) as exc:
         raise ImageCorrupt(f"metadata blob is damaged ({exc})") from None
-    return Metadata(next_ino, inodes, bitmap)
+    return Metadata(next_ino, inodes, bitmap, lost)
