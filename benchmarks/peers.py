@@ -130,7 +130,7 @@ def _pyfuse3_sdist() -> Path:
             "download",
             "--no-deps",
             "--no-binary",
-            ":all:",
+            "pyfuse3",  # not ":all:": that builds setuptools and Cython from source too
             "-d",
             str(dl),
             "pyfuse3==3.5.0",
