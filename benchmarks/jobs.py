@@ -135,7 +135,6 @@ JOBS: tuple[Job, ...] = (
         kind="meta",
     ),
     Job("tree-cp-a", "tree copy: cp -a SRC", "s", kind="tree", tree_step="cp-a"),
-    Job("tree-tar-x", "tree copy: tar -x of SRC's tarball", "s", kind="tree", tree_step="tar-x"),
     Job(
         "tree-git-commit",
         "tree copy: git init + add -A + commit",
@@ -143,7 +142,8 @@ JOBS: tuple[Job, ...] = (
         kind="tree",
         tree_step="git-commit",
     ),
-    Job("tree-rm-rf", "tree copy: rm -rf of both copies", "s", kind="tree", tree_step="rm-rf"),
+    Job("tree-rm-rf", "tree copy: rm -rf of the copy", "s", kind="tree", tree_step="rm-rf"),
+    Job("tree-tar-x", "tree copy: tar -x of SRC's tarball", "s", kind="tree", tree_step="tar-x"),
 )
 TREE_JOBS: tuple[Job, ...] = tuple(j for j in JOBS if j.kind == "tree")
 

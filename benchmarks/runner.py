@@ -209,6 +209,10 @@ def run_one(
         if stats0 is not None and (stats1 := diofs_stats(peer)) is not None:
             rec["diofs_stats_delta"] = stats_delta(stats0, stats1)
             rec["diofs_stats_after"] = stats1  # gauges (e.g. writes_per_flush) read here
+        if job.kind == "tree" and tree_src is not None:
+            cleanup = treecopy.cleanup_command(job.tree_step, peer.data_dir, rep)
+            if cleanup:  # after the figures: neither timed nor counted
+                run_child(cleanup, treecopy.timeout_s(tree_src.info), peer)
     except (ChildFailed, ValueError, OSError, json.JSONDecodeError) as exc:
         rec["error"] = str(exc)
         if getattr(exc, "report", ""):

@@ -7,11 +7,17 @@ local disk, before any job runs; the tarball's own making is not timed.
 Invariants: the four steps of one repetition build on each other on every peer, in job-table
 order (the runner runs each job on every peer before the next job):
     tree-cp-a        cp -a SRC DATA/tree-REP
-    tree-tar-x       mkdir DATA/tar-REP; tar -xf TARBALL -C DATA/tar-REP
     tree-git-commit  in DATA/tree-REP: git init, git add -A, git commit (config from env only)
-    tree-rm-rf       rm -rf DATA/tree-REP DATA/tar-REP
+    tree-rm-rf       rm -rf DATA/tree-REP (the copy and its .git)
+    tree-tar-x       mkdir DATA/tar-REP; tar -xf TARBALL -C DATA/tar-REP; then, untimed and
+                     after the run's counters are read, rm -rf DATA/tar-REP (`cleanup_command`)
 A step whose predecessor failed fails too (its directory is missing); names carry REP, so a
 leftover of a failed repetition never collides with a later one.
+
+Why this order, with one copy on the mount at a time: the C peer (passthrough_ll) holds an
+O_PATH fd per inode the kernel knows; a second copy of /usr/include next to the first and its
+.git passed the 20,000 fds allowed here (no CAP_SYS_RESOURCE to raise it), and its git commit
+failed with EBADF.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from typing import Any
 
 DEFAULT_SRC = Path("/usr/include")
 TARBALL = "tree-src.tar"
-STEPS = ("cp-a", "tar-x", "git-commit", "rm-rf")
+STEPS = ("cp-a", "git-commit", "rm-rf", "tar-x")
 
 # git must not read the user's or the system's configuration, only this
 GIT_ENV = {
@@ -126,5 +132,12 @@ def step_command(
         script = "git init -q -b main . && git add -A && git commit -q -m tree"
         return ["sh", "-c", script], tree, GIT_ENV
     if step == "rm-rf":
-        return ["rm", "-rf", str(tree), str(tar_dir)], None, None
+        return ["rm", "-rf", str(tree)], None, None
     raise ValueError(f"unknown tree step {step!r}")
+
+
+def cleanup_command(step: str, data_dir: Path, rep: int) -> list[str] | None:
+    """argv run after ``step``'s figures are taken (untimed, uncounted), or None."""
+    if step == "tar-x":
+        return ["rm", "-rf", str(data_dir / f"tar-{rep}")]
+    return None
