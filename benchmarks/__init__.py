@@ -12,8 +12,9 @@ Modules:
   metaload  the metadata workload (create+stat+unlink), run as a child process
   treecopy  the tree-copy jobs: cp -a, tar -x, git commit, rm -rf of a source tree (issue 17)
 
-Invariants: everything the harness starts (daemons, fio, cp/tar/git, py-spy) is started by pid in its own
-session and ended by that pid or its own process group; every mount it makes is unmounted before
-it exits, by abort + lazy unmount if a plain unmount does not finish by its deadline.
+Invariants: everything the harness starts (daemons, fio, cp/tar/git, py-spy) is started by pid
+in its own session and ended by that pid or its own process group; every mount it makes is
+unmounted before it exits, by abort + lazy unmount if a plain unmount does not finish by its
+deadline.
 Nothing here is imported by diofs/ or tests/ other than tests/test_bench_smoke.py.
 """

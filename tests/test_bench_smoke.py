@@ -226,7 +226,7 @@ def _small_tree(root: Path) -> Path:
         (src / f"d{d}" / "sub").mkdir(parents=True)
         for i in range(9):
             (src / f"d{d}" / f"f{i}.h").write_bytes(os.urandom(100 + 500 * i))
-        os.symlink(f"../f0.h", src / f"d{d}" / "sub" / "link.h")
+        os.symlink("../f0.h", src / f"d{d}" / "sub" / "link.h")
         (src / f"d{d}" / "sub" / "x.h").write_text("int x;\n")
     return src
 
