@@ -31,7 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks import treecopy
+from benchmarks import report, treecopy
 from benchmarks.jobs import JOBS_BY_NAME, TREE_JOBS, primary
 from benchmarks.peers import CACHE, REPO, DiofsPeer, PeerUnavailable, cleanup_workdir
 from benchmarks.runner import ChildFailed, Options, lay_out, run_one
@@ -150,8 +150,8 @@ def run_profile(
     if rec is not None:
         if rec["ok"]:
             print(
-                f"{job.name} on diofs: {primary(job, rec):.0f} {job.metric}, daemon cpu "
-                f"{rec.get('daemon_cpu_s') or 0:.2f} s"
+                f"{job.name} on diofs: {report.fmt(job.metric, primary(job, rec))} {job.metric}, "
+                f"daemon cpu {rec.get('daemon_cpu_s') or 0:.2f} s"
             )
         else:
             print(f"{job.name} on diofs FAILED: {rec['error']}")
