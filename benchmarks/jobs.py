@@ -1,9 +1,11 @@
 """The benchmark job table: what each job runs and how its figures are read back.
 
-A :class:`Job` is either an fio job (``kind == "fio"``) run on the one data file of a peer, or
-the metadata job (``kind == "meta"``), a Python loop in a child process. Every job has one
-*primary metric* (``MB/s`` for 1 MiB jobs, ``IOPS`` for 4 KiB jobs, ``ops/s`` for metadata) that
-the report tables show; all figures are recorded in results.json.
+A :class:`Job` is an fio job (``kind == "fio"``) run on the one data file of a peer, the
+metadata job (``kind == "meta"``), a Python loop in a child process, or a tree-copy step
+(``kind == "tree"``, benchmarks/treecopy.py: cp -a, tar -x, git commit, rm -rf of a source
+tree). Every job has one *primary metric* (``MB/s`` for 1 MiB jobs, ``IOPS`` for 4 KiB jobs,
+``ops/s`` for metadata, ``s`` (seconds, lower is better) for tree steps) that the report
+tables show; all figures are recorded in results.json.
 
 Invariants:
 - Direct jobs run with ``--invalidate=1`` (fio's default); cached jobs run with
@@ -29,10 +31,11 @@ class Job:
 
     name: str
     title: str
-    metric: str  # "MB/s" | "IOPS" | "ops/s"
-    kind: str = "fio"  # "fio" | "meta"
+    metric: str  # "MB/s" | "IOPS" | "ops/s" | "s"
+    kind: str = "fio"  # "fio" | "meta" | "tree"
     fio: tuple[tuple[str, str], ...] = ()
     prime: bool = False  # read the file once, buffered, before the job (cached jobs)
+    tree_step: str = ""  # kind "tree": one of treecopy.STEPS
 
     @property
     def is_write(self) -> bool:
@@ -131,7 +134,18 @@ JOBS: tuple[Job, ...] = (
         "ops/s",
         kind="meta",
     ),
+    Job("tree-cp-a", "tree copy: cp -a SRC", "s", kind="tree", tree_step="cp-a"),
+    Job(
+        "tree-git-commit",
+        "tree copy: git init + add -A + commit",
+        "s",
+        kind="tree",
+        tree_step="git-commit",
+    ),
+    Job("tree-rm-rf", "tree copy: rm -rf of the copy", "s", kind="tree", tree_step="rm-rf"),
+    Job("tree-tar-x", "tree copy: tar -x of SRC's tarball", "s", kind="tree", tree_step="tar-x"),
 )
+TREE_JOBS: tuple[Job, ...] = tuple(j for j in JOBS if j.kind == "tree")
 
 JOBS_BY_NAME: dict[str, Job] = {j.name: j for j in JOBS}
 
@@ -235,6 +249,6 @@ def _loads_first(text: str) -> dict[str, Any]:
 
 def primary(job: Job, fig: dict[str, Any]) -> float | None:
     """The job's primary figure from a run's figures (None if the run failed)."""
-    key = {"MB/s": "mbps", "IOPS": "iops", "ops/s": "ops_per_s"}[job.metric]
+    key = {"MB/s": "mbps", "IOPS": "iops", "ops/s": "ops_per_s", "s": "elapsed_s"}[job.metric]
     v = fig.get(key)
     return float(v) if v is not None else None

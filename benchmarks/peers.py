@@ -25,6 +25,7 @@ import contextlib
 import gzip
 import hashlib
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -39,6 +40,9 @@ REPO = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("DIOFS_BENCH_CACHE", Path.home() / ".cache" / "diofs-bench"))
 PEER_NAMES = ("diofs", "pypeer", "cpeer", "local")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+# passthrough_ll keeps an O_PATH fd open per inode the kernel knows: the tree jobs (two copies
+# of /usr/include and a .git) pass 20,000, and at EMFILE its flush fails with EBADF
+DAEMON_NOFILE = 1 << 20
 
 LIBFUSE_EXAMPLES = Path("/usr/share/doc/libfuse3-dev/examples")
 PYFUSE3_SDIST_DIRS = (Path("/tmp/sdist/pyfuse3-3.5.0"), CACHE / "sdist" / "pyfuse3-3.5.0")
@@ -130,7 +134,7 @@ def _pyfuse3_sdist() -> Path:
             "download",
             "--no-deps",
             "--no-binary",
-            ":all:",
+            "pyfuse3",  # not ":all:": that builds setuptools and Cython from source too
             "-d",
             str(dl),
             "pyfuse3==3.5.0",
@@ -267,6 +271,7 @@ class FusePeer(Peer):
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=_raise_nofile,
         )
         log.close()
         deadline = time.monotonic() + self.mount_timeout_s
@@ -372,6 +377,16 @@ class FusePeer(Peer):
         except OSError:
             return ""
         return "\n".join(lines[-n:])
+
+
+def _raise_nofile() -> None:
+    """In the daemon child before exec: as many fds as the system allows (root may raise)."""
+    try:
+        with open("/proc/sys/fs/nr_open") as f:
+            limit = min(DAEMON_NOFILE, int(f.read()))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+    except (OSError, ValueError):
+        pass  # not root, or no /proc: keep the inherited limit
 
 
 class CPeer(FusePeer):

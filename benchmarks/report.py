@@ -2,15 +2,20 @@
 
 The results document (``results.json``) is a plain dict:
   machine   kernel, cpu count and model, python, fio, libfuse, pyfuse3, trio, git commit
-  config    size, runtime, repeat, peers, jobs, meta_files
+  config    size, runtime, repeat, peers, jobs, meta_files, tree_src (survey of the tree-copy
+            source: path, files, dirs, symlinks, bytes; None without tree jobs)
   peers     name -> {label, available, skip_reason, errors, restarts}
   jobs      [{name, title, metric}] in table order
   runs      [{job, peer, rep, ok, error, mbps, iops, ops_per_s, lat_p50_us, lat_p99_us,
-              daemon_cpu_s, wall_s, ...}] in the order they ran
+              elapsed_s (tree jobs), daemon_cpu_s, wall_s, diofs_stats_delta (diofs only:
+              counters changed during the run, ``ops.<handler>`` = requests), ...}] in the
+              order they ran
 
 Everything else (tables, ratios, charts) is derived from that document by the functions here,
 so a report can be rebuilt from a results.json alone (``scripts/bench --report FILE``).
 Medians are over the successful runs only; failed runs are counted and listed.
+Tree jobs (metric ``s``, lower is better) get their own table with the ratio diofs / C peer
+and a table of diofs requests by opcode; the other tables leave them out.
 """
 
 from __future__ import annotations
@@ -110,6 +115,8 @@ def _ops(job: Job, run: dict[str, Any]) -> float | None:
 def fmt(metric: str, v: float | None) -> str:
     if v is None:
         return "–"
+    if metric == "s":
+        return f"{v:.2f}" if v < 10 else f"{v:.1f}"
     if metric == "IOPS":
         return f"{v / 1000:.1f}k" if v >= 1000 else f"{v:.0f}"
     return f"{v:.0f}" if v >= 10 else f"{v:.2g}"
@@ -158,7 +165,8 @@ def markdown(results: dict[str, Any]) -> str:
         info = results["peers"].get(p, {})
         state = "" if info.get("available", True) else f" — **skipped**: {info.get('skip_reason')}"
         lines.append(f"- {SHORT[p]}: {info.get('label', p)}{state}")
-    lines += [
+    kinds = {JOBS_BY_NAME[jd["name"]].kind for jd in results["jobs"]}
+    flat = [
         "",
         "## Primary figure per job (median, min–max over repetitions)",
         "",
@@ -172,9 +180,11 @@ def markdown(results: dict[str, Any]) -> str:
         *(SHORT[p] for p in peers),
         *(f"{SHORT[a]} / {SHORT[b]}" for a, b in ratio_cols),
     ]
-    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    flat += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for jd in results["jobs"]:
         job = JOBS_BY_NAME[jd["name"]]
+        if job.kind == "tree":
+            continue
         per = summ[job.name]
         row = [
             job.title,
@@ -182,8 +192,8 @@ def markdown(results: dict[str, Any]) -> str:
             *(_cell(job.metric, per.get(p)) for p in peers),
             *(_ratio(per.get(a), per.get(b)) for a, b in ratio_cols),
         ]
-        lines.append("| " + " | ".join(row) + " |")
-    lines += [
+        flat.append("| " + " | ".join(row) + " |")
+    flat += [
         "",
         "## Latency (submission to completion, fio `lat`) p50 / p99 (µs, median over repetitions)",
         "",
@@ -199,7 +209,10 @@ def markdown(results: dict[str, Any]) -> str:
         for p in peers:
             s = per.get(p) or {}
             cells.append(f"{_us(s.get('p50_us'))} / {_us(s.get('p99_us'))}")
-        lines.append(f"| {job.title} | " + " | ".join(cells) + " |")
+        flat.append(f"| {job.title} | " + " | ".join(cells) + " |")
+    if kinds - {"tree"}:  # the tree jobs have tables of their own
+        lines += flat
+    lines += tree_tables(results, summ, peers)
     fuse_peers = [p for p in peers if p != "local"]
     if fuse_peers:
         lines += [
@@ -237,6 +250,76 @@ def markdown(results: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _median_ops(results: dict[str, Any], job: str) -> dict[str, float]:
+    """Handler name -> median diofs requests over the job's successful runs."""
+    runs = [
+        r.get("diofs_stats_delta") or {}
+        for r in results["runs"]
+        if r["job"] == job and r["peer"] == "diofs" and r.get("ok")
+    ]
+    names = {k for d in runs for k in d if k.startswith("ops.")}
+    return {
+        k.removeprefix("ops."): statistics.median(d.get(k, 0) for d in runs) for k in names
+    }
+
+
+def tree_tables(
+    results: dict[str, Any], summ: dict[str, dict[str, dict[str, Any]]], peers: list[str]
+) -> list[str]:
+    """Markdown lines: the tree-copy seconds table and diofs's requests by opcode."""
+    tree_jobs = [JOBS_BY_NAME[jd["name"]] for jd in results["jobs"]]
+    tree_jobs = [j for j in tree_jobs if j.kind == "tree"]
+    if not tree_jobs:
+        return []
+    src = results["config"].get("tree_src") or {}
+    files = src.get("files")
+    what = (
+        f"`{src.get('path')}`, {files:,} files, {src.get('bytes', 0) / 1e6:.0f} MB, "
+        f"{src.get('dirs', 0):,} dirs, {src.get('symlinks', 0):,} symlinks"
+        if files is not None
+        else "?"
+    )
+    ratio = ("diofs", "cpeer") if "diofs" in peers and "cpeer" in peers else None
+    head = ["job", *(SHORT[p] for p in peers), *([f"diofs / {SHORT['cpeer']}"] if ratio else [])]
+    lines = [
+        "",
+        f"## Tree copy of {what}: seconds (median, min–max), lower is better",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    for job in tree_jobs:
+        per = summ[job.name]
+        row = [job.title, *(_cell("s", per.get(p)) for p in peers)]
+        if ratio:
+            row.append(_ratio(per.get("diofs"), per.get("cpeer")))
+        lines.append("| " + " | ".join(row) + " |")
+    ops = {j.name: _median_ops(results, j.name) for j in tree_jobs}
+    names = sorted(
+        {n for d in ops.values() for n in d}, key=lambda n: -sum(d.get(n, 0) for d in ops.values())
+    )
+    if "diofs" not in peers or not names:
+        return lines
+    lines += [
+        "",
+        "### diofs requests by opcode during each tree job (median; per source file)",
+        "",
+        "| request | " + " | ".join(j.name for j in tree_jobs) + " |",
+        "|" + "---|" * (len(tree_jobs) + 1),
+    ]
+    for n in [*names, "total"]:
+        cells = []
+        for j in tree_jobs:
+            v = sum(ops[j.name].values()) if n == "total" else ops[j.name].get(n)
+            cells.append(
+                "–"
+                if not v
+                else f"{v:,.0f}" + (f" ({v / files:.2f})" if files else "")
+            )
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _us(v: float | None) -> str:

@@ -9,26 +9,27 @@ the child's process group killed, the run recorded as failed, and the peer remou
 that dies during a run is recorded the same way and remounted, at most ``MAX_RESTARTS`` times
 per peer. On any exit (also Ctrl-C / SIGTERM) every peer is unmounted and its daemon reaped.
 
-Public API: :func:`main` (the ``scripts/bench`` command line), :func:`run_bench` (one run from
-an :class:`Options`, returns the results document), :class:`Options`.
+Tree jobs (benchmarks/treecopy.py) need no data file: the file is laid out, and fio required,
+only when an fio job is selected. The tree source is surveyed and packed once per run.
+
+Public API: :func:`run_bench` (one run from an :class:`Options`, returns the results
+document), :class:`Options`, :func:`run_one`, :func:`lay_out`. The command line is
+benchmarks/cli.py.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import json
 import os
-import shlex
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks import fusewatch, report
+from benchmarks import fusewatch, report, treecopy
 from benchmarks.jobs import (
     DATA_FILE,
     JOBS,
@@ -36,9 +37,7 @@ from benchmarks.jobs import (
     fio_argv,
     layout_argv,
     parse_fio_json,
-    parse_size,
     primary,
-    select_jobs,
 )
 from benchmarks.peers import (
     CACHE,
@@ -71,6 +70,7 @@ class Options:
     diofs_args: list[str] = dataclasses.field(default_factory=list)
     plots: bool = True
     quiet: bool = False
+    tree_src: Path = treecopy.DEFAULT_SRC
 
 
 class ChildFailed(Exception):
@@ -89,8 +89,16 @@ def _say(opts: Options, msg: str) -> None:
         print(msg, flush=True)
 
 
-def run_child(argv: list[str], timeout_s: float, peer: Peer) -> str:
+def run_child(
+    argv: list[str],
+    timeout_s: float,
+    peer: Peer,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+) -> str:
     """Run ``argv`` to completion within ``timeout_s``; return stdout. Raises ChildFailed.
+
+    ``env`` is added to this process's environment; ``cwd`` is the child's directory.
 
     On timeout: abort the peer's FUSE connection first (a child stuck in D state on a hung
     mount cannot be killed before that), then kill the child's process group, then reap it.
@@ -101,6 +109,8 @@ def run_child(argv: list[str], timeout_s: float, peer: Peer) -> str:
         stderr=subprocess.PIPE,
         stdin=subprocess.DEVNULL,
         start_new_session=True,
+        cwd=cwd,
+        env={**os.environ, **env} if env else None,
     )
     try:
         out, err = child.communicate(timeout=timeout_s)
@@ -129,7 +139,9 @@ def _data_path(peer: Peer) -> Path:
 
 
 def lay_out(peer: Peer, opts: Options) -> None:
-    """Make sure the peer's data file exists with the configured size."""
+    """Make sure the peer's data file exists with the configured size (if an fio job needs it)."""
+    if not any(j.kind == "fio" for j in opts.jobs):
+        return
     path = _data_path(peer)
     with contextlib.suppress(OSError):
         if path.stat().st_size >= opts.size_bytes:
@@ -148,8 +160,12 @@ def recover(peer: Peer, opts: Options) -> None:
     lay_out(peer, opts)
 
 
-def run_one(peer: Peer, job: Job, rep: int, opts: Options) -> dict[str, Any]:
-    """One job on one peer; returns the run record (ok=False with error on failure)."""
+def run_one(
+    peer: Peer, job: Job, rep: int, opts: Options, tree_src: treecopy.TreeSource | None = None
+) -> dict[str, Any]:
+    """One job on one peer; returns the run record (ok=False with error on failure).
+
+    ``tree_src`` is required for tree jobs."""
     rec: dict[str, Any] = {
         "job": job.name,
         "peer": peer.name,
@@ -170,6 +186,12 @@ def run_one(peer: Peer, job: Job, rep: int, opts: Options) -> dict[str, Any]:
                 fio_argv(job, str(path), opts.size_bytes, opts.runtime_s), opts.runtime_s + 60, peer
             )
             rec.update(parse_fio_json(out))
+        elif job.kind == "tree":
+            assert tree_src is not None, "tree jobs need the prepared tree source"
+            argv, cwd, env = treecopy.step_command(job.tree_step, peer.data_dir, rep, tree_src)
+            run_child(argv, treecopy.timeout_s(tree_src.info), peer, cwd=cwd, env=env)
+            rec["elapsed_s"] = rec["runtime_s"] = time.monotonic() - t0
+            rec["files"] = tree_src.info["files"]
         else:
             d = peer.data_dir / f"meta-{rep}-{os.getpid()}"
             out = run_child(
@@ -186,6 +208,10 @@ def run_one(peer: Peer, job: Job, rep: int, opts: Options) -> dict[str, Any]:
         if stats0 is not None and (stats1 := diofs_stats(peer)) is not None:
             rec["diofs_stats_delta"] = stats_delta(stats0, stats1)
             rec["diofs_stats_after"] = stats1  # gauges (e.g. writes_per_flush) read here
+        if job.kind == "tree" and tree_src is not None:
+            cleanup = treecopy.cleanup_command(job.tree_step, peer.data_dir, rep)
+            if cleanup:  # after the figures: neither timed nor counted
+                run_child(cleanup, treecopy.timeout_s(tree_src.info), peer)
     except (ChildFailed, ValueError, OSError, json.JSONDecodeError) as exc:
         rec["error"] = str(exc)
         if getattr(exc, "report", ""):
@@ -240,6 +266,8 @@ def _progress(job: Job, rec: dict[str, Any]) -> str:
         txt += f" p50 {rec['lat_p50_us']:.0f} µs p99 {rec['lat_p99_us']:.0f} µs"
     if rec.get("daemon_cpu_s") is not None:
         txt += f" cpu {rec['daemon_cpu_s']:.2f} s"
+    if job.kind == "tree" and (delta := rec.get("diofs_stats_delta")):
+        txt += f" requests {sum(v for k, v in delta.items() if k.startswith('ops.')):,}"
     return head + " " + txt
 
 
@@ -276,6 +304,7 @@ def run_bench(opts: Options) -> dict[str, Any]:
             "runtime_s": opts.runtime_s,
             "size_bytes": opts.size_bytes,
             "meta_files": opts.meta_files,
+            "tree_src": None,
             "diofs_args": opts.diofs_args,
             "workdir": str(workdir),
         },
@@ -288,12 +317,17 @@ def run_bench(opts: Options) -> dict[str, Any]:
         _say(
             opts, f"warning: work dir {workdir} is on {results['machine']['workdir_fs']}, not ext4"
         )
+    tree_src = None
     live: list[Peer] = []
     try:  # SIGTERM unmounts like Ctrl-C does (only possible from the main thread)
         prev_term = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     except ValueError:
         prev_term = None
     try:
+        if any(j.kind == "tree" for j in opts.jobs):  # ValueError: SRC unusable
+            tree_src = treecopy.prepare(opts.tree_src, workdir)
+            results["config"]["tree_src"] = tree_src.info
+            _say(opts, f"tree source {treecopy.describe(tree_src.info)}")
         if any(p != "local" for p in opts.peers) and not fusewatch.ensure_fusectl():
             _say(opts, "warning: fusectl is not available: hung mounts cannot be aborted")
         for name in opts.peers:
@@ -323,7 +357,7 @@ def run_bench(opts: Options) -> dict[str, Any]:
                 for peer in live[k:] + live[:k]:
                     if not results["peers"][peer.name]["available"]:
                         continue
-                    rec = run_one(peer, job, rep, opts)
+                    rec = run_one(peer, job, rep, opts, tree_src)
                     results["runs"].append(rec)
                     _say(opts, _progress(job, rec))
                     if peer.is_fuse and (not rec["ok"] or not peer.alive()):
@@ -355,127 +389,6 @@ def run_bench(opts: Options) -> dict[str, Any]:
         _say(opts, report.plot(results, out))
     _say(opts, f"results: {out}/results.json, {out}/results.md")
     return results
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(
-        prog="scripts/bench",
-        description="diofs side by side with its peers (local disk, C and Python passthrough), "
-        "interleaved, repeated; writes results.json, results.md and a chart.",
-    )
-    ap.add_argument(
-        "--peers",
-        default=",".join(PEER_NAMES),
-        help=f"comma-separated subset of {','.join(PEER_NAMES)} (default: all)",
-    )
-    ap.add_argument(
-        "--jobs", default=None, help="comma-separated job names (default: all; see --list-jobs)"
-    )
-    ap.add_argument("--repeat", type=int, default=None, help="repetitions per job (default 3)")
-    ap.add_argument("--runtime", type=float, default=None, help="seconds per fio job (default 5)")
-    ap.add_argument("--size", default=None, help="data file size (default 256M)")
-    ap.add_argument(
-        "--meta-files", type=int, default=None, help="files in the metadata job (default 10000)"
-    )
-    ap.add_argument(
-        "--quick", action="store_true", help="runtime 2 s, repeat 1, size 64M, 2000 metadata files"
-    )
-    ap.add_argument(
-        "--out",
-        type=Path,
-        default=None,
-        help="results dir (default bench-results/<timestamp>/ at the repo root)",
-    )
-    ap.add_argument(
-        "--workdir",
-        type=Path,
-        default=None,
-        help="where mounts, backing dirs and the image go (default "
-        "~/.cache/diofs-bench/work-*, removed afterwards)",
-    )
-    ap.add_argument("--keep-workdir", action="store_true")
-    ap.add_argument("--diofs-image-size", default="1G")
-    ap.add_argument(
-        "--diofs-opts",
-        default="",
-        help='extra arguments for mount.py, one shell-quoted string (e.g. "-o cache_size=128M")',
-    )
-    ap.add_argument("--no-plots", action="store_true")
-    ap.add_argument("--list-jobs", action="store_true", help="print the job table and exit")
-    ap.add_argument(
-        "--report",
-        type=Path,
-        default=None,
-        metavar="RESULTS_JSON",
-        help="rebuild results.md and the chart from a results.json and exit",
-    )
-    ap.add_argument(
-        "--profile",
-        default=None,
-        metavar="JOB",
-        help="run JOB once on diofs with the daemon under a profiler; print top functions",
-    )
-    ap.add_argument("--profiler", choices=("py-spy", "cprofile"), default="py-spy")
-    ap.add_argument(
-        "--profile-all-threads",
-        action="store_true",
-        help="py-spy: sample every thread, not only the one holding the GIL",
-    )
-    return ap.parse_args(argv)
-
-
-def options_from_args(a: argparse.Namespace) -> Options:
-    q = a.quick
-    peers = [p.strip() for p in a.peers.split(",") if p.strip()]
-    bad = [p for p in peers if p not in PEER_NAMES]
-    if bad:
-        raise SystemExit(f"bench: unknown peer(s) {bad}; known: {', '.join(PEER_NAMES)}")
-    try:
-        jobs = select_jobs(a.jobs)
-    except ValueError as exc:
-        raise SystemExit(f"bench: {exc}") from None
-    return Options(
-        peers=peers,
-        jobs=jobs,
-        repeat=a.repeat if a.repeat is not None else (1 if q else 3),
-        runtime_s=a.runtime if a.runtime is not None else (2.0 if q else 5.0),
-        size_bytes=parse_size(a.size or ("64M" if q else "256M")),
-        meta_files=a.meta_files if a.meta_files is not None else (2000 if q else 10_000),
-        out=a.out,
-        workdir=a.workdir,
-        keep_workdir=a.keep_workdir,
-        diofs_image_size=a.diofs_image_size,
-        diofs_args=shlex.split(a.diofs_opts),
-        plots=not a.no_plots,
-    )
-
-
-def main(argv: list[str] | None = None) -> int:
-    a = parse_args(argv)
-    if a.list_jobs:
-        for j in JOBS:
-            fio = " ".join(f"--{k}={v}" for k, v in j.fio) or "(Python loop, metaload.py)"
-            print(f"{j.name:<26} {j.metric:<6} {j.title}\n{'':<33}{fio}")
-        return 0
-    if a.report:
-        results = json.loads(a.report.read_text())
-        out = a.out or a.report.parent
-        report.write_results(results, out)
-        print(report.plot(results, out))
-        print(report.markdown(results))
-        return 0
-    opts = options_from_args(a)
-    if a.profile:
-        from benchmarks import profile
-
-        return profile.run_profile(a.profile, opts, a.profiler, not a.profile_all_threads)
-    if shutil_which("fio") is None:
-        print("bench: fio is not installed", file=sys.stderr)
-        return 2
-    results = run_bench(opts)
-    failed = sum(not r["ok"] for r in results["runs"])
-    print(f"done: {len(results['runs'])} runs, {failed} failed")
-    return 0
 
 
 def shutil_which(name: str) -> str | None:

@@ -6,6 +6,19 @@ keeps its errno, anything else is logged once with its traceback, answered with 
 switches the mount to failsafe (later writes fail with EIO, the image is flagged for fsck in
 the log) — pyfuse3 itself would end its main loop on any exception that is not FUSEError.
 `_boundary` also keeps the table of outstanding requests that diofs.hang_detector scans.
+
+Kernel caching of names and attributes (entry and attribute timeouts, `-o entry_timeout=S,
+attr_timeout=S`, default an hour): the kernel may trust a dentry and an inode's attributes
+that long without asking. That is safe because diofs is the only writer of its image (the
+image lock) and changes attributes only while answering a request that the kernel updates
+or invalidates its copy after: replies to SETATTR, CREATE, MKDIR, LINK carry the new
+attributes; WRITE, FALLOCATE, an O_TRUNC OPEN, RENAME, UNLINK and a directory change make
+the kernel drop the affected attributes; st_blocks does not move at writeback (fs.blocks_512)
+and atime is only set by SETATTR. Nothing else changes an attribute. With a 1 s timeout
+(libfuse's default) `git add -A` and `rm -rf` of a tree copied seconds earlier looked every
+name up again. A missing name is answered as a negative entry with the same timeout (a name
+cannot appear but through the kernel), so a second look-up of it (git: "is this object
+there?", then link() to that name) stays in the kernel. Figures: docs/bench.md, "Tree copy".
 """
 
 from __future__ import annotations
@@ -46,8 +59,6 @@ log = logging.getLogger(__name__)
 # The counters are read from a virtual file at the root (`diofs stats MNT`), not an xattr.
 STATS_NAME = b".diofs-stats"
 STATS_INO = 1 << 62
-ENTRY_TIMEOUT = 1.0
-ATTR_TIMEOUT = 1.0
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
@@ -102,11 +113,13 @@ class Operations(pyfuse3.Operations):
     enable_acl = False
 
     def __init__(
-        self, fs: Filesystem, buffered: Buffered, direct: Direct, dur: Durability,
-        *, xattrs: bool = True,
+        self, fs: Filesystem, buffered: Buffered, direct: Direct, dur: Durability, *,
+        entry_timeout: float, attr_timeout: float, xattrs: bool = True,
     ):
         super().__init__()
         self.xattrs = xattrs
+        self.entry_timeout = entry_timeout  # seconds; see the module docstring
+        self.attr_timeout = attr_timeout
         self.fs = fs
         self.buffered = buffered
         self.direct = direct
@@ -120,8 +133,8 @@ class Operations(pyfuse3.Operations):
         a = pyfuse3.EntryAttributes()
         a.st_ino = inode.ino
         a.generation = 0
-        a.entry_timeout = ENTRY_TIMEOUT
-        a.attr_timeout = ATTR_TIMEOUT
+        a.entry_timeout = self.entry_timeout
+        a.attr_timeout = self.attr_timeout
         a.st_mode = inode.mode
         a.st_nlink = inode.nlink
         a.st_uid = inode.uid
@@ -148,7 +161,18 @@ class Operations(pyfuse3.Operations):
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> Any:
         if parent_inode == pyfuse3.ROOT_INODE and name == STATS_NAME:
             return self._stats_attrs()
-        return self._entry(self.fs.lookup(parent_inode, name))
+        try:
+            node = self.fs.lookup(parent_inode, name)
+        except FsError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+            # a negative entry: the kernel caches the absence (module docstring) and creates
+            # the name on this same dentry when it is made; no inode, so no lookup count
+            a = pyfuse3.EntryAttributes()
+            a.st_ino = 0
+            a.entry_timeout = self.entry_timeout
+            return a
+        return self._entry(node)
 
     def _stats_attrs(self) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()

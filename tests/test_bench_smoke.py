@@ -2,27 +2,35 @@
 
 Fast: the job table, fio argv building and JSON parsing, and the report built from a small fake
 result set run without fio or FUSE. One real fio job (1 s, 16 MiB, local disk peer only) proves
-the run loop end to end; it is skipped when fio is not installed.
+the run loop end to end; it is skipped when fio is not installed. The tree-copy jobs run once
+on a real diofs mount and the local disk with a 40-file source tree (a few seconds).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from benchmarks import jobs, report
-from benchmarks.jobs import JOBS, JOBS_BY_NAME, fio_argv, parse_fio_json, select_jobs
-from benchmarks.profile import summarize_collapsed
+from benchmarks import jobs, report, treecopy
+from benchmarks.cli import options_from_args, parse_args
+from benchmarks.daemon_profile import summarize_collapsed
+from benchmarks.jobs import JOBS, JOBS_BY_NAME, TREE_JOBS, fio_argv, parse_fio_json, select_jobs
 from benchmarks.runner import Options, run_bench
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench"
 
 
 def test_job_table_is_consistent() -> None:
     assert len(JOBS_BY_NAME) == len(JOBS)
     for job in JOBS:
-        assert job.metric in ("MB/s", "IOPS", "ops/s")
+        assert job.metric in ("MB/s", "IOPS", "ops/s", "s")
+        assert (job.kind == "tree") == bool(job.tree_step) == (job.metric == "s")
         if job.kind != "fio":
             continue
         argv = fio_argv(job, "/x/bench.dat", 1 << 20, 2)
@@ -174,12 +182,89 @@ def test_stats_delta_keeps_changed_counters_only() -> None:
 
 
 def test_script_lists_jobs() -> None:
-    import subprocess
-    import sys
-
-    script = Path(__file__).resolve().parent.parent / "scripts" / "bench"
     r = subprocess.run(
-        [sys.executable, str(script), "--list-jobs"], capture_output=True, text=True, timeout=60
+        [sys.executable, str(SCRIPT), "--list-jobs"], capture_output=True, text=True, timeout=60
     )
     assert r.returncode == 0, r.stderr
     assert all(j.name in r.stdout for j in JOBS)
+
+
+def test_modules_import_alone() -> None:
+    """No import cycle (daemon_profile <-> runner), and no module shadows the stdlib's profile."""
+    for mod in ("benchmarks.daemon_profile", "benchmarks.runner", "benchmarks.cli"):
+        r = subprocess.run(
+            [sys.executable, "-c", f"import {mod}"], capture_output=True, text=True, timeout=60
+        )
+        assert r.returncode == 0, r.stderr
+    assert not (SCRIPT.parent.parent / "benchmarks" / "profile.py").exists()
+
+
+def test_tree_only_and_bad_tree_source(tmp_path: Path) -> None:
+    opts = options_from_args(parse_args(["--tree-only", "--tree-src", str(tmp_path)]))
+    assert [j.name for j in opts.jobs] == [
+        "tree-cp-a",
+        "tree-git-commit",
+        "tree-rm-rf",
+        "tree-tar-x",
+    ]
+    assert opts.tree_src == tmp_path
+    r = subprocess.run(
+        [sys.executable, str(SCRIPT), "--tree-only", "--tree-src", str(tmp_path / "missing")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode != 0
+    assert r.stderr.strip().splitlines() == [
+        f"bench: --tree-src {tmp_path / 'missing'} is not a directory"
+    ]
+
+
+def _small_tree(root: Path) -> Path:
+    src = root / "src"
+    for d in range(4):
+        (src / f"d{d}" / "sub").mkdir(parents=True)
+        for i in range(9):
+            (src / f"d{d}" / f"f{i}.h").write_bytes(os.urandom(100 + 500 * i))
+        os.symlink("../f0.h", src / f"d{d}" / "sub" / "link.h")
+        (src / f"d{d}" / "sub" / "x.h").write_text("int x;\n")
+    return src
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
+def test_tree_jobs_on_diofs_and_local_disk(tmp_path: Path) -> None:
+    src = _small_tree(tmp_path)
+    info = treecopy.survey(src)
+    assert (info["files"], info["symlinks"], info["dirs"]) == (40, 4, 9)
+    opts = Options(
+        peers=["diofs", "local"],
+        jobs=list(TREE_JOBS),
+        repeat=1,
+        out=tmp_path / "out",
+        workdir=tmp_path / "work",
+        diofs_image_size="64M",
+        plots=False,
+        quiet=True,
+        tree_src=src,
+    )
+    results = run_bench(opts)
+    runs = {(r["job"], r["peer"]): r for r in results["runs"]}
+    assert len(runs) == 8
+    for rec in runs.values():
+        assert rec["ok"], rec["error"]
+        assert rec["elapsed_s"] > 0
+    assert results["config"]["tree_src"]["files"] == 40
+    ops = runs[("tree-cp-a", "diofs")]["diofs_stats_delta"]
+    assert ops["ops.create"] >= 40 and ops["ops.mkdir"] >= 8 and ops["ops.symlink"] >= 4
+    assert runs[("tree-rm-rf", "diofs")]["diofs_stats_delta"]["ops.unlink"] >= 40
+    tar = runs[("tree-tar-x", "diofs")]["diofs_stats_delta"]
+    # tar replaces a placeholder file by each symlink at the end; its cleanup is not counted
+    assert tar["ops.create"] >= 40 and tar.get("ops.unlink", 0) <= 4
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert f"## Tree copy of `{src}`, 40 files" in md
+    for job in TREE_JOBS:
+        assert f"| {job.title} | " in md
+    assert "diofs requests by opcode" in md
+    assert "| create | 40 (1.00) |" in md
+    assert "## Primary figure per job" not in md  # tree-only: no empty fio tables
+    assert not (tmp_path / "work").exists()

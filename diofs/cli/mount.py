@@ -13,8 +13,10 @@ commit_interval=S, shootdown=unlocked|locked, backend=raw|crash|fault, crash_log
 fault_spec=PATH, max_tasks=N, hang_timeout=S (a request outstanding that long is logged once
 with its stacks and counted in `hangs.detected`; never aborted; default 60, 0 = off),
 xattr=on|off (extended attributes; off answers ENOSYS to every xattr request),
-fill_delay=S, dio_delay=S and data_delay=S (demo hooks that widen race windows; data_delay: a
-data write into new blocks or past EOF sleeps between allocating and writing its data). Unknown
+entry_timeout=S and attr_timeout=S (how long the kernel may cache names and attributes;
+default 3600, see diofs/ops.py), fill_delay=S, dio_delay=S and data_delay=S (demo hooks that
+widen race windows; data_delay: a data write into new blocks or past EOF sleeps between
+allocating and writing its data). Unknown
 -o options are passed to FUSE only if they are known FUSE options (allow_other,
 default_permissions, ro...).
 
@@ -53,6 +55,9 @@ FUSE_PASSTHROUGH = {"allow_other", "default_permissions", "ro", "rw", "noatime",
                     "nosuid", "dev", "suid", "exec", "noexec", "relatime", "atime"}
 MOUNT8_ONLY = {"auto", "noauto", "user", "nouser", "_netdev", "nofail", "defaults"}  # fstab
 MCL_CURRENT, MCL_FUTURE = 1, 2
+# seconds the kernel may cache names and attributes (-o entry_timeout, attr_timeout); why it
+# can be this long: diofs/ops.py, "Kernel caching of names and attributes"
+CACHE_TIMEOUT_S = 3600.0
 
 
 @dataclass
@@ -67,6 +72,8 @@ class Options:
     fault_spec: str | None = None
     max_tasks: int = 64
     hang_timeout: float = hang_detector.DEFAULT_TIMEOUT_S
+    entry_timeout: float = CACHE_TIMEOUT_S
+    attr_timeout: float = CACHE_TIMEOUT_S
     fill_delay: float = 0.0
     dio_delay: float = 0.0
     data_delay: float = 0.0
@@ -88,7 +95,7 @@ def parse_options(items: list[str]) -> Options:
                     o.dio_align = int(value)
                 elif key in (
                     "writeback_age", "commit_interval", "fill_delay", "dio_delay", "data_delay",
-                    "hang_timeout",
+                    "hang_timeout", "entry_timeout", "attr_timeout",
                 ):
                     setattr(o, key, float(value))
                 elif key == "max_tasks":
@@ -111,6 +118,8 @@ def parse_options(items: list[str]) -> Options:
                     raise DiofsError(f"bad mount option {item!r}")
             except ValueError:
                 raise DiofsError(f"bad mount option {item!r}") from None
+    if not 0 <= o.entry_timeout <= 1e9 or not 0 <= o.attr_timeout <= 1e9:
+        raise DiofsError("entry_timeout and attr_timeout must be between 0 and 1e9 seconds")
     if o.cache_size < 1 << 20:
         raise DiofsError("cache_size must be at least 1M")
     try:
@@ -208,7 +217,10 @@ class Daemon:
             persistent_ctx=self.mlock,
         )
         fs.data_delay = o.data_delay
-        self.ops = Operations(fs, self.buffered, self.direct, self.durability, xattrs=o.xattr)
+        self.ops = Operations(
+            fs, self.buffered, self.direct, self.durability, xattrs=o.xattr,
+            entry_timeout=o.entry_timeout, attr_timeout=o.attr_timeout,
+        )
         self.locks = locks
         fuse_opts = set(pyfuse3.default_options)
         fuse_opts.discard("default_permissions")

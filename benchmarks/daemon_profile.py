@@ -8,6 +8,9 @@ idle trio worker threads otherwise show up as busy in ``WorkerThread._work`` and
 Python CPU profile; ``--profile-all-threads`` keeps every thread (then native time without the
 GIL, such as pread in a worker thread, shows too).
 
+A tree job (benchmarks/treecopy.py) first runs the tree steps before it in the job table
+(cp -a before git commit, ...), unprofiled under py-spy, so that only JOB is sampled.
+
 cProfile: the daemon runs as ``python -m cProfile -o profile.pstats mount.py ...``; the file is
 written when the daemon exits after the unmount. cProfile sees the main thread only.
 
@@ -28,7 +31,8 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.jobs import JOBS_BY_NAME, primary
+from benchmarks import report, treecopy
+from benchmarks.jobs import JOBS_BY_NAME, TREE_JOBS, primary
 from benchmarks.peers import CACHE, REPO, DiofsPeer, PeerUnavailable, cleanup_workdir
 from benchmarks.runner import ChildFailed, Options, lay_out, run_one
 
@@ -80,7 +84,7 @@ def run_profile(
     out.mkdir(parents=True, exist_ok=True)
     workdir = opts.workdir or CACHE / f"work-{stamp}-{os.getpid()}-profile"
     workdir.mkdir(parents=True, exist_ok=True)
-    opts = dataclasses.replace(opts, peers=["diofs"])
+    opts = dataclasses.replace(opts, peers=["diofs"], jobs=[job])
     peer = DiofsPeer(workdir, opts.diofs_image_size, opts.diofs_args)
     pyspy = shutil.which("py-spy") or str(REPO / ".venv" / "bin" / "py-spy")
     if profiler == "py-spy" and not Path(pyspy).exists():
@@ -96,9 +100,13 @@ def run_profile(
     spy: subprocess.Popen[bytes] | None = None
     rec = None
     try:
+        tree_src = treecopy.prepare(opts.tree_src, workdir) if job.kind == "tree" else None
         peer.prepare()
         peer.mount()
         lay_out(peer, opts)
+        for before in TREE_JOBS[: TREE_JOBS.index(job)] if tree_src else ():
+            if not (r := run_one(peer, before, 0, opts, tree_src))["ok"]:
+                raise ChildFailed(f"{before.name}: {r['error']}")
         if profiler == "py-spy":
             pid = peer.daemon_pid()
             assert pid is not None
@@ -121,8 +129,8 @@ def run_profile(
                 start_new_session=True,
             )
             time.sleep(1.0)  # let it attach
-        rec = run_one(peer, job, 0, opts)
-    except (PeerUnavailable, ChildFailed, OSError) as exc:
+        rec = run_one(peer, job, 0, opts, tree_src)
+    except (PeerUnavailable, ChildFailed, OSError, ValueError) as exc:
         print(f"bench: profile run failed: {exc}", file=sys.stderr)
         return 1
     finally:
@@ -142,8 +150,8 @@ def run_profile(
     if rec is not None:
         if rec["ok"]:
             print(
-                f"{job.name} on diofs: {primary(job, rec):.0f} {job.metric}, daemon cpu "
-                f"{rec.get('daemon_cpu_s') or 0:.2f} s"
+                f"{job.name} on diofs: {report.fmt(job.metric, primary(job, rec))} {job.metric}, "
+                f"daemon cpu {rec.get('daemon_cpu_s') or 0:.2f} s"
             )
         else:
             print(f"{job.name} on diofs FAILED: {rec['error']}")
