@@ -77,6 +77,8 @@ class Filesystem:
         self.flushed_writes = 0
         self._rover = self.sb.data_start
         self.io_limiter = trio.CapacityLimiter(4)
+        # image I/O up to this size runs inline (see _io); an NBD backend says 0
+        self.inline_io_bytes: int = getattr(backend, "inline_io_bytes", INLINE_IO_BYTES)
         # Demo hook (`-o data_delay=S`): `write_data` sleeps this long between allocating
         # (and, with --bug size-before-data, publishing) and writing the data, when the range
         # has new or unwritten blocks or extends the file: a deterministic race window.
@@ -431,7 +433,7 @@ class Filesystem:
         """Run blocking image I/O. Small transfers run inline on the trio thread: a thread
         hop costs more than a 4 KiB pread from the host page cache (measured: see
         docs/design.md); large ones and flushes go to a worker thread."""
-        if nbytes <= INLINE_IO_BYTES:
+        if nbytes <= self.inline_io_bytes:
             return fn(*args)
         return await trio.to_thread.run_sync(fn, *args, limiter=self.io_limiter)
 
@@ -501,7 +503,7 @@ class Filesystem:
         self, inode: Inode, off: int, data: bytes | memoryview, *, durable: bool = False
     ) -> bool:
         """write_data's fast path, or False: a block-aligned overwrite of at most
-        INLINE_IO_BYTES inside i_size, all in one written extent, is one synchronous image
+        `inline_io_bytes` inside i_size, all in one written extent, is one synchronous image
         write and an mtime update. Nothing to allocate, convert or grow, and no await, so
         whatever the caller checked before still holds after (dio.py: the fast path).
         `durable`: the image write is durable on return (backend.write_durable)."""
@@ -509,7 +511,7 @@ class Filesystem:
         size = len(data)
         end = off + size
         if (
-            size > INLINE_IO_BYTES or off % bs or end % bs or end > inode.size
+            size > self.inline_io_bytes or off % bs or end % bs or end > inode.size
             or self.data_delay or inode.ino in self.reserved
         ):
             return False
