@@ -29,6 +29,12 @@ class Bug(enum.Enum):
     # the mount uses a commit whose checksums match without checking it (format/verify.py): a
     # crafted extent on the superblock reads it back, and a write there destroys the image
     TRUST_CHECKSUMS = "trust-checksums"
+    # NBD requests up to 1 MiB run inline on the trio thread, as for the raw image: one slow
+    # server round trip stalls every request, cached ones too (diofs/backend/nbd.py)
+    NBD_INLINE_IO = "nbd-inline-io"
+    # a flush after a lost NBD connection reports success for writes acknowledged before
+    # the loss, which a crashed server may have dropped (diofs/backend/nbd.py, epochs)
+    NBD_TRUST_RECONNECT = "nbd-trust-reconnect"
 
     __hash__ = object.__hash__  # members are singletons; asked on every request (hot path)
 

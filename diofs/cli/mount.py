@@ -279,7 +279,11 @@ class Daemon:
             log.error("final writeback failed: %s", exc)
             error = f"final writeback failed ({exc}): data not yet written back is lost"
         self.fs.unmount_cleanup()
-        await self.fs.commit()
+        try:
+            await self.fs.commit()
+        except OSError as exc:  # an image that went away (an NBD server down): exit 1, no crash
+            log.error("final commit failed: %s", exc)
+            error = error or f"final commit failed ({exc}): the image keeps its last commit"
         if error is None and self.ops.failsafe:
             error = "an internal error made the mount failsafe (see the log); run fsck.diofs"
         self.final_error = error
