@@ -38,7 +38,11 @@ Faults:
     - a connection that dies (server killed) is dropped; the next call reconnects, trying
       again every `retry` seconds (-o nbd_retry, default 1) until its deadline, so a server
       that returns within the timeout costs no error at all, and one that stays away gives
-      EIO to each caller within the timeout; the daemon never hangs.
+      EIO within the timeout. Once a reconnect has failed for a whole deadline the server
+      counts as down: each later call makes one attempt of at most `retry` seconds and fails
+      with EIO at once, so that a syscall that needs several image calls (writeback, flush,
+      commit) also fails within about one timeout; the first connect that succeeds ends it.
+      The daemon never hangs.
     - writes the server acknowledged but no flush has covered yet may be lost if the server
       crashed: a connection epoch counts connections lost or abandoned (timeouts); a flush
       whose oldest uncovered write was acknowledged in an earlier epoch than the one it ends
@@ -145,6 +149,7 @@ class NbdBackend:
         self._epoch = 0  # connections lost or abandoned so far
         self._dirty_epoch: int | None = None  # epoch of the oldest write no flush covered
         self._closed = False
+        self._down = False  # a reconnect failed for a whole deadline; cleared by a connect
         first = _Slot()
         try:
             first.h = self._connect(time.monotonic() + self.opts.timeout)
@@ -259,11 +264,18 @@ class NbdBackend:
         try:
             while True:
                 if slot.h is None:
+                    # a server known to be down gets one short attempt, not the full wait
+                    until = (min(deadline, time.monotonic() + self.opts.retry) if self._down
+                             else deadline)
                     try:
-                        slot.h = self._connect(deadline)
+                        slot.h = self._connect(until)
                     except OSError as exc:  # callers see EIO, as from a dead disk
+                        self._down = True
                         raise OSError(errno.EIO, f"NBD {what} on {self.uri}: server lost "
                                       f"({exc.strerror})") from None
+                    if self._down:
+                        self._down = False
+                        log.warning("NBD server %s is back", self.uri)
                 h = slot.h
                 try:
                     cookie = submit(h)
