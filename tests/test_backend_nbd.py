@@ -322,6 +322,51 @@ def test_mkfs_mount_fsck_on_a_uri(servers, mount_factory, tmp_path):
     assert Path(m.path("f")).read_bytes() == b"x" * 100000
 
 
+def test_server_errors_reach_callers_and_fsync_via_errseq(mount_factory, tmp_path):
+    inject = tmp_path / "inject"
+    m = nbd_mount(mount_factory, filters=("error",),
+                  args=("error=EIO", "error-pwrite-rate=100%", f"error-pwrite-file={inject}",
+                        "error-pread-rate=100%", f"error-pread-file={inject}.r"),
+                  opts={"writeback_age": 0.2, "commit_interval": 3600})
+    m.expect_log(r"writeback of inode \d+ (pages \d+\.\.\d+ )?failed|NBD (write|read)")
+    path = m.path("f")
+    with open(path, "wb") as f:
+        f.write(b"o" * 8 * BS)
+        os.fsync(f.fileno())
+    fd = os.open(path, os.O_RDWR)
+    other = os.open(path, os.O_RDONLY)
+    try:
+        inject.touch()
+        os.pwrite(fd, b"n" * 2 * BS, BS)  # dirty pages, written back in the background
+        deadline = time.monotonic() + 10
+        while m.stats().get("writeback.errors", 0) < 1:
+            assert time.monotonic() < deadline, "no writeback error"
+            time.sleep(0.05)
+        inject.unlink()
+        for f in (fd, other):  # each open fd sees the error once (errseq) ...
+            with pytest.raises(OSError) as ei:
+                os.fsync(f)
+            assert ei.value.errno == errno.EIO
+            os.fsync(f)  # ... and only once
+        Path(f"{inject}.r").touch()  # a direct read the server fails: EIO to the caller
+        dfd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+        import mmap
+
+        rb = mmap.mmap(-1, BS)
+        try:
+            with pytest.raises(OSError) as ei:
+                os.preadv(dfd, [rb], 0)
+            assert ei.value.errno == errno.EIO
+            Path(f"{inject}.r").unlink()
+            assert os.preadv(dfd, [rb], 0) == BS and rb[:] == b"o" * BS
+        finally:
+            os.close(dfd)
+    finally:
+        os.close(fd)
+        os.close(other)
+    assert m.daemon is not None and m.daemon.poll() is None
+
+
 DELAY_MS = 40
 
 
