@@ -60,7 +60,9 @@ import queue
 import threading
 import time
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from diofs import bugs
 from diofs.backend.raw import check_range
@@ -255,7 +257,7 @@ class NbdBackend:
         return f"NbdBackend({self.uri!r}, size={self._size}, writable={self.writable})"
 
     # ------------------------------------------------------------------ requests
-    def _call(self, what: str, submit, *, write: bool = False) -> None:  # type: ignore[no-untyped-def]
+    def _call(self, what: str, submit: Callable[[Any], int], *, write: bool = False) -> None:
         """Run `submit(handle) -> cookie` on a pooled handle and wait for it, reconnecting
         after a dead connection, all within the deadline; OSError on failure."""
         nbd = self.nbd

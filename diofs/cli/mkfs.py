@@ -7,6 +7,7 @@ its own: SIZE, if given, may not exceed it, and the filesystem then uses the fir
 
 from __future__ import annotations
 
+import argparse
 import os
 import stat
 
@@ -15,6 +16,7 @@ from diofs.backend import Backend, is_uri, open_backend
 from diofs.cli.common import ArgumentParser, parse_size, run_main
 from diofs.errors import DiofsError
 from diofs.format import image
+from diofs.format.layout import Superblock
 
 
 def _power_of_two(n: int) -> bool:
@@ -74,7 +76,7 @@ def mkfs(argv: list[str]) -> int:
     return 0
 
 
-def _mkfs_device(a) -> int:  # type: ignore[no-untyped-def]
+def _mkfs_device(a: argparse.Namespace) -> int:
     """A block device or an NBD export: its size is fixed; lock, then write."""
     lock = image_lock.lock_image(a.image, exclusive=True)  # exit 7 if mounted
     try:
@@ -98,14 +100,14 @@ def _mkfs_device(a) -> int:  # type: ignore[no-untyped-def]
     return 0
 
 
-def _write(backend: Backend, size: int, block_size: int, dio_align: int):  # type: ignore[no-untyped-def]
+def _write(backend: Backend, size: int, block_size: int, dio_align: int) -> Superblock:
     try:
         return image.mkfs(backend, size, block_size, dio_align)
     except ValueError as exc:
         raise DiofsError(str(exc)) from None
 
 
-def _report(name: str, size: int, sb) -> None:  # type: ignore[no-untyped-def]
+def _report(name: str, size: int, sb: Superblock) -> None:
     print(
         f"mkfs.diofs: {name}: {size >> 20} MiB, block size {sb.block_size}, "
         f"dio alignment {sb.dio_align}, {sb.data_blocks} data blocks"

@@ -15,8 +15,9 @@ Options (-o k=v,...): cache_size=64M, dio_align=N (a multiple of the image's), w
 commit_interval=S, shootdown=unlocked|locked, backend=raw|crash|fault, crash_log=PATH,
 fault_spec=PATH, nbd_timeout=S (an NBD request fails with EIO after S seconds; default 30),
 nbd_retry=S (pause between reconnects to a lost NBD server; default 1), nbd_unsafe (mount an
-NBD server that cannot flush: not crash consistent), nbd_connections=N (default 4), max_tasks=N, hang_timeout=S (a request outstanding that long is logged once
-with its stacks and counted in `hangs.detected`; never aborted; default 60, 0 = off),
+NBD server that cannot flush: not crash consistent), nbd_connections=N (default 4),
+max_tasks=N, hang_timeout=S (a request outstanding that long is logged once with its stacks
+and counted in `hangs.detected`; never aborted; default 60, 0 = off),
 fill_delay=S, dio_delay=S and data_delay=S (demo hooks that widen race windows; data_delay: a
 data write into new blocks or past EOF sleeps between allocating and writing its data). Unknown
 -o options are passed to FUSE only if they are known FUSE options (allow_other,
