@@ -367,7 +367,7 @@ def test_server_errors_reach_callers_and_fsync_via_errseq(mount_factory, tmp_pat
     assert m.daemon is not None and m.daemon.poll() is None
 
 
-DELAY_MS = 40
+DELAY_MS = int(os.environ.get("DIOFS_NBD_DELAY_MS", "40"))  # the server delay per read
 
 
 def open_latencies(path: str, seconds: float) -> list[float]:
@@ -423,10 +423,11 @@ def test_slow_server_does_not_stall_other_requests(mount_factory, inline):
     q50, b50 = statistics.median(quiet) * 1e3, statistics.median(busy) * 1e3
     print(f"open+close median: quiet {q50:.2f} ms, with {DELAY_MS} ms reads in flight "
           f"{b50:.2f} ms (inline={inline})")
+    # measured with 40 ms: 0.5 ms vs 123 ms; with 10 ms: 0.8-4.4 ms vs 30-32 ms (loaded box)
     if inline:
-        assert b50 > DELAY_MS / 4, (q50, b50)  # the loop waits for the server
+        assert b50 > DELAY_MS, (q50, b50)  # the loop waits for the server's reads
     else:
-        assert b50 < DELAY_MS / 8, (q50, b50)
+        assert b50 < DELAY_MS / 4, (q50, b50)
 
 
 WRITER = r"""
