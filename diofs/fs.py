@@ -133,6 +133,11 @@ class Filesystem:
                 self.meta_dirty = True
                 raise
             self.generation = generation
+            discard = getattr(self.backend, "discard", None)
+            if discard is not None and freed:
+                # the durable commit no longer points at them and, still marked used in
+                # memory, no allocation can reuse them before the discard returns
+                await trio.to_thread.run_sync(self._discard, discard, freed, self.bs)
             self.flushed_writes = max(self.flushed_writes, writes)  # the commit flushed them
             self.committed_layout_seq = max(self.committed_layout_seq, layout_seq)
             for phys, count in freed:
@@ -140,6 +145,19 @@ class Filesystem:
                 self.free_blocks += count
             stats.add("meta.commits")
             stats.set("meta.blob_bytes", len(blob))
+
+    @staticmethod
+    def _discard(discard: Callable[[int, int], None], freed: list[tuple[int, int]],
+                 bs: int) -> None:
+        """Tell the backend (NBD trim) that freed blocks hold nothing; best effort."""
+        for phys, count in freed:
+            try:
+                discard(phys * bs, count * bs)
+            except OSError as exc:
+                stats.add("errors.discard")
+                log.info("discard of blocks %d+%d failed: %s", phys, count, exc)
+                return
+            stats.add("meta.discarded_blocks", count)
 
     async def flush(self) -> None:
         """fdatasync the image, unless no data write was issued since the last flush (or

@@ -367,6 +367,19 @@ def test_server_errors_reach_callers_and_fsync_via_errseq(mount_factory, tmp_pat
     assert m.daemon is not None and m.daemon.poll() is None
 
 
+def test_freed_blocks_are_trimmed_after_the_commit(mount_factory):
+    m = nbd_mount(mount_factory, opts={"commit_interval": 3600})
+    with open(m.path("big"), "wb") as f:
+        f.write(os.urandom(16 * MiB))
+        os.fsync(f.fileno())
+    m.remount()  # a commit that references the blocks
+    allocated = os.stat(m.image).st_blocks * 512
+    os.unlink(m.path("big"))
+    m.unmount()  # the final commit frees the blocks, then trims them (file plugin: punch hole)
+    freed = allocated - os.stat(m.image).st_blocks * 512
+    assert freed >= 15 * MiB, (allocated, freed)
+
+
 DELAY_MS = int(os.environ.get("DIOFS_NBD_DELAY_MS", "40"))  # the server delay per read
 
 

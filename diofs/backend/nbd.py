@@ -28,6 +28,8 @@ Durability (the Backend contract of diofs/backend/__init__.py):
       flush() is then a no-op and the mount is not crash consistent.
     - write_durable() = NBD_CMD_WRITE with NBD_CMD_FLAG_FUA if the server offers FUA, else a
       write followed by a flush.
+    - discard() = NBD_CMD_TRIM (if offered) of blocks a durable commit freed
+      (fs.Filesystem.commit), so that thin-provisioned storage gets them back.
 
 Faults:
     - every call has a deadline of `timeout` seconds (-o nbd_timeout, default 30): waiting for
@@ -75,6 +77,7 @@ log = logging.getLogger(__name__)
 
 SCHEMES = ("nbd", "nbd+unix")
 _POLL_SLICE_S = 0.5  # a wait re-checks its deadline at least this often
+_TRIM_MAX = 1 << 30  # NBD lengths are 32-bit
 
 
 def is_uri(image: str) -> bool:
@@ -162,6 +165,7 @@ class NbdBackend:
         self.can_flush = bool(h.can_flush())
         self.can_fua = bool(h.can_fua())
         self.multi_conn = bool(h.can_multi_conn())
+        self.can_trim = bool(h.can_trim())
         if writable and h.is_read_only():
             raise DiofsError(f"NBD export {uri} is read-only")
         if writable and not self.can_flush and not self.opts.unsafe:
@@ -218,6 +222,19 @@ class NbdBackend:
         flags = nbd.CMD_FLAG_FUA if fua else 0
         self._call("write", lambda h: h.aio_pwrite(nbd.Buffer.from_buffer(mv), off,
                                                    flags=flags), write=not fua)
+
+    def discard(self, off: int, n: int) -> None:
+        """NBD_CMD_TRIM of a range that holds nothing (blocks a durable commit freed), if the
+        server offers trim; a no-op otherwise. Not counted as a write to flush: losing a trim
+        at a crash leaves old bytes in free blocks, which nothing reads."""
+        check_range(off, n, self._size)
+        if not self.can_trim or not self.writable:
+            return
+        while n > 0:
+            step = min(n, _TRIM_MAX)
+            self._call("trim", lambda h, o=off, c=step: h.aio_trim(c, o))
+            off += step
+            n -= step
 
     def flush(self) -> None:
         if not self.can_flush:
