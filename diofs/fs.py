@@ -83,6 +83,8 @@ class Filesystem:
         # (and, with --bug size-before-data, publishing) and writing the data, when the range
         # has new or unwritten blocks or extends the file: a deterministic race window.
         self.data_delay = 0.0
+        # `-o discard`: a commit that frees blocks trims them (backend.discard, NBD trim)
+        self.discard_freed = False
 
     # ------------------------------------------------------------------ loading, commits
     @classmethod
@@ -133,7 +135,7 @@ class Filesystem:
                 self.meta_dirty = True
                 raise
             self.generation = generation
-            discard = getattr(self.backend, "discard", None)
+            discard = getattr(self.backend, "discard", None) if self.discard_freed else None
             if discard is not None and freed:
                 # the durable commit no longer points at them and, still marked used in
                 # memory, no allocation can reuse them before the discard returns

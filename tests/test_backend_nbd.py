@@ -368,7 +368,7 @@ def test_server_errors_reach_callers_and_fsync_via_errseq(mount_factory, tmp_pat
 
 
 def test_freed_blocks_are_trimmed_after_the_commit(mount_factory):
-    m = nbd_mount(mount_factory, opts={"commit_interval": 3600})
+    m = nbd_mount(mount_factory, opts={"commit_interval": 3600, "discard": True})
     with open(m.path("big"), "wb") as f:
         f.write(os.urandom(16 * MiB))
         os.fsync(f.fileno())
@@ -378,6 +378,15 @@ def test_freed_blocks_are_trimmed_after_the_commit(mount_factory):
     m.unmount()  # the final commit frees the blocks, then trims them (file plugin: punch hole)
     freed = allocated - os.stat(m.image).st_blocks * 512
     assert freed >= 15 * MiB, (allocated, freed)
+    m.start({"discard": False})  # the default (as ext4: nodiscard): freed blocks stay
+    with open(m.path("big2"), "wb") as f:
+        f.write(os.urandom(16 * MiB))
+        os.fsync(f.fileno())
+    m.remount({"discard": False})
+    allocated = os.stat(m.image).st_blocks * 512
+    os.unlink(m.path("big2"))
+    m.unmount()
+    assert os.stat(m.image).st_blocks * 512 >= allocated
 
 
 DELAY_MS = int(os.environ.get("DIOFS_NBD_DELAY_MS", "40"))  # the server delay per read

@@ -29,7 +29,8 @@ Durability (the Backend contract of diofs/backend/__init__.py):
     - write_durable() = NBD_CMD_WRITE with NBD_CMD_FLAG_FUA if the server offers FUA, else a
       write followed by a flush.
     - discard() = NBD_CMD_TRIM (if offered) of blocks a durable commit freed
-      (fs.Filesystem.commit), so that thin-provisioned storage gets them back.
+      (fs.Filesystem.commit, with -o discard), so that thin-provisioned storage gets them
+      back.
 
 Faults:
     - every call has a deadline of `timeout` seconds (-o nbd_timeout, default 30): waiting for

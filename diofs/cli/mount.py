@@ -15,7 +15,8 @@ Options (-o k=v,...): cache_size=64M, dio_align=N (a multiple of the image's), w
 commit_interval=S, shootdown=unlocked|locked, backend=raw|crash|fault, crash_log=PATH,
 fault_spec=PATH, nbd_timeout=S (an NBD request fails with EIO after S seconds; default 30),
 nbd_retry=S (pause between reconnects to a lost NBD server; default 1), nbd_unsafe (mount an
-NBD server that cannot flush: not crash consistent), nbd_connections=N (default 4),
+NBD server that cannot flush: not crash consistent), nbd_connections=N (default 4), discard
+(blocks a commit frees are trimmed on an NBD server that offers trim; off by default, as ext4),
 max_tasks=N, hang_timeout=S (a request outstanding that long is logged once with its stacks
 and counted in `hangs.detected`; never aborted; default 60, 0 = off),
 fill_delay=S, dio_delay=S and data_delay=S (demo hooks that widen race windows; data_delay: a
@@ -78,6 +79,7 @@ class Options:
     data_delay: float = 0.0
     async_dio: bool = True
     nbd: NbdOptions = field(default_factory=NbdOptions)
+    discard: bool = False
     fuse: tuple[str, ...] = ()
 
 
@@ -105,6 +107,8 @@ def parse_options(items: list[str]) -> Options:
                     o.nbd.connections = int(value)
                 elif key == "nbd_unsafe" and not value:
                     o.nbd.unsafe = True
+                elif key == "discard" and not value:
+                    o.discard = True
                 elif key == "async_dio" and value in ("on", "off"):
                     o.async_dio = value == "on"
                 elif key == "shootdown" and value in ("unlocked", "locked"):
@@ -219,6 +223,7 @@ class Daemon:
             persistent_ctx=self.mlock,
         )
         fs.data_delay = o.data_delay
+        fs.discard_freed = o.discard
         self.ops = Operations(fs, self.buffered, self.direct, self.durability)
         self.locks = locks
         fuse_opts = set(pyfuse3.default_options)
