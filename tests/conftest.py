@@ -60,7 +60,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "stress: long stress runs (enable with --stress)")
     config.addinivalue_line("markers", "deadline(seconds): per-test deadline for mount tests")
-    config.addinivalue_line("markers", "file_image: needs the image as a file (skipped on nbd)")
+    config.addinivalue_line(
+        "markers", "file_image: needs the raw file backend (its lock, path or inline fast path)"
+    )
     if config.getoption("--backend"):
         os.environ["DIOFS_TEST_BACKEND"] = config.getoption("--backend")
 

@@ -280,9 +280,8 @@ class Mount:
         """What mount.diofs gets as IMAGE: the image file, or on the nbd test backend the URI
         of an nbdkit serving it (started once per Mount, stopped at cleanup). A test may set
         `self.nbd` to a server of its own (filters) before start()."""
-        on_nbd = harness_backend() == "nbd" and opts.get("backend", "raw") == "raw"
-        if self.nbd is None and not on_nbd:
-            return str(self.image)
+        if opts.get("backend", "raw") != "raw" or (self.nbd is None and harness_backend() != "nbd"):
+            return str(self.image)  # crash and fault wrap the file
         from tests.nbdserver import NbdServer
 
         if self.nbd is None:
