@@ -31,7 +31,6 @@ from diofs import watchdog
 from diofs.backend import image_name, is_uri
 from diofs.errors import EXIT_IN_USE, DiofsError
 
-
 LOCK_DIR = "/run/lock/diofs" if os.path.isdir("/run/lock") else "/tmp/diofs-locks"
 
 

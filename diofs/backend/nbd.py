@@ -119,9 +119,9 @@ class NbdOptions:
     connections: int = 4  # nbd_connections=N: handles in the pool (1 without multi-conn)
 
 
-def _nbd():  # type: ignore[no-untyped-def]
+def _nbd() -> Any:
     try:
-        import nbd
+        import nbd  # type: ignore[import-untyped]
     except ImportError:
         raise DiofsError("NBD images need libnbd's Python module (python3-libnbd; run "
                          "scripts/setup)") from None
@@ -134,7 +134,7 @@ class _Slot:
     __slots__ = ("h",)
 
     def __init__(self) -> None:
-        self.h = None
+        self.h: Any = None  # an nbd.NBD (libnbd ships no type stubs)
 
 
 class NbdBackend:
@@ -186,7 +186,7 @@ class NbdBackend:
 
     # ------------------------------------------------------------------ Backend
     def size(self) -> int:
-        return self._size
+        return int(self._size)
 
     def read(self, off: int, size: int) -> bytes:
         buf = bytearray(size)
@@ -233,7 +233,11 @@ class NbdBackend:
             return
         while n > 0:
             step = min(n, _TRIM_MAX)
-            self._call("trim", lambda h, o=off, c=step: h.aio_trim(c, o))
+
+            def trim(h: Any, o: int = off, c: int = step) -> int:
+                return int(h.aio_trim(c, o))
+
+            self._call("trim", trim)
             off += step
             n -= step
 
@@ -346,7 +350,7 @@ class NbdBackend:
             self._epoch += 1
         del h
 
-    def _connect(self, deadline: float):  # type: ignore[no-untyped-def]
+    def _connect(self, deadline: float) -> Any:
         """A new handle, connected and negotiated; retries every `retry` seconds until the
         deadline, then OSError (ECONNREFUSED, ENOENT, ... or EIO for a timeout)."""
         nbd = self.nbd

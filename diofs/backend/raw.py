@@ -36,7 +36,7 @@ BLKGETSIZE64 = 0x80081272  # _IOR(0x12, 114, size_t): a block device's size in b
 
 def block_device_size(fd: int) -> int:
     """The size in bytes of the block device open on `fd` (ioctl BLKGETSIZE64)."""
-    return struct.unpack("Q", fcntl.ioctl(fd, BLKGETSIZE64, b"\0" * 8))[0]
+    return int(struct.unpack("Q", fcntl.ioctl(fd, BLKGETSIZE64, b"\0" * 8))[0])
 
 
 def check_range(off: int, n: int, size: int) -> None:
