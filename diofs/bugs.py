@@ -32,6 +32,12 @@ class Bug(enum.Enum):
     # the INIT reply lacks FUSE_HANDLE_KILLPRIV_V2 (libfuse 3.14's own): with xattrs answered,
     # the kernel sends GETXATTR(security.capability) before every WRITE
     NO_KILLPRIV_V2 = "no-killpriv-v2"
+    # NBD requests up to 1 MiB run inline on the trio thread, as for the raw image: one slow
+    # server round trip stalls every request, cached ones too (diofs/backend/nbd.py)
+    NBD_INLINE_IO = "nbd-inline-io"
+    # a flush after a lost NBD connection reports success for writes acknowledged before
+    # the loss, which a crashed server may have dropped (diofs/backend/nbd.py, epochs)
+    NBD_TRUST_RECONNECT = "nbd-trust-reconnect"
 
     __hash__ = object.__hash__  # members are singletons; asked on every request (hot path)
 

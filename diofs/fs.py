@@ -78,10 +78,14 @@ class Filesystem:
         self.flushed_writes = 0
         self._rover = self.sb.data_start
         self.io_limiter = trio.CapacityLimiter(4)
+        # image I/O up to this size runs inline (see _io); an NBD backend says 0
+        self.inline_io_bytes: int = getattr(backend, "inline_io_bytes", INLINE_IO_BYTES)
         # Demo hook (`-o data_delay=S`): `write_data` sleeps this long between allocating
         # (and, with --bug size-before-data, publishing) and writing the data, when the range
         # has new or unwritten blocks or extends the file: a deterministic race window.
         self.data_delay = 0.0
+        # `-o discard`: a commit that frees blocks trims them (backend.discard, NBD trim)
+        self.discard_freed = False
 
     # ------------------------------------------------------------------ loading, commits
     @classmethod
@@ -132,6 +136,11 @@ class Filesystem:
                 self.meta_dirty = True
                 raise
             self.generation = generation
+            discard = getattr(self.backend, "discard", None) if self.discard_freed else None
+            if discard is not None and freed:
+                # the durable commit no longer points at them and, still marked used in
+                # memory, no allocation can reuse them before the discard returns
+                await trio.to_thread.run_sync(self._discard, discard, freed, self.bs)
             self.flushed_writes = max(self.flushed_writes, writes)  # the commit flushed them
             self.committed_layout_seq = max(self.committed_layout_seq, layout_seq)
             for phys, count in freed:
@@ -139,6 +148,19 @@ class Filesystem:
                 self.free_blocks += count
             stats.add("meta.commits")
             stats.set("meta.blob_bytes", len(blob))
+
+    @staticmethod
+    def _discard(discard: Callable[[int, int], None], freed: list[tuple[int, int]],
+                 bs: int) -> None:
+        """Tell the backend (NBD trim) that freed blocks hold nothing; best effort."""
+        for phys, count in freed:
+            try:
+                discard(phys * bs, count * bs)
+            except OSError as exc:
+                stats.add("errors.discard")
+                log.info("discard of blocks %d+%d failed: %s", phys, count, exc)
+                return
+            stats.add("meta.discarded_blocks", count)
 
     async def flush(self) -> None:
         """fdatasync the image, unless no data write was issued since the last flush (or
@@ -525,7 +547,7 @@ class Filesystem:
         """Run blocking image I/O. Small transfers run inline on the trio thread: a thread
         hop costs more than a 4 KiB pread from the host page cache (measured: see
         docs/design.md); large ones and flushes go to a worker thread."""
-        if nbytes <= INLINE_IO_BYTES:
+        if nbytes <= self.inline_io_bytes:
             return fn(*args)
         return await trio.to_thread.run_sync(fn, *args, limiter=self.io_limiter)
 
@@ -595,7 +617,7 @@ class Filesystem:
         self, inode: Inode, off: int, data: bytes | memoryview, *, durable: bool = False
     ) -> bool:
         """write_data's fast path, or False: a block-aligned overwrite of at most
-        INLINE_IO_BYTES inside i_size, all in one written extent, is one synchronous image
+        `inline_io_bytes` inside i_size, all in one written extent, is one synchronous image
         write and an mtime update. Nothing to allocate, convert or grow, and no await, so
         whatever the caller checked before still holds after (dio.py: the fast path).
         `durable`: the image write is durable on return (backend.write_durable)."""
@@ -603,7 +625,7 @@ class Filesystem:
         size = len(data)
         end = off + size
         if (
-            size > INLINE_IO_BYTES or off % bs or end % bs or end > inode.size
+            size > self.inline_io_bytes or off % bs or end % bs or end > inode.size
             or self.data_delay or inode.ino in self.reserved
         ):
             return False

@@ -14,6 +14,8 @@ the test fails with the report. Teardown then unmounts, requires the daemon's ex
 fsck and a clean log (tests/mounting.py, `Mount.cleanup`).
 
 `--stress` enables tests marked `@pytest.mark.stress` (skipped otherwise).
+`--backend nbd` (or DIOFS_TEST_BACKEND=nbd) mounts every image through nbdkit
+(tests/mounting.py); tests marked `@pytest.mark.file_image` are then skipped.
 """
 
 from __future__ import annotations
@@ -27,7 +29,13 @@ from pathlib import Path
 import pytest
 
 from diofs import watchdog
-from tests.mounting import Mount, MountFactory, fuse_unavailable_reason, run_cli
+from tests.mounting import (
+    Mount,
+    MountFactory,
+    fuse_unavailable_reason,
+    harness_backend,
+    run_cli,
+)
 
 DEFAULT_DEADLINE_S = 120.0
 
@@ -36,6 +44,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("diofs")
     group.addoption(
         "--stress", action="store_true", default=False, help="run long stress tests (marked stress)"
+    )
+    group.addoption(
+        "--backend", choices=("raw", "nbd"), default=None,
+        help="mount images as files (raw) or through nbdkit (nbd); default $DIOFS_TEST_BACKEND",
     )
     group.addoption(
         "--deadline",
@@ -48,9 +60,19 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "stress: long stress runs (enable with --stress)")
     config.addinivalue_line("markers", "deadline(seconds): per-test deadline for mount tests")
+    config.addinivalue_line(
+        "markers", "file_image: needs the raw file backend (its lock, path or inline fast path)"
+    )
+    if config.getoption("--backend"):
+        os.environ["DIOFS_TEST_BACKEND"] = config.getoption("--backend")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if harness_backend() == "nbd":
+        skip_nbd = pytest.mark.skip(reason="needs a file image (DIOFS_TEST_BACKEND=nbd)")
+        for item in items:
+            if "file_image" in item.keywords:
+                item.add_marker(skip_nbd)
     if config.getoption("--stress"):
         return
     skip = pytest.mark.skip(reason="stress test: run with --stress")

@@ -12,6 +12,12 @@ What teardown guarantees (for every mount, whatever the test did):
     the fusectl connection, lazy unmount), then terminate and kill the daemon by pid. No mount,
     no D-state client and no daemon is left behind.
 
+Backend selection: with DIOFS_TEST_BACKEND=nbd (or pytest --backend nbd), every mount whose
+options ask for no other backend (crash, fault) serves its image through a real nbdkit (file
+plugin, unix socket in the mount's workdir, tests/nbdserver.py) and mounts its URI; mkfs and
+fsck still use the image file. Tests that need a file image (its lock, its path as the mount
+source) are marked `@pytest.mark.file_image` and skipped on nbd.
+
 Hang-safety: mount state and the connection id come from /proc/self/mountinfo
 (diofs.watchdog), never from stat() of a mountpoint that may be hung. Workloads that may hang
 go through `run_in_child()` / `Mount.run()` (a child process with a deadline).
@@ -40,6 +46,11 @@ REPO = Path(__file__).resolve().parent.parent
 MOUNT_TIMEOUT_S = 15.0
 UNMOUNT_TIMEOUT_S = 60.0
 DEFAULT_SIZE = "64M"
+
+
+def harness_backend() -> str:
+    """The backend the harness mounts images through: "raw" (the file) or "nbd"."""
+    return os.environ.get("DIOFS_TEST_BACKEND", "raw")
 
 # daemon log lines that fail a test unless declared with expect_log()
 _BAD_LINE = re.compile(r"Traceback|\b(WARNING|ERROR|CRITICAL)\b")
@@ -195,6 +206,7 @@ class Mount:
         self.bugs = list(bugs)
         self.extra_args = list(extra_args)
         self.daemon: subprocess.Popen[bytes] | None = None
+        self.nbd: Any = None  # the NbdServer serving the image (nbd backend, or set by a test)
         self.conn_id: int | None = None
         self.log: Path = workdir / "daemon-0.log"
         self.logs: list[Path] = []
@@ -236,11 +248,12 @@ class Mount:
         self._starts += 1
         self.logs.append(self.log)
         self.outputs.append(out)
-        opts = format_opts({**self.opts, **(extra_opts or {})})
+        all_opts = {**self.opts, **(extra_opts or {})}
+        opts = format_opts(all_opts)
         argv = [
             sys.executable,
             str(REPO / "mount.py"),
-            str(self.image),
+            self._source(all_opts),
             str(self.mnt),
             "--foreground",
             "--log",
@@ -262,6 +275,20 @@ class Mount:
                 start_new_session=True,
             )
         self._wait_for_mount(argv)
+
+    def _source(self, opts: dict[str, Any]) -> str:
+        """What mount.diofs gets as IMAGE: the image file, or on the nbd test backend the URI
+        of an nbdkit serving it (started once per Mount, stopped at cleanup). A test may set
+        `self.nbd` to a server of its own (filters) before start()."""
+        if opts.get("backend", "raw") != "raw" or (self.nbd is None and harness_backend() != "nbd"):
+            return str(self.image)  # crash and fault wrap the file
+        from tests.nbdserver import NbdServer
+
+        if self.nbd is None:
+            self.nbd = NbdServer(self.workdir, ["file", f"file={self.image}"])
+        if not self.nbd.running:
+            self.nbd.start()
+        return str(self.nbd.uri)
 
     def _wait_for_mount(self, argv: list[str]) -> None:
         assert self.daemon is not None
@@ -478,6 +505,8 @@ class Mount:
             problems.append(str(exc))
         finally:
             self._force_cleanup(problems)
+            if self.nbd is not None:
+                self.nbd.stop()
         bad = self.unexpected_log_lines()
         if bad and not self.rescued:
             problems.append(

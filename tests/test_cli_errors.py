@@ -270,6 +270,7 @@ def test_mount_busy_mountpoint(
         f.write(b"ok")
 
 
+@pytest.mark.file_image  # the first mount locks its URI, the second mounts the file
 def test_mount_same_image_twice(mount_factory: MountFactory, tmp_path: Path) -> None:
     """A second daemon on an image already in use must refuse (two writers corrupt it)."""
     first = mount_factory()

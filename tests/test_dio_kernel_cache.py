@@ -116,6 +116,7 @@ def spread(n: int, step: int = 7) -> list[int]:
     return [(i * step) % NBLOCKS for i in range(n)]
 
 
+@pytest.mark.file_image  # counts fast-path writes: NBD has none (inline_io_bytes 0)
 def test_direct_only_file_fast_writes_without_kernel_invalidation(mounted: Mount) -> None:
     """A file only ever opened O_DIRECT: its overwrites take the fast path, one each, and none
     invalidates the kernel's cache (the inode was never marked); the bytes are right through
@@ -181,6 +182,7 @@ def test_direct_open_drops_kernel_cache(mounted: Mount) -> None:
     assert c.delta(served)[served] >= SIZE  # the O_DIRECT open dropped the kernel's pages
 
 
+@pytest.mark.file_image  # counts fast-path writes: NBD has none (inline_io_bytes 0)
 def test_no_fast_path_over_pages_the_daemon_caches(mount_factory: MountFactory) -> None:
     """A direct overwrite of a range the daemon caches a page of (dirty, from a buffered write
     that writeback leaves alone for a minute; or clean, after fsync) takes the locked path: it
@@ -404,6 +406,9 @@ def direct_reads_into_mapping_vs_direct_opens(path: str, rounds: int) -> tuple[i
     return rounds, opens
 
 
+# on backend=nbd the default case hangs now and then (reads await the NBD thread: another
+# interleaving), and the bug case's hang stacks differ: docs/nbd.md "Known problems"
+@pytest.mark.file_image
 @pytest.mark.parametrize("bug_on", [False, True], ids=["default", "open-drop-at-answer"])
 def test_direct_open_while_reading_into_mapping(mount_factory: MountFactory, bug_on: bool) -> None:
     """An O_DIRECT open answered without keep_cache makes the kernel drop the whole file

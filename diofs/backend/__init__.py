@@ -1,14 +1,17 @@
 """The Backend protocol and `open_backend`: where every byte of the image is read and written.
 
-A backend is a synchronous object over one image (a regular file or a block device). The daemon
-calls it inline on the trio thread for transfers up to 1 MiB and from worker threads
+A backend is a synchronous object over one image (a regular file, a block device, or an NBD
+export named by a URI: `image_name`, `nbd.is_uri`). The daemon calls it inline on the trio
+thread for transfers up to `inline_io_bytes` (a backend attribute; 1 MiB when absent, 0 for
+NBD: a network round trip must not stall the loop) and from worker threads
 (`trio.to_thread.run_sync`, at most 4) for larger ones and for every flush (fs.Filesystem._io),
 so every backend must accept concurrent `read` / `readinto` / `write` / `flush` calls from
 several threads. `close()` must not race with
 anything: the caller closes only once all I/O has returned.
 
 Kinds (mount option `backend=`):
-    raw    `raw.RawImage`: pread / pwrite / fdatasync on the image.
+    raw    `raw.RawImage`: pread / pwrite / fdatasync on the image; for an NBD URI
+           `nbd.NbdBackend` instead (NBD_CMD_WRITE / FUA / NBD_CMD_FLUSH through libnbd).
     crash  `crash.CrashBackend`: raw, plus a log of every write and flush from which
            `python -m diofs.backend.crash materialize` rebuilds the image as after a power cut.
     fault  `fault.FaultBackend`: raw, plus errors (EIO, ENOSPC, ...) injected by a JSON spec
@@ -31,11 +34,14 @@ from __future__ import annotations
 
 import os
 import stat
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from diofs.errors import DiofsError
 
-__all__ = ["KINDS", "Backend", "open_backend"]
+if TYPE_CHECKING:
+    from diofs.backend.nbd import NbdOptions
+
+__all__ = ["KINDS", "Backend", "image_name", "is_uri", "open_backend"]
 
 KINDS = ("raw", "crash", "fault")
 
@@ -73,6 +79,19 @@ class Backend(Protocol):
         ...
 
 
+def is_uri(image: str) -> bool:
+    """True if `image` names an NBD export rather than a file (see diofs/backend/nbd.py)."""
+    from diofs.backend.nbd import is_uri as nbd_is_uri
+
+    return nbd_is_uri(image)
+
+
+def image_name(image: str) -> str:
+    """The image's canonical name: an NBD URI as given, a file's absolute path. It is the
+    mount's source (fsname) and what diofs.image_lock locks."""
+    return image if is_uri(image) else os.path.abspath(image)
+
+
 def open_backend(
     path: str,
     kind: str = "raw",
@@ -80,18 +99,28 @@ def open_backend(
     crash_log: str | None = None,
     fault_spec: str | None = None,
     writable: bool = True,
+    nbd_options: NbdOptions | None = None,
 ) -> Backend:
-    """Open the image at `path` as a backend of `kind` ("raw", "crash" or "fault").
+    """Open the image at `path` (a file, a block device or an NBD URI) as a backend of `kind`
+    ("raw", "crash" or "fault"; an NBD URI supports "raw" only).
 
     `crash_log` is required for "crash" (the log path; `<crash_log>.base` receives a copy of
-    the image as it is now), `fault_spec` for "fault" (a JSON spec path; it may not exist yet).
+    the image as it is now), `fault_spec` for "fault" (a JSON spec path; it may not exist yet),
+    `nbd_options` (timeout, retry, unsafe) apply to a URI.
     Every problem (missing image, not a regular file or block device, permission, bad spec,
-    unwritable log) raises `DiofsError` with a one-line message.
+    unwritable log, unreachable NBD server, one that cannot flush) raises `DiofsError` with a
+    one-line message.
     """
     from diofs.backend.raw import RawImage  # local imports: raw has no import-time cost anyway
 
     if kind not in KINDS:
         raise DiofsError(f"unknown backend {kind!r} (known: {', '.join(KINDS)})")
+    if is_uri(path):
+        if kind != "raw":
+            raise DiofsError(f"backend={kind} needs an image file, not an NBD URI")
+        from diofs.backend.nbd import NbdBackend
+
+        return NbdBackend(path, nbd_options, writable=writable)
     if kind == "crash" and not crash_log:
         raise DiofsError("backend=crash needs crash_log=PATH")
     if kind == "fault" and not fault_spec:

@@ -5,18 +5,38 @@ Invariants:
     - positional I/O only (os.pread / os.preadv / os.pwrite), so concurrent calls from several
       worker threads need no lock: the kernel keeps no shared file position for them;
     - every range must lie inside `[0, size())` (ValueError otherwise); `size()` is measured
-      once at open (st_size, or the end offset for a block device);
+      once at open (st_size for a file; ioctl BLKGETSIZE64 for a block device, whose st_size
+      is 0);
     - short transfers are retried until complete; a read that hits end-of-file inside the
       size measured at open (the image shrank under us) raises OSError(EIO);
     - OSError from the kernel propagates unchanged (callers map `exc.errno`).
+
+Flush on a block device (a disk, a loop device, rbd-nbd's /dev/nbdN): the device is opened
+without O_DIRECT, so writes land in the block device's page cache. fdatasync (blkdev_fsync)
+writes those pages back and then sends the device a cache flush (REQ_PREFLUSH: a SCSI SYNCHRONIZE
+CACHE, an NVMe Flush, NBD_CMD_FLUSH for /dev/nbdN, an fsync of the backing file for a loop
+device); RWF_DSYNC writes take the same path for their range (generic_write_sync) and so also
+flush the device's whole volatile cache. Both are what the Backend contract asks. A device that
+lies about flushes (a write cache without power-loss protection that ignores them) breaks crash
+consistency as it breaks every filesystem's.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
+import stat
+import struct
 
-__all__ = ["RawImage", "check_range"]
+__all__ = ["RawImage", "block_device_size", "check_range"]
+
+BLKGETSIZE64 = 0x80081272  # _IOR(0x12, 114, size_t): a block device's size in bytes
+
+
+def block_device_size(fd: int) -> int:
+    """The size in bytes of the block device open on `fd` (ioctl BLKGETSIZE64)."""
+    return int(struct.unpack("Q", fcntl.ioctl(fd, BLKGETSIZE64, b"\0" * 8))[0])
 
 
 def check_range(off: int, n: int, size: int) -> None:
@@ -34,7 +54,9 @@ class RawImage:
         flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
         self._fd = os.open(path, flags)
         try:
-            self._size = os.lseek(self._fd, 0, os.SEEK_END)  # st_size is 0 for block devices
+            st = os.fstat(self._fd)
+            self.block_device = stat.S_ISBLK(st.st_mode)
+            self._size = block_device_size(self._fd) if self.block_device else st.st_size
         except BaseException:
             os.close(self._fd)
             raise

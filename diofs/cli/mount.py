@@ -1,5 +1,8 @@
 """mount.diofs IMAGE MOUNTPOINT [-o opts] [--foreground] [--bug NAME]... [--log FILE]
 
+IMAGE is an image file, a block device, or an NBD export: nbd://HOST[:PORT]/EXPORT or
+nbd+unix:///EXPORT?socket=PATH (diofs/backend/nbd.py, docs/nbd.md).
+
 Without --foreground the command returns once the filesystem is mounted and serving; the
 daemon keeps running in the background until the mount is unmounted, when it writes everything
 back, commits the metadata and exits 0 (1 if the final writeback or commit failed). Unmount
@@ -10,8 +13,12 @@ fsck.diofs refuse a locked image with exit code 7.
 
 Options (-o k=v,...): cache_size=64M, dio_align=N (a multiple of the image's), writeback_age=S,
 commit_interval=S, shootdown=unlocked|locked, backend=raw|crash|fault, crash_log=PATH,
-fault_spec=PATH, max_tasks=N, hang_timeout=S (a request outstanding that long is logged once
-with its stacks and counted in `hangs.detected`; never aborted; default 60, 0 = off),
+fault_spec=PATH, nbd_timeout=S (an NBD request fails with EIO after S seconds; default 30),
+nbd_retry=S (pause between reconnects to a lost NBD server; default 1), nbd_unsafe (mount an
+NBD server that cannot flush: not crash consistent), nbd_connections=N (default 4), discard
+(blocks a commit frees are trimmed on an NBD server that offers trim; off by default, as ext4),
+max_tasks=N, hang_timeout=S (a request outstanding that long is logged once with its stacks
+and counted in `hangs.detected`; never aborted; default 60, 0 = off),
 xattr=on|off (extended attributes; off answers ENOSYS to every xattr request),
 entry_timeout=S and attr_timeout=S (how long the kernel may cache names and attributes;
 default 3600, see diofs/ops.py), fill_delay=S, dio_delay=S and data_delay=S (demo hooks that
@@ -33,12 +40,13 @@ import os
 import signal
 import sys
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import trio
 
 from diofs import bugs, daemon_status, hang_detector, image_lock, request, stats
-from diofs.backend import open_backend
+from diofs.backend import image_name, is_uri, open_backend
+from diofs.backend.nbd import NbdOptions
 from diofs.buffered import Buffered
 from diofs.cache import PageCache, Writeback
 from diofs.cli.common import ArgumentParser, parse_size, run_main, setup_logging, syslog_handler
@@ -79,6 +87,8 @@ class Options:
     data_delay: float = 0.0
     async_dio: bool = True
     xattr: bool = True
+    nbd: NbdOptions = field(default_factory=NbdOptions)
+    discard: bool = False
     fuse: tuple[str, ...] = ()
 
 
@@ -100,6 +110,14 @@ def parse_options(items: list[str]) -> Options:
                     setattr(o, key, float(value))
                 elif key == "max_tasks":
                     o.max_tasks = int(value)
+                elif key in ("nbd_timeout", "nbd_retry") and float(value) > 0:
+                    setattr(o.nbd, key[4:], float(value))
+                elif key == "nbd_connections" and 1 <= int(value) <= 64:
+                    o.nbd.connections = int(value)
+                elif key == "nbd_unsafe" and not value:
+                    o.nbd.unsafe = True
+                elif key == "discard" and not value:
+                    o.discard = True
                 elif key == "async_dio" and value in ("on", "off"):
                     o.async_dio = value == "on"
                 elif key == "xattr" and value in ("on", "off"):
@@ -167,14 +185,15 @@ class Daemon:
         self.mnt = mnt
         self.opts = opts
         self.mlock = mlock
-        self.image = os.path.abspath(image)
+        self.image = image_name(image)
         # one mount per image; held until release(), after the final commit (ImageInUse: 7)
         self._image_lock = image_lock.lock_image(image)
         self.status = daemon_status.Publisher()
         # why the daemon's exit status is not 0; shutdown() clears it after the final commit
         self.final_error: str | None = "the daemon ended before its final commit"
         self.backend = open_backend(
-            image, opts.backend, crash_log=opts.crash_log, fault_spec=opts.fault_spec
+            image, opts.backend, crash_log=opts.crash_log, fault_spec=opts.fault_spec,
+            nbd_options=opts.nbd,
         )
         try:
             self.fs = Filesystem.load(self.backend)
@@ -217,6 +236,7 @@ class Daemon:
             persistent_ctx=self.mlock,
         )
         fs.data_delay = o.data_delay
+        fs.discard_freed = o.discard
         self.ops = Operations(
             fs, self.buffered, self.direct, self.durability, xattrs=o.xattr,
             entry_timeout=o.entry_timeout, attr_timeout=o.attr_timeout,
@@ -284,7 +304,11 @@ class Daemon:
             log.error("final writeback failed: %s", exc)
             error = f"final writeback failed ({exc}): data not yet written back is lost"
         self.fs.unmount_cleanup()
-        await self.fs.commit()
+        try:
+            await self.fs.commit()
+        except OSError as exc:  # an image that went away (an NBD server down): exit 1, no crash
+            log.error("final commit failed: %s", exc)
+            error = error or f"final commit failed ({exc}): the image keeps its last commit"
         if error is None and self.ops.failsafe:
             error = "an internal error made the mount failsafe (see the log); run fsck.diofs"
         self.final_error = error
@@ -329,7 +353,7 @@ def mount(argv: list[str]) -> int:
     mnt = os.path.abspath(a.mountpoint)
     log_file = os.path.abspath(a.log) if a.log else None
     check_mountpoint(mnt)
-    if not os.path.exists(a.image):
+    if not is_uri(a.image) and not os.path.exists(a.image):
         raise DiofsError(f"image {a.image} does not exist")
     request.check_binding()
     daemon = Daemon(a.image, mnt, opts, mlock=a.mlock)  # ImageCorrupt -> one line, exit 3
