@@ -121,7 +121,7 @@ class NbdOptions:
 
 def _nbd() -> Any:
     try:
-        import nbd  # type: ignore[import-untyped]
+        import nbd
     except ImportError:
         raise DiofsError("NBD images need libnbd's Python module (python3-libnbd; run "
                          "scripts/setup)") from None
