@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks import fusewatch, report
+from benchmarks import report
 from benchmarks.jobs import (
     DATA_FILE,
     JOBS,
@@ -51,6 +51,7 @@ from benchmarks.peers import (
     make_peer,
     venv_python,
 )
+from harness import watchdog
 
 MAX_RESTARTS = 3
 METALOAD = Path(__file__).resolve().parent / "metaload.py"
@@ -294,8 +295,11 @@ def run_bench(opts: Options) -> dict[str, Any]:
     except ValueError:
         prev_term = None
     try:
-        if any(p != "local" for p in opts.peers) and not fusewatch.ensure_fusectl():
-            _say(opts, "warning: fusectl is not available: hung mounts cannot be aborted")
+        if any(p != "local" for p in opts.peers):
+            try:
+                watchdog.ensure_fusectl()
+            except OSError:
+                _say(opts, "warning: fusectl is not available: hung mounts cannot be aborted")
         for name in opts.peers:
             peer = make_peer(name, workdir, opts.diofs_image_size, opts.diofs_args)
             info: dict[str, Any] = {

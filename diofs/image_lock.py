@@ -19,7 +19,7 @@ from __future__ import annotations
 import fcntl
 import os
 
-from diofs import watchdog
+from diofs import mountinfo
 from diofs.errors import EXIT_IN_USE, DiofsError
 
 
@@ -36,7 +36,7 @@ def mounted_on(image: str) -> str | None:
     """The mountpoint whose mount source (fsname) is `image`, from /proc/self/mountinfo, or
     None (not mounted here, or mounted with a path that could not be the fsname)."""
     path = os.path.abspath(image)
-    for m in watchdog.mounts():
+    for m in mountinfo.mounts():
         if m.fstype == "fuse.diofs" and m.source == path:
             return m.mountpoint
     return None

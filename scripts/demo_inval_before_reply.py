@@ -17,7 +17,6 @@ from typing import Any
 
 from demolib import hang_runs
 
-
 BUG = "inval-before-reply"
 TITLE = "truncate of a file with mmap-dirtied pages hangs when SETATTR waits for invalidation"
 BAD_KEY = "hung_runs"

@@ -24,7 +24,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from diofs.backend import crash  # noqa: E402
-from tests.mounting import run_in_child  # noqa: E402
+from harness.mount import run_in_child  # noqa: E402
 from tests.test_holes_crash import check_cuts, crash_secret_mount, pick_cuts, workload  # noqa: E402
 from tests.test_holes_extend import hole_fill_race, threaded_append_race  # noqa: E402
 

@@ -2,7 +2,7 @@
 
 Fixtures:
   mount_factory   `mount_factory(size="64M", opts={...}, bugs=[...], mkfs_args=[...],
-                  image=None, mount=True) -> Mount` (tests/mounting.py); any number per test.
+                  image=None, mount=True) -> Mount` (harness/mount.py); any number per test.
   mounted         one Mount of a fresh 64M image with default options.
   fuse_required   skips the test when real mounts cannot run here (no /dev/fuse, ...).
 
@@ -11,7 +11,7 @@ Every test that uses a mount has a deadline (default 120 s; `--deadline S` or
 (faulthandler) and the watchdog rescues every mount of the test (kernel stacks, SIGUSR1 to the
 daemon, fusectl abort, lazy unmount), so the test's blocked syscalls return with an error and
 the test fails with the report. Teardown then unmounts, requires the daemon's exit 0, a clean
-fsck and a clean log (tests/mounting.py, `Mount.cleanup`).
+fsck and a clean log (harness/mount.py, `Mount.cleanup`).
 
 `--stress` enables tests marked `@pytest.mark.stress` (skipped otherwise).
 """
@@ -26,8 +26,8 @@ from pathlib import Path
 
 import pytest
 
-from diofs import watchdog
-from tests.mounting import Mount, MountFactory, fuse_unavailable_reason, run_cli
+from harness import watchdog
+from harness.mount import Mount, MountFactory, fuse_unavailable_reason, run_cli
 
 DEFAULT_DEADLINE_S = 120.0
 

@@ -12,8 +12,9 @@ request with what the test did:
   - set_auto_inval_data(False) stops the kernel from dropping the cache on an mtime change.
 
 The daemon writes one JSON line per request to a report file before replying. Every mount has
-a hard deadline: past it the FUSE connection is aborted through fusectl, the mount is lazily
-unmounted and the daemon killed by pid, so a broken binding fails the test instead of hanging.
+a hard deadline (harness/watchdog.py): past it the FUSE connection is aborted through fusectl
+and the mount lazily unmounted, then the daemon is ended by pid, so a broken binding fails the
+test instead of hanging.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ import json
 import mmap
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -36,6 +36,9 @@ from typing import Any
 
 import pyfuse3
 import pytest
+
+from diofs import mountinfo
+from harness import watchdog
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -195,19 +198,6 @@ class TinyMount:
         return out
 
 
-def _is_mounted(mnt: Path) -> bool:
-    # /proc/self/mountinfo never blocks on a hung mount (os.path.ismount could)
-    target = os.fsencode(str(mnt)).replace(b" ", b"\\040")
-    with open("/proc/self/mountinfo", "rb") as f:
-        return any(line.split()[4] == target for line in f)
-
-
-def _conn_abort(st_dev: int) -> None:
-    path = f"/sys/fs/fuse/connections/{os.minor(st_dev)}/abort"
-    with contextlib.suppress(OSError), open(path, "w") as f:
-        f.write("1")
-
-
 @contextlib.contextmanager
 def tiny_mount(tmp: Path, auto_inval: bool) -> Iterator[TinyMount]:
     mnt, report, log = tmp / "mnt", tmp / "report.jsonl", tmp / "daemon.log"
@@ -217,36 +207,23 @@ def tiny_mount(tmp: Path, auto_inval: bool) -> Iterator[TinyMount]:
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
     with open(log, "wb") as logf:
         child = subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT, env=env)
-    st_dev: list[int] = []
-    expired = threading.Event()
-
-    def rescue() -> None:  # past the deadline: unblock whatever waits on the mount
-        expired.set()
-        if st_dev:
-            _conn_abort(st_dev[0])
-        subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(child.pid, signal.SIGKILL)
-
-    timer = threading.Timer(MOUNT_DEADLINE_S, rescue)
-    timer.daemon = True
-    timer.start()
+    refs: list[watchdog.MountRef] = []
+    deadline = watchdog.Deadline(MOUNT_DEADLINE_S, lambda: refs)
     try:
         t_end = time.monotonic() + 15
-        while not _is_mounted(mnt):
+        while not mountinfo.is_mounted(mnt):
             if child.poll() is not None or time.monotonic() > t_end:
                 raise AssertionError(f"tiny daemon did not mount:\n{log.read_text()}")
             time.sleep(0.02)
-        st_dev.append(os.stat(mnt).st_dev)
+        refs.append(watchdog.MountRef(str(mnt), watchdog.connection_id(mnt), child.pid))
         yield TinyMount(mnt, report)
         res = subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True, text=True)
         assert res.returncode == 0, f"fusermount3 -u: {res.stderr}"
         assert child.wait(timeout=15) == 0, f"daemon exit {child.returncode}:\n{log.read_text()}"
         assert "Traceback" not in log.read_text(), log.read_text()
     finally:
-        timer.cancel()
-        if _is_mounted(mnt):
-            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
+        deadline.cancel()
+        watchdog.lazy_unmount(mnt)
         if child.poll() is None:
             child.terminate()
             try:
@@ -254,7 +231,7 @@ def tiny_mount(tmp: Path, auto_inval: bool) -> Iterator[TinyMount]:
             except subprocess.TimeoutExpired:
                 child.kill()
                 child.wait()
-        assert not expired.is_set(), f"deadline of {MOUNT_DEADLINE_S}s expired"
+        assert not deadline.expired, f"deadline of {MOUNT_DEADLINE_S}s expired\n{deadline.report}"
 
 
 @pytest.fixture(scope="module")

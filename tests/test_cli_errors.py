@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from diofs import watchdog
-from tests.mounting import REPO, MountFactory, cli, cli_env, fuse_unavailable_reason, run_cli
+from diofs import mountinfo
+from harness import watchdog
+from harness.mount import REPO, MountFactory, cli, cli_env, fuse_unavailable_reason, run_cli
 
 
 def run(argv: list[str], timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
@@ -58,11 +59,11 @@ def try_mount(
     image: Path | str, mnt: Path | str, *args: str, foreground: bool = False
 ) -> subprocess.CompletedProcess[str]:
     """Run a mount that is expected to fail; make sure nothing stays mounted either way."""
-    was_mounted = watchdog.is_mounted(mnt)
+    was_mounted = mountinfo.is_mounted(mnt)
     try:
         return run(mount_cmd(image, mnt, *args, foreground=foreground))
     finally:
-        if not was_mounted and watchdog.is_mounted(mnt):
+        if not was_mounted and mountinfo.is_mounted(mnt):
             unmount_unexpected(mnt)
             pytest.fail(f"mount of {image} on {mnt} succeeded (it should have failed)")
 
@@ -72,9 +73,9 @@ def unmount_unexpected(mnt: Path | str) -> None:
     conn_id = watchdog.connection_id(mnt)
     subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True, timeout=60, check=False)
     deadline = time.monotonic() + 30
-    while watchdog.connection_waiting(conn_id) is not None and time.monotonic() < deadline:
+    while mountinfo.connection_waiting(conn_id) is not None and time.monotonic() < deadline:
         time.sleep(0.05)  # the fusectl entry disappears when the daemon has closed /dev/fuse
-    if watchdog.is_mounted(mnt) or watchdog.connection_waiting(conn_id) is not None:
+    if mountinfo.is_mounted(mnt) or mountinfo.connection_waiting(conn_id) is not None:
         watchdog.rescue([watchdog.MountRef(str(mnt), conn_id, None)], reason="cleanup")
 
 
@@ -256,16 +257,16 @@ def test_mount_busy_mountpoint(
     mount_factory: MountFactory, tmp_path: Path, foreground: bool
 ) -> None:
     first = mount_factory()
-    mount_before = watchdog.find_mount(first.mnt)
+    mount_before = mountinfo.find_mount(first.mnt)
     second_image = tmp_path / "second"
     run_cli("mkfs.diofs", second_image, "--size", "64M", check=True)
     proc = run(mount_cmd(second_image, first.mnt, foreground=foreground))
-    if watchdog.find_mount(first.mnt) != mount_before:
+    if mountinfo.find_mount(first.mnt) != mount_before:
         unmount_unexpected(first.mnt)  # the second daemon mounted on top
         pytest.fail("a second diofs was mounted on top of a busy mountpoint")
     assert_one_line_error(proc, "mount.diofs")
     # the first mount is untouched and still serving
-    assert watchdog.find_mount(first.mnt) == mount_before, "the first mount was replaced"
+    assert mountinfo.find_mount(first.mnt) == mount_before, "the first mount was replaced"
     with open(first.path("still-there"), "wb") as f:
         f.write(b"ok")
 

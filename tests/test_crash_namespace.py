@@ -36,7 +36,7 @@ from diofs.backend.raw import RawImage
 from diofs.cli import fsck as fsck_mod
 from diofs.format import image
 from diofs.fs import Filesystem
-from tests.mounting import MountFactory, run_cli, run_in_child
+from harness.mount import MountFactory, run_cli, run_in_child
 
 KiB = 1 << 10
 CUTS = 220

@@ -27,7 +27,7 @@ import threading
 
 import pytest
 
-from tests.mounting import (
+from harness.mount import (
     Mount,
     MountFactory,
     assert_rescued_cleanly,

@@ -33,7 +33,8 @@ from typing import Any
 import pytest
 
 from diofs.cli.stats import read_stats
-from tests.mounting import MountFactory, run_in_child
+from harness.io import direct_pwrite, wait_for
+from harness.mount import MountFactory, run_in_child
 
 pytestmark = pytest.mark.deadline(60)
 
@@ -45,38 +46,17 @@ FILL_DELAY = 1.0
 OLD, NEW = b"o", b"N"
 
 
-def stats(mnt: str) -> dict[str, float]:
-    return read_stats(mnt)
-
-
-def direct_pwrite(path: str, data: bytes, off: int) -> float:
-    """O_DIRECT write from an aligned buffer; returns how long the syscall took (s)."""
-    fd = os.open(path, os.O_RDWR | os.O_DIRECT)
-    try:
-        return direct_pwrite_fd(fd, data, off)
-    finally:
-        os.close(fd)
-
-
-def direct_pwrite_fd(fd: int, data: bytes, off: int) -> float:
-    with mmap.mmap(-1, len(data)) as buf:
-        buf.write(data)
-        t0 = time.monotonic()
-        assert os.pwrite(fd, buf, off) == len(data)
-        return time.monotonic() - t0
-
-
 def race_fill_against_direct_write(mnt: str) -> dict[str, Any]:
     """The workload (run in a child): returns counts and the stats delta."""
     path = os.path.join(mnt, "race")
     # the old bytes go in with O_DIRECT: neither the daemon nor the kernel caches them
     with open(path, "wb"):
         pass
-    direct_pwrite(path, OLD * FILE_SIZE, 0)
+    assert direct_pwrite(path, OLD * FILE_SIZE, 0) == FILE_SIZE
     # opened before the race: an O_DIRECT open makes the kernel drop the file's cache, which
     # waits for the reader's READ in flight (ops.Operations._file_info)
     wfd = os.open(path, os.O_RDWR | os.O_DIRECT)
-    s0 = stats(mnt)
+    s0 = read_stats(mnt)
 
     got: dict[str, bytes] = {}
 
@@ -92,17 +72,17 @@ def race_fill_against_direct_write(mnt: str) -> dict[str, Any]:
 
     t = threading.Thread(target=reader)
     t.start()
-    # the fill has started once its READ missed; its image read is inline and immediate, the
-    # margin below only has to cover that (it is tiny against FILL_DELAY)
-    deadline = time.monotonic() + 10
-    while stats(mnt).get("cache.misses", 0) == s0.get("cache.misses", 0):
-        assert time.monotonic() < deadline, "the buffered READ never reached the daemon"
-        time.sleep(0.002)
-    time.sleep(FILL_DELAY * 0.3)
-    write_s = direct_pwrite_fd(wfd, NEW * RA_LEN, RA_OFF)
+    # the fill has read the image and now sleeps FILL_DELAY before its insert
+    wait_for(
+        lambda: read_stats(mnt).get("cache.fill_delays", 0) > s0.get("cache.fill_delays", 0),
+        "the fill of the buffered READ to reach its delay",
+    )
+    t0 = time.monotonic()
+    assert direct_pwrite(wfd, NEW * RA_LEN, RA_OFF) == RA_LEN
+    write_s = time.monotonic() - t0
     os.close(wfd)
     t.join()
-    s1 = stats(mnt)
+    s1 = read_stats(mnt)
     # a fresh buffered read of the written range: the kernel has no copy, the daemon decides.
     # No kernel readahead: a READ beyond the range would fill (and sleep) after we return.
     fd = os.open(path, os.O_RDONLY)
@@ -154,8 +134,8 @@ def test_fill_after_direct_write_sees_new_bytes(mount_factory: MountFactory) -> 
     path = m.path("f")
     with open(path, "wb"):
         pass
-    direct_pwrite(path, OLD * FILE_SIZE, 0)
-    direct_pwrite(path, NEW * RA_LEN, RA_OFF)
+    assert direct_pwrite(path, OLD * FILE_SIZE, 0) == FILE_SIZE
+    assert direct_pwrite(path, NEW * RA_LEN, RA_OFF) == RA_LEN
     with open(path, "rb") as f:
         data = f.read()
     assert data == OLD * RA_OFF + NEW * RA_LEN + OLD * (FILE_SIZE - RA_OFF - RA_LEN)

@@ -36,16 +36,16 @@ import mmap
 import multiprocessing
 import os
 import signal
-import struct
 import threading
 import time
 from typing import Any
 
 import pytest
 
-from diofs import watchdog
+from diofs import mountinfo
 from diofs.cli.stats import read_stats
-from tests.mounting import Mount, MountFactory, assert_rescued_cleanly, run_in_child
+from harness.io import direct_pread, direct_pwrite, pattern
+from harness.mount import Mount, MountFactory, assert_rescued_cleanly, run_in_child
 
 pytestmark = pytest.mark.deadline(150)
 
@@ -56,23 +56,6 @@ REGION = 8 * MiB  # [0, 8M) and [8M, 16M): source / destination of the single-th
 FAULT_OFF, FAULT_LEN = 24 * MiB, 4 * MiB  # the second process faults only this range
 FILE_SIZE = FAULT_OFF + FAULT_LEN
 FILE_NAME = "self"
-
-
-def pattern(n: int, seed: int, base: int = 0) -> bytes:
-    """Bytes whose every 512-byte sector names its file offset and `seed` (16 bytes x 32)."""
-    return b"".join(struct.pack("<QQ", base + off, seed) * 32 for off in range(0, n, 512))
-
-
-def direct_pwrite(fd: int, data: bytes, off: int) -> None:
-    with mmap.mmap(-1, len(data)) as buf:
-        buf.write(data)
-        assert os.pwritev(fd, [buf], off) == len(data)
-
-
-def direct_pread(fd: int, n: int, off: int) -> bytes:
-    with mmap.mmap(-1, n) as buf:
-        assert os.preadv(fd, [buf], off) == n
-        return bytes(buf)
 
 
 def drop_kernel_cache(fd: int, off: int = 0, n: int = 0) -> None:
@@ -96,7 +79,7 @@ def make_file(path: str, seed: int = 1) -> None:
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_DIRECT, 0o644)
     try:
         for off in range(0, FILE_SIZE, 4 * MiB):
-            direct_pwrite(fd, pattern(4 * MiB, seed, off), off)
+            assert direct_pwrite(fd, pattern(4 * MiB, seed, off), off) == 4 * MiB
     finally:
         os.close(fd)
 
@@ -219,14 +202,14 @@ def thread_worker(
     try:
         for r in range(rounds):
             a = pattern(n, tid_seed * 100 + 2 * r, src)
-            direct_pwrite(fd, a, src)
+            assert direct_pwrite(fd, a, src) == n
             self_write(fd, mm, src, dst, n)
             if direct_pread(fd, n, dst) != a:
                 errors.append(f"thread {tid_seed} round {r}: self-write data wrong")
             if mm[dst : dst + n] != a:
                 errors.append(f"thread {tid_seed} round {r}: mapping stale after self-write")
             b = pattern(n, tid_seed * 100 + 2 * r + 1, dst)
-            direct_pwrite(fd, b, dst)
+            assert direct_pwrite(fd, b, dst) == n
             self_read(fd, mm, dst, src, n)
             if mm[src : src + n] != b:
                 errors.append(f"thread {tid_seed} round {r}: self-read data wrong in mapping")
@@ -411,4 +394,4 @@ def test_locked_shootdown_second_process_deadlocks_even_with_marker(
     assert result.timed_out, "locked shootdown survived a second faulting process"
     assert "invalidate_inode_pages2_range" in result.report
     assert f"abort conn {m.conn_id}: done" in result.report
-    assert not watchdog.is_mounted(m.mnt)
+    assert not mountinfo.is_mounted(m.mnt)

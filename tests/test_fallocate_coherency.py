@@ -27,7 +27,7 @@ import pytest
 
 from diofs.backend.raw import RawImage
 from diofs.format import image
-from tests.mounting import Mount, MountFactory, run_cli
+from harness.mount import Mount, MountFactory, run_cli
 from tests.test_holes_extend import (
     BS,
     IMAGE_SIZE,

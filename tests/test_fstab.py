@@ -27,9 +27,10 @@ from pathlib import Path
 
 import pytest
 
-from diofs import watchdog
+from diofs import mountinfo
 from diofs.cli.stats import read_stats
-from tests.mounting import REPO, cli, cli_env, fuse_unavailable_reason, run_cli
+from harness import watchdog
+from harness.mount import REPO, cli, cli_env, fuse_unavailable_reason, run_cli
 
 HELPER = Path("/sbin/mount.fuse.diofs")
 
@@ -73,11 +74,11 @@ def mounted_by_mount8(argv: list[str], mnt: Path) -> Iterator[None]:
         check=False,
         stdin=subprocess.DEVNULL,
     )
-    conn_id = watchdog.connection_id(mnt) if watchdog.is_mounted(mnt) else None
+    conn_id = watchdog.connection_id(mnt) if mountinfo.is_mounted(mnt) else None
     pids = _daemon_pids(mnt)
     try:
         assert proc.returncode == 0, f"{argv} failed ({proc.returncode}): {proc.stderr}"
-        assert watchdog.is_mounted(mnt), f"{argv} returned 0 but nothing is mounted"
+        assert mountinfo.is_mounted(mnt), f"{argv} returned 0 but nothing is mounted"
         yield
         um = subprocess.run(
             ["fusermount3", "-u", str(mnt)], capture_output=True, text=True, timeout=60, check=False
@@ -88,7 +89,7 @@ def mounted_by_mount8(argv: list[str], mnt: Path) -> Iterator[None]:
             assert time.monotonic() < deadline, "daemon did not exit after unmount"
             time.sleep(0.05)
     finally:
-        if watchdog.is_mounted(mnt):
+        if mountinfo.is_mounted(mnt):
             ref = watchdog.MountRef(str(mnt), conn_id, pids[0] if pids else None)
             watchdog.rescue([ref], reason="fstab test cleanup")
         deadline = time.monotonic() + 10
@@ -144,7 +145,7 @@ def json_ok(mnt: Path) -> bool:
 def test_mount_t_fuse_diofs(image: Path, mnt: Path, helper: Path) -> None:
     argv = ["mount", "-t", "fuse.diofs", "-o", "cache_size=16M", str(image), str(mnt)]
     with mounted_by_mount8(argv, mnt):
-        m = watchdog.find_mount(mnt)
+        m = mountinfo.find_mount(mnt)
         assert m is not None and m.fstype == "fuse.diofs", m
         _use(mnt)
     assert run_cli("fsck.diofs", image).returncode == 0

@@ -34,6 +34,7 @@ import time
 
 import pytest
 
+from harness.mount import Mount, MountFactory, assert_rescued_cleanly, run_in_child
 from tests.fsx import (
     Fsx,
     RegionWorker,
@@ -42,7 +43,6 @@ from tests.fsx import (
     run_with_remounts,
     setup_concurrent,
 )
-from tests.mounting import Mount, MountFactory, assert_rescued_cleanly, run_in_child
 
 CASES = [
     pytest.param(1, {}, 512, id="default"),

@@ -58,15 +58,15 @@ from typing import Any
 
 import pytest
 
-from tests.fsx import WEIGHTS, Fsx, cold_read, direct_pread, run_with_remounts
-from tests.mounting import (
+from harness.io import cold_read, direct_pread, pattern
+from harness.mount import (
     Mount,
     MountFactory,
     assert_rescued_cleanly,
     process_stats,
     run_in_child,
 )
-from tests.test_dio_mmap_self import pattern
+from tests.fsx import WEIGHTS, Fsx, run_with_remounts
 
 REPEAT = 1  # repetitions of each workload per test by default
 STRESS_REPEAT = 10  # with --stress (DIOFS_HANG_REPEAT=N overrides both)
@@ -169,7 +169,7 @@ def expect_layout(path: str, size: int, layout: list[tuple[int, int, int]], what
     want = bytearray(size)
     for off, n, byte in layout:
         want[off : off + n] = bytes([byte]) * n
-    got = cold_read(path, 0, size + 4096)
+    got = cold_read(path, size + 4096, 0)
     if got != want:
         first = next((i for i in range(min(len(got), size)) if got[i] != want[i]),
                      min(len(got), size))
@@ -398,7 +398,7 @@ def check_aio_file(path: str, fill: int) -> None:
     expect_layout(path, 1024, [(512, 512, fill)], "aio/fcntl")
     fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
     try:
-        assert direct_pread(fd, 0, 4096) == bytes(512) + bytes([fill]) * 512
+        assert direct_pread(fd, 4096, 0) == bytes(512) + bytes([fill]) * 512
     finally:
         os.close(fd)
 
@@ -563,7 +563,7 @@ def msync_direct_mapping(path: str, seed: int) -> str:
 def check_msync_file(path: str, seed: int) -> None:
     want = bytes(MSYNC_LO) + pattern(MSYNC_SIZE - MSYNC_LO + 512, seed, MSYNC_LO)[
         : MSYNC_SIZE - MSYNC_LO]
-    got = cold_read(path, 0, MSYNC_SIZE + 4096)
+    got = cold_read(path, MSYNC_SIZE + 4096, 0)
     assert len(got) == MSYNC_SIZE, len(got)
     if got != want:
         first = next(i for i in range(MSYNC_SIZE) if got[i] != want[i])

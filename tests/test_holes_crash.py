@@ -34,7 +34,7 @@ from diofs.backend.raw import RawImage
 from diofs.cli import fsck as fsck_mod
 from diofs.format import image
 from diofs.fs import Filesystem
-from tests.mounting import Mount, MountFactory, run_cli, run_in_child
+from harness.mount import Mount, MountFactory, run_cli, run_in_child
 from tests.test_holes_extend import (
     BS,
     BUG,

@@ -50,7 +50,7 @@ from typing import Any
 
 import pytest
 
-from tests.mounting import Mount, MountFactory, run_in_child, wait_kernel_invalidations
+from harness.mount import Mount, MountFactory, run_in_child, wait_kernel_invalidations
 
 pytestmark = pytest.mark.deadline(90)
 

@@ -10,26 +10,8 @@ import time
 
 import pytest
 
-from tests.mounting import Mount
-
-
-def write_file(path: str, data: bytes, mode: int = 0o644) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        assert os.write(fd, data) == len(data)
-    finally:
-        os.close(fd)
-
-
-def read_file(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
-
-
-def pattern(n: int, seed: int = 0) -> bytes:
-    """n bytes that differ at every offset mod 251 (catches shifted or stale blocks)."""
-    unit = bytes((i * 7 + seed) % 251 for i in range(251))
-    return (unit * (n // 251 + 1))[:n]
+from harness.io import pattern, read_file, write_file
+from harness.mount import Mount
 
 
 def free_bytes(mnt: Mount) -> int:

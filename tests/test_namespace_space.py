@@ -7,12 +7,11 @@ import ctypes
 import errno
 import mmap
 import os
-import time
-from collections.abc import Callable
 
 import pytest
 
-from tests.mounting import Mount, MountFactory
+from harness.io import wait_for
+from harness.mount import Mount, MountFactory
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -44,13 +43,6 @@ def fill(fd: int, off: int, size: int, byte: int) -> None:
         done += n
 
 
-def wait_until(cond: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.05)
-
-
 # --------------------------------------------------------------------------- statfs
 
 
@@ -76,7 +68,7 @@ def test_statfs_free_space_drops_and_rises(mounted: Mount) -> None:
     assert before - after_write >= 8 * MiB, (before, after_write)
     assert before - after_write <= 9 * MiB, (before, after_write)
     os.unlink(p)
-    wait_until(
+    wait_for(
         lambda: free_bytes(mounted.path()) >= before - 256 * 1024,
         f"free space did not come back after unlink ({before} before)",
     )
@@ -134,7 +126,7 @@ def test_enospc_when_full_then_delete_and_write_again(mount_factory: MountFactor
         head = f.read(min(written, MiB))
     assert head == b"\xee" * len(head)
     os.unlink(m.path("big"))
-    wait_until(lambda: free_bytes(m.path()) >= 4 * MiB, "space not freed after unlink")
+    wait_for(lambda: free_bytes(m.path()) >= 4 * MiB, "space not freed after unlink")
     with open(m.path("again"), "wb") as f:
         f.write(b"\x11" * (4 * MiB))
         f.flush()
@@ -149,7 +141,7 @@ def test_enospc_with_o_direct(mount_factory: MountFactory) -> None:
     written = _write_until_enospc(m.path("big"), 64 * MiB, os.O_DIRECT)
     assert 0 < written <= 16 * MiB
     os.unlink(m.path("big"))
-    wait_until(lambda: free_bytes(m.path()) >= 4 * MiB, "space not freed after unlink")
+    wait_for(lambda: free_bytes(m.path()) >= 4 * MiB, "space not freed after unlink")
     with open(m.path("again"), "wb") as f:
         f.write(b"\x22" * MiB)
 

@@ -12,15 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from diofs import watchdog
-from tests.mounting import REPO, Mount, MountFactory, cli, cli_env, run_cli
+from diofs import mountinfo
+from harness import watchdog
+from harness.io import pattern
+from harness.mount import REPO, Mount, MountFactory, cli, cli_env, run_cli
 
 MiB = 1 << 20
-
-
-def pattern(n: int, seed: int) -> bytes:
-    unit = bytes((i * 13 + seed) % 251 for i in range(251))
-    return (unit * (n // 251 + 1))[:n]
 
 
 def build_tree(root: str) -> None:
@@ -270,7 +267,7 @@ def _assert_refused(m: Mount) -> None:
                 check=False,
             )
         finally:
-            if watchdog.is_mounted(m.mnt):
+            if mountinfo.is_mounted(m.mnt):
                 watchdog.lazy_unmount(m.mnt)
                 pytest.fail(f"{argv} mounted a corrupted image")
         assert proc.returncode != 0, f"{argv} accepted a corrupted image"

@@ -13,7 +13,7 @@ What teardown guarantees (for every mount, whatever the test did):
     no D-state client and no daemon is left behind.
 
 Hang-safety: mount state and the connection id come from /proc/self/mountinfo
-(diofs.watchdog), never from stat() of a mountpoint that may be hung. Workloads that may hang
+(harness.watchdog), never from stat() of a mountpoint that may be hung. Workloads that may hang
 go through `run_in_child()` / `Mount.run()` (a child process with a deadline).
 """
 
@@ -33,8 +33,10 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from diofs import watchdog
+from diofs import mountinfo
 from diofs.cli.stats import read_stats
+from harness import watchdog
+from harness.io import wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 MOUNT_TIMEOUT_S = 15.0
@@ -210,7 +212,7 @@ class Mount:
 
     @property
     def mounted(self) -> bool:
-        return watchdog.is_mounted(self.mnt)
+        return mountinfo.is_mounted(self.mnt)
 
     @property
     def ref(self) -> watchdog.MountRef:
@@ -267,7 +269,7 @@ class Mount:
         assert self.daemon is not None
         deadline = time.monotonic() + MOUNT_TIMEOUT_S
         while time.monotonic() < deadline:
-            if watchdog.is_mounted(self.mnt):
+            if mountinfo.is_mounted(self.mnt):
                 self.conn_id = watchdog.connection_id(self.mnt)
                 return
             if self.daemon.poll() is not None:
@@ -370,6 +372,16 @@ class Mount:
     def stats(self) -> dict[str, float]:
         """The daemon's counters (`diofs stats`: the root's virtual `.diofs-stats` file)."""
         return read_stats(self.mnt)
+
+    def wait_stats(
+        self, cond: Callable[[dict[str, float]], bool], what: str, timeout: float = 10.0
+    ) -> dict[str, float]:
+        """Poll the counters until `cond(stats)` holds; returns those stats."""
+        def reached() -> dict[str, float] | None:
+            s = self.stats()
+            return s if cond(s) else None
+
+        return wait_for(reached, what, timeout)
 
     def fsck(self, *args: str) -> subprocess.CompletedProcess[str]:
         """Run fsck.diofs on the (unmounted) image and require it clean."""
@@ -497,7 +509,7 @@ class Mount:
 
     def _force_cleanup(self, problems: list[str]) -> None:
         """Last resort: rescue a still-mounted mount, then end our daemon by pid."""
-        if watchdog.is_mounted(self.mnt):
+        if mountinfo.is_mounted(self.mnt):
             problems.append("mount still present at teardown\n" + self._rescue("teardown"))
         daemon = self.daemon
         if daemon is None:
@@ -616,7 +628,7 @@ def assert_rescued_cleanly(m: Mount, result: Any, daemon_pid: int | None) -> Non
     client_pid = result.pid
     assert f"abort conn {m.conn_id}: done" in result.report
     deadline = time.monotonic() + 15
-    assert not watchdog.is_mounted(m.mnt)
+    assert not mountinfo.is_mounted(m.mnt)
     assert not watchdog.process_alive(client_pid)
     while daemon_pid is not None and watchdog.process_alive(daemon_pid):
         assert time.monotonic() < deadline, "daemon did not exit after the abort"
@@ -631,7 +643,8 @@ def wait_kernel_invalidations(mnt: str | os.PathLike[str], timeout: float = 10.0
     What SPEC 3 holds for *asynchronous* direct writes (docs/concurrency.md race 18): a page
     the kernel cached while such a write was in flight shows the new bytes once this returns.
     """
-    deadline = time.monotonic() + timeout
-    while read_stats(mnt).get("kernel.invalidations_pending", 0):
-        assert time.monotonic() < deadline, f"kernel invalidations still pending after {timeout}s"
-        time.sleep(0.01)
+    wait_for(
+        lambda: not read_stats(mnt).get("kernel.invalidations_pending", 0),
+        "the kernel invalidations posted so far",
+        timeout,
+    )
