@@ -96,12 +96,13 @@ def read_full(fd: int, size: int, off: int) -> bytes:
     return b"".join(parts)
 
 
-def drop_kernel_cache(fd: int) -> None:
-    """Drop the kernel's clean cached pages of the file, so that the next buffered read is a
-    READ request served by the daemon (its page cache or the image). POSIX_FADV_DONTNEED
-    invalidates the clean pages of the file's mapping whatever the filesystem (diofs opens
-    with keep_cache); pages mapped into some process stay."""
-    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+def drop_kernel_cache(fd: int, off: int = 0, length: int = 0) -> None:
+    """Drop the kernel's clean cached pages of `[off, off + length)` (length 0: to EOF), so
+    that the next buffered read or fault is a READ request served by the daemon (its page
+    cache or the image). POSIX_FADV_DONTNEED invalidates the clean pages of the file's mapping
+    whatever the filesystem (diofs opens with keep_cache); pages mapped into some process
+    stay. Ranges follow posix_fadvise / fallocate: (off, length)."""
+    os.posix_fadvise(fd, off, length, os.POSIX_FADV_DONTNEED)
 
 
 def cold_read(path: str | os.PathLike[str], size: int, off: int) -> bytes:

@@ -81,13 +81,10 @@ def cli_env() -> dict[str, str]:
     return env
 
 
-def run_cli(
-    name: str, *args: str | os.PathLike[str], timeout: float = 60.0, check: bool = False
-) -> subprocess.CompletedProcess[str]:
-    """Run a diofs command; returns the CompletedProcess (text output)."""
-    argv = [*cli(name), *map(os.fspath, args)]
-    proc = subprocess.run(
-        argv,
+def run_argv(argv: Sequence[str], timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    """Run a command from the repository root with `cli_env()`, stdin closed; text output."""
+    return subprocess.run(
+        list(argv),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -96,6 +93,14 @@ def run_cli(
         stdin=subprocess.DEVNULL,
         check=False,
     )
+
+
+def run_cli(
+    name: str, *args: str | os.PathLike[str], timeout: float = 60.0, check: bool = False
+) -> subprocess.CompletedProcess[str]:
+    """Run a diofs command; returns the CompletedProcess (text output)."""
+    argv = [*cli(name), *map(os.fspath, args)]
+    proc = run_argv(argv, timeout)
     if check and proc.returncode != 0:
         raise MountError(
             f"{shlex.join(argv)} failed with {proc.returncode}:\n{proc.stdout}{proc.stderr}"
@@ -335,8 +340,7 @@ class Mount:
         daemon is reaped within `timeout` (rescued and reported if either fails)."""
         assert self.daemon is not None, "not mounted"
         try:
-            proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout,
-                                  cwd=REPO, env=cli_env(), stdin=subprocess.DEVNULL, check=False)
+            proc = run_argv(argv, timeout)
         except subprocess.TimeoutExpired:
             report = self._rescue(f"{shlex.join(argv)} hung")
             raise MountError(f"{shlex.join(argv)} hung\n{report}\n{self.log_tails()}") from None
@@ -627,12 +631,9 @@ def assert_rescued_cleanly(m: Mount, result: Any, daemon_pid: int | None) -> Non
     exits)."""
     client_pid = result.pid
     assert f"abort conn {m.conn_id}: done" in result.report
-    deadline = time.monotonic() + 15
     assert not mountinfo.is_mounted(m.mnt)
     assert not watchdog.process_alive(client_pid)
-    while daemon_pid is not None and watchdog.process_alive(daemon_pid):
-        assert time.monotonic() < deadline, "daemon did not exit after the abort"
-        time.sleep(0.1)
+    assert watchdog.wait_gone([daemon_pid], 15), "daemon did not exit after the abort"
     stuck = [t for t in watchdog.stuck_tasks() if t.pid in (client_pid, daemon_pid)]
     assert stuck == []
 

@@ -192,6 +192,18 @@ def process_alive(pid: int) -> bool:
     return stat[stat.rfind(")") + 2 : stat.rfind(")") + 3] != "Z"
 
 
+def wait_gone(pids: Sequence[int | None], timeout_s: float) -> bool:
+    """Wait up to `timeout_s` for every process of `pids` (None entries ignored) to exit or
+    become a zombie; True if they all did. For processes that are not our children (a
+    daemon started by mount(8), a forked client), which waitpid cannot wait for."""
+    deadline = time.monotonic() + timeout_s
+    while any(p is not None and process_alive(p) for p in pids):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 # --------------------------------------------------------------------------- rescue
 
 

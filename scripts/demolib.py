@@ -56,9 +56,7 @@ def report_hang(label: str, seconds: float, report: str, daemon_pid: int | None,
     print(f"   [{label}] run hung for {seconds:.1f}s; watchdog: stuck tasks")
     for line in stuck_lines(report, frames):
         print(f"      {line}")
-    end = time.monotonic() + 15
-    while daemon_pid and watchdog.process_alive(daemon_pid) and time.monotonic() < end:
-        time.sleep(0.1)
+    watchdog.wait_gone([daemon_pid], 15)
 
 
 def leftovers(m: Any, result: Any, daemon_pid: int | None) -> tuple[int, int]:

@@ -4,6 +4,9 @@ Fixtures:
   mount_factory   `mount_factory(size="64M", opts={...}, bugs=[...], mkfs_args=[...],
                   image=None, mount=True) -> Mount` (harness/mount.py); any number per test.
   mounted         one Mount of a fresh 64M image with default options.
+  image           a fresh 64M image made by mkfs.diofs, not mounted (Path); the only `image`.
+  blank_file      a 4 MiB file of zeros (str): the raw file under a backend unit test.
+  mnt             an empty directory to mount on (Path).
   fuse_required   skips the test when real mounts cannot run here (no /dev/fuse, ...).
 
 Every test that uses a mount has a deadline (default 120 s; `--deadline S` or
@@ -123,6 +126,15 @@ def image(tmp_path: Path) -> Path:
     img = tmp_path / "image"
     run_cli("mkfs.diofs", img, "--size", "64M", check=True)
     return img
+
+
+@pytest.fixture
+def blank_file(tmp_path: Path) -> str:
+    """A 4 MiB file of zeros (not a diofs image): the raw file under a backend unit test."""
+    path = tmp_path / "blank"
+    with open(path, "wb") as f:
+        f.truncate(4 << 20)
+    return str(path)
 
 
 @pytest.fixture

@@ -39,9 +39,8 @@ import pytest
 
 from diofs import mountinfo
 from harness import watchdog
+from harness.io import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, aligned
 
-FALLOC_FL_KEEP_SIZE = 0x01
-FALLOC_FL_PUNCH_HOLE = 0x02
 PAGE = mmap.PAGESIZE
 FILE_SIZE = 1 << 20
 MOUNT_DEADLINE_S = 60.0
@@ -241,13 +240,6 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TinyMount]:
         yield m
 
 
-def _aligned(size: int, fill: bytes = b"\0") -> mmap.mmap:
-    buf = mmap.mmap(-1, size)
-    buf.write(fill * size)
-    buf.seek(0)
-    return buf
-
-
 # --------------------------------------------------------------------------- part 1: API
 def test_binding_has_diofs_api() -> None:
     assert pyfuse3.DIOFS_PATCH_VERSION == 3
@@ -266,17 +258,6 @@ def test_check_binding_accepts_installed_pyfuse3() -> None:
 
     request.check_binding()
     assert request.current() == request.Request(0, 0)
-
-
-def test_request_flag_properties() -> None:
-    from diofs.request import Request
-
-    assert Request(1, os.O_RDWR | os.O_DIRECT).direct
-    assert not Request(1, os.O_RDWR).direct
-    dsync = Request(1, os.O_DSYNC)
-    assert dsync.dsync and not dsync.sync
-    full = Request(1, os.O_SYNC)
-    assert full.dsync and full.sync
 
 
 async def test_default_fallocate_is_eopnotsupp() -> None:
@@ -299,9 +280,9 @@ def test_direct_io_from_two_threads_carries_each_tid_and_o_direct(tiny: TinyMoun
             fd = os.open(tiny.path("f"), os.O_RDWR | os.O_DIRECT)
             try:
                 barrier.wait()
-                buf = _aligned(PAGE, bytes([0x30 + i]))
+                buf = aligned(data=bytes([0x30 + i]) * PAGE)
                 assert os.pwritev(fd, [buf], off) == PAGE
-                back = _aligned(PAGE)
+                back = aligned(PAGE)
                 assert os.preadv(fd, [back], off) == PAGE
                 assert back[:] == buf[:]
             finally:
@@ -368,7 +349,7 @@ def test_fallocate_reaches_handler_with_mode_offset_length(tiny: TinyMount) -> N
 def test_requests_without_context_see_the_default(tiny: TinyMount) -> None:
     fd = os.open(tiny.path("f"), os.O_RDONLY | os.O_DIRECT)
     try:
-        os.preadv(fd, [_aligned(PAGE)], 0)
+        os.preadv(fd, [aligned(PAGE)], 0)
         os.stat(tiny.path("g"))  # GETATTR after a READ handled by the same worker
     finally:
         os.close(fd)

@@ -341,7 +341,7 @@ def _three_ways(path: str, size: int) -> dict[str, bytes]:
     return {
         "buffered": cold_read(path, size + PAGE, 0),
         "mmap": map_read(path, size),
-        "direct": direct_pread(path, size + PAGE),
+        "direct": direct_pread(path, size + PAGE, 0),
     }
 
 

@@ -21,7 +21,6 @@ import contextlib
 import os
 import shutil
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -61,9 +60,14 @@ def _daemon_pids(mnt: Path) -> list[int]:
 
 
 @contextlib.contextmanager
-def mounted_by_mount8(argv: list[str], mnt: Path) -> Iterator[None]:
-    """Run a mount(8) command, require success, yield, then unmount and check the daemon."""
+def mounted_by_mount8(
+    argv: list[str], mnt: Path, *, checkout_on_path: bool = True
+) -> Iterator[None]:
+    """Run a mount(8) command, require success, yield, then unmount and check the daemon.
+    `checkout_on_path=False` runs it as a user would: without the checkout on PYTHONPATH."""
     env = cli_env()
+    if not checkout_on_path:
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.pop("PATH", None)  # mount(8) drops PATH for its helpers anyway
     proc = subprocess.run(
         argv,
@@ -84,31 +88,25 @@ def mounted_by_mount8(argv: list[str], mnt: Path) -> Iterator[None]:
             ["fusermount3", "-u", str(mnt)], capture_output=True, text=True, timeout=60, check=False
         )
         assert um.returncode == 0, um.stderr
-        deadline = time.monotonic() + 30
-        while any(watchdog.process_alive(p) for p in pids):
-            assert time.monotonic() < deadline, "daemon did not exit after unmount"
-            time.sleep(0.05)
+        assert watchdog.wait_gone(pids, 30), "daemon did not exit after unmount"
     finally:
         if mountinfo.is_mounted(mnt):
             ref = watchdog.MountRef(str(mnt), conn_id, pids[0] if pids else None)
             watchdog.rescue([ref], reason="fstab test cleanup")
-        deadline = time.monotonic() + 10
-        while any(watchdog.process_alive(p) for p in pids) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        watchdog.wait_gone(pids, 10)
         for pid in pids:  # our grandchild daemon, identified by our unique mountpoint
             if watchdog.process_alive(pid):
                 os.kill(pid, 9)
 
 
-@pytest.fixture
-def image(image: Path) -> Path:
-    """conftest's fresh image, once mount(8) with a FUSE helper can run here."""
+@pytest.fixture(autouse=True)
+def _mount8_can_run() -> None:
+    """Every test here mounts with mount(8) and a FUSE helper: skip where that cannot run."""
     reason = fuse_unavailable_reason()
     if reason:
         pytest.skip(f"real mounts unavailable: {reason}")
     if os.geteuid() != 0:
         pytest.skip("mount(8) with a FUSE helper needs root here")
-    return image
 
 
 @pytest.fixture
@@ -173,13 +171,16 @@ def test_mount_fuse3_hash_syntax(image: Path, mnt: Path) -> None:
 
 
 def test_repo_root_is_not_needed_as_cwd(image: Path, mnt: Path, helper: Path) -> None:
-    """mount(8) runs the helper from the caller's cwd; it must not depend on the checkout."""
+    """mount(8) runs the helper from the caller's cwd and environment; it must not depend on
+    the checkout: run from / without the checkout on PYTHONPATH, the installed helper mounts,
+    and the daemon's cwd is not the checkout."""
     argv = ["mount", "-t", "fuse.diofs", str(image), str(mnt)]
     old = os.getcwd()
     os.chdir("/")
     try:
-        with mounted_by_mount8(argv, mnt):
+        with mounted_by_mount8(argv, mnt, checkout_on_path=False):
             _use(mnt)
+            cwds = {os.readlink(f"/proc/{pid}/cwd") for pid in _daemon_pids(mnt)}
+            assert cwds and str(REPO) not in cwds, cwds
     finally:
         os.chdir(old)
-    assert REPO.exists()

@@ -267,11 +267,7 @@ def _unmount_background(mnt: Path, conn_id: int | None, daemon_pid: int | None) 
         subprocess.run(
             ["fusermount3", "-u", str(mnt)], capture_output=True, timeout=60, check=False
         )
-    deadline = time.monotonic() + 30
-    while daemon_pid is not None and watchdog.process_alive(daemon_pid):
-        if time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
+    watchdog.wait_gone([daemon_pid], 30)
     if mountinfo.is_mounted(mnt):
         watchdog.rescue([watchdog.MountRef(str(mnt), conn_id, daemon_pid)], reason="cleanup")
         pytest.fail(f"{mnt} was still mounted after fusermount3 -u")

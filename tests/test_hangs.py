@@ -58,7 +58,7 @@ from typing import Any
 
 import pytest
 
-from harness.io import cold_read, direct_pread, pattern
+from harness.io import cold_read, direct_pread, pattern, wait_for
 from harness.mount import (
     Mount,
     MountFactory,
@@ -146,22 +146,18 @@ def assert_invalidation_hang(m: Mount, result: Any, daemon_pid: int | None,
     main = [h for h, _ in threads if h.startswith(f"  tid {daemon_pid} ")]
     assert main and "state=D" not in main[0], report
     assert_rescued_cleanly(m, result, daemon_pid)
-    deadline = time.monotonic() + 15
-    while _session_members(result.pid):  # fio workers, the C program's children
-        assert time.monotonic() < deadline, _session_members(result.pid)
-        time.sleep(0.1)
+    # fio workers, the C program's children
+    wait_for(lambda: not _session_members(result.pid), "the client's session to end", 15)
     return daemon_part
 
 
 def settle(m: Mount) -> dict[str, float]:
     """Wait until every posted kernel invalidation is done; returns the stats."""
-    deadline = time.monotonic() + SETTLE_S
-    while True:
-        st = m.stats()
-        if not st.get("kernel.invalidations_pending", 0):
-            return st
-        assert time.monotonic() < deadline, f"invalidations still pending after {SETTLE_S}s: {st}"
-        time.sleep(0.05)
+    return m.wait_stats(
+        lambda st: not st.get("kernel.invalidations_pending", 0),
+        "the posted kernel invalidations",
+        SETTLE_S,
+    )
 
 
 def expect_layout(path: str, size: int, layout: list[tuple[int, int, int]], what: str) -> None:

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from harness.io import pattern, read_file, write_file
+from harness.io import pattern, read_file, wait_for, write_file
 from harness.mount import Mount
 
 
@@ -115,12 +115,10 @@ def test_open_unlinked_file_stays_usable_until_last_close(mounted: Mount) -> Non
     finally:
         os.close(fd)
     # RELEASE is asynchronous: the space comes back shortly after the last close
-    deadline = time.monotonic() + 10
-    while free_bytes(mounted) < before_unlink + size - (64 << 10):
-        assert time.monotonic() < deadline, (
-            f"space not freed after last close: {free_bytes(mounted)} < {before_unlink + size}"
-        )
-        time.sleep(0.05)
+    wait_for(
+        lambda: free_bytes(mounted) >= before_unlink + size - (64 << 10),
+        f"the space to come back after the last close ({before_unlink + size} free)",
+    )
 
 
 def test_hard_link_counts_and_shared_data(mounted: Mount) -> None:

@@ -3,31 +3,22 @@ recovery after deleting, fallocate modes (allocate, keep size, punch hole, zero 
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import mmap
 import os
 
 import pytest
 
-from harness.io import wait_for
+from harness.io import (
+    FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_PUNCH_HOLE,
+    FALLOC_FL_ZERO_RANGE,
+    fallocate,
+    wait_for,
+)
 from harness.mount import Mount, MountFactory
 
-FALLOC_FL_KEEP_SIZE = 0x01
-FALLOC_FL_PUNCH_HOLE = 0x02
-FALLOC_FL_ZERO_RANGE = 0x10
 MiB = 1 << 20
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
-
-
-def fallocate(fd: int, mode: int, off: int, length: int) -> None:
-    """fallocate(2) with a mode (os.posix_fallocate has none); raises OSError."""
-    if _libc.fallocate(fd, mode, off, length) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-
 
 def free_bytes(path: str) -> int:
     st = os.statvfs(path)

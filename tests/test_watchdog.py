@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 
 import pytest
 
@@ -117,6 +116,19 @@ def test_vanished_mount_is_reported(mounted: Mount) -> None:
     assert mounted.daemon is None
 
 
-def test_lazy_unmount_of_unmounted_path_is_harmless(tmp_path: object) -> None:
-    watchdog.lazy_unmount(str(tmp_path))
-    subprocess.run(["true"], check=True)
+def test_lazy_unmount_detaches_only_the_mount_it_is_given(mount_factory: MountFactory) -> None:
+    """lazy_unmount(A) detaches A (its daemon then exits), is a no-op on a path that is not
+    mounted, and leaves every other mount serving."""
+    a, b = mount_factory(size="16M"), mount_factory(size="16M")
+    a.expect_rescue()  # a's mount vanishes under its Mount object: that is the test
+    assert a.daemon is not None
+    daemon = a.daemon
+    watchdog.lazy_unmount(b.workdir)  # not a mountpoint (b's mount is below it)
+    watchdog.lazy_unmount(a.mnt)
+    assert not mountinfo.is_mounted(a.mnt)
+    assert daemon.wait(timeout=30) == 0, "the daemon did not exit after its mount was detached"
+    assert mountinfo.is_mounted(b.mnt)
+    with open(b.path("f"), "wb") as f:
+        f.write(b"still serving")
+    with open(b.path("f"), "rb") as f:
+        assert f.read() == b"still serving"

@@ -92,7 +92,7 @@ _WAIT_NS = {State.ADD: "locks.add_wait_ns", State.BLOCK: "locks.block_wait_ns"}
 
 @dataclass(frozen=True, slots=True)
 class LockStatistics:
-    """A snapshot of one lock, for the watchdog and `diofs stats`.
+    """A snapshot of one lock (`PagecacheLock.statistics()`), for the unit tests.
 
     `holders` / `waiters`: state value ("add", "block") -> number of tasks.
     `owners`: state value -> tid -> number of holds (tid 0 = unknown requester).
@@ -353,21 +353,11 @@ class LockTable:
             self._all[ino] = lock
         return lock
 
-    def pagecache_add(
-        self, ino: int, owner: int = 0
-    ) -> contextlib.AbstractAsyncContextManager[None]:
-        """`async with table.pagecache_add(ino, tid):` (bch2_pagecache_add_get)."""
-        return self.get(ino).add(owner)
-
     def pagecache_block(
         self, ino: int, owner: int = 0
     ) -> contextlib.AbstractAsyncContextManager[None]:
         """`async with table.pagecache_block(ino, tid):` (bch2_pagecache_block_get)."""
         return self.get(ino).block(owner)
-
-    def statistics(self) -> dict[int, LockStatistics]:
-        """Snapshots of the busy locks (holders or waiters), by ino. Idle locks are left out."""
-        return {ino: lock.statistics() for ino, lock in sorted(self._busy.items())}
 
     def __len__(self) -> int:
         """Number of locks the table still knows (busy ones plus idle ones still referenced)."""
