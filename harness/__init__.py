@@ -9,5 +9,9 @@ Modules:
   mount      Mount (one daemon we started on one image), MountFactory, run_in_child, CLI runners
   watchdog   deadlines and the rescue: kernel stacks, SIGUSR1, fusectl abort, lazy unmount
   io         one helper each: aligned buffers, direct pread/pwrite, patterns, files, wait_for
-  workloads  workloads that tests and demos both run
+  workloads/ workloads that tests and demos both run (one module per area)
+
+Imports: tests, scripts and benchmarks import from here, never from each other (no
+`from tests.test_x import ...` outside tests/). What the daemon needs of mount state is
+diofs/mountinfo.py, which the harness imports, never the other way round.
 """

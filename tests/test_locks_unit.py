@@ -75,6 +75,11 @@ async def start(
     return h
 
 
+def holds(lock: PagecacheLock, owner: int, state: State) -> bool:
+    """`owner` holds `state` of `lock` at least once (from its statistics)."""
+    return lock.statistics().owners[state.value].get(owner, 0) > 0
+
+
 async def finish(h: Holder) -> None:
     h.release_event.set()
     await trio.testing.wait_all_tasks_blocked()
@@ -127,12 +132,12 @@ async def test_block_holders_share_too() -> None:
 async def test_context_managers() -> None:
     lock = PagecacheLock(3)
     async with lock.add(7):
-        assert lock.holds(7, ADD) and not lock.holds(7, BLOCK)
+        assert holds(lock, 7, ADD) and not holds(lock, 7, BLOCK)
         async with lock.add(8):  # a second ADD holder shares
             assert lock.statistics().holders["add"] == 2
     assert lock.idle()
     async with lock.block(7):
-        assert lock.holds(7, BLOCK)
+        assert holds(lock, 7, BLOCK)
     assert lock.idle()
 
 
@@ -352,11 +357,11 @@ async def test_acquire_is_a_checkpoint_even_uncontended() -> None:
         assert lock.idle()  # cancelled before taking anything
     # Uncontended success still yields (cancel_shielded_checkpoint), and holds.
     await lock.acquire(BLOCK, 1)
-    assert lock.holds(1, BLOCK)
+    assert holds(lock, 1, BLOCK)
     lock.release(BLOCK, 1)
 
 
-# -- nowait, release errors, holds, statistics ------------------------------------------
+# -- nowait, release errors, owner counts, statistics ------------------------------------------
 
 
 async def test_acquire_nowait() -> None:
@@ -407,7 +412,7 @@ async def test_release_more_often_than_acquired_raises() -> None:
     assert lock.idle()
 
 
-async def test_holds_counts_several_chunks_of_one_owner() -> None:
+async def test_owner_counts_several_chunks_of_one_owner() -> None:
     """fuse-facts row 2: up to 4 DIO chunks of one tid are outstanding at once."""
     lock = PagecacheLock(9)
     tid = 4242
@@ -415,23 +420,15 @@ async def test_holds_counts_several_chunks_of_one_owner() -> None:
         await lock.acquire(BLOCK, tid)
     lock.acquire_nowait(BLOCK, 77)
     assert lock.statistics().owners["block"] == {tid: 3, 77: 1}
-    assert lock.holds(tid, BLOCK) and not lock.holds(tid, ADD)
+    assert holds(lock, tid, BLOCK) and not holds(lock, tid, ADD)
     lock.release(BLOCK, tid)
     lock.release(BLOCK, tid)
-    assert lock.holds(tid, BLOCK)
+    assert holds(lock, tid, BLOCK)
     lock.release(BLOCK, tid)
-    assert not lock.holds(tid, BLOCK)
-    assert lock.holds(77, BLOCK)
+    assert not holds(lock, tid, BLOCK)
+    assert holds(lock, 77, BLOCK)
     lock.release(BLOCK, 77)
     assert lock.idle()
-
-
-async def test_holds_is_false_for_tid_zero() -> None:
-    lock = PagecacheLock(1)
-    lock.acquire_nowait(BLOCK)
-    assert not lock.holds(0, BLOCK)
-    assert lock.statistics().owners["block"] == {0: 1}
-    lock.release(BLOCK)
 
 
 async def test_statistics_snapshot() -> None:
@@ -510,7 +507,7 @@ async def test_table_keeps_busy_locks_without_outside_references() -> None:
     table = LockTable()
     table.get(1).acquire_nowait(BLOCK, 3)  # no reference kept by the caller
     gc.collect()
-    assert table.get(1).holds(3, BLOCK)
+    assert holds(table.get(1), 3, BLOCK)
     table.get(1).release(BLOCK, 3)
     gc.collect()
     assert 1 not in table

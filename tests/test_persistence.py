@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import stat
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -15,7 +14,7 @@ import pytest
 from diofs import mountinfo
 from harness import watchdog
 from harness.io import pattern
-from harness.mount import REPO, Mount, MountFactory, cli, cli_env, run_cli
+from harness.mount import REPO, Mount, MountFactory, cli, run_argv, run_cli
 
 MiB = 1 << 20
 
@@ -256,16 +255,7 @@ def _assert_refused(m: Mount) -> None:
         [sys.executable, str(REPO / "mount.py"), str(m.image), str(m.mnt), "--foreground"],
     ):
         try:
-            proc = subprocess.run(
-                argv,
-                capture_output=True,
-                text=True,
-                timeout=30,
-                cwd=REPO,
-                env=cli_env(),
-                stdin=subprocess.DEVNULL,
-                check=False,
-            )
+            proc = run_argv(argv, 30)
         finally:
             if mountinfo.is_mounted(m.mnt):
                 watchdog.lazy_unmount(m.mnt)

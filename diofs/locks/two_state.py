@@ -281,10 +281,6 @@ class PagecacheLock:
 
     # -- queries ---------------------------------------------------------------------------
 
-    def holds(self, owner: int, state: State) -> bool:
-        """True if `owner` (a tid, not 0) currently holds `state` at least once."""
-        return owner != 0 and self._owners[state].get(owner, 0) > 0
-
     def idle(self) -> bool:
         """No holders and no waiters."""
         return (
