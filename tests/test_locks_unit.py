@@ -160,8 +160,6 @@ async def test_waiting_block_stops_new_add_holders() -> None:
         a2 = await start(n, lock, ADD)
         assert not b.acquired
         assert not a2.acquired, "a new ADD must queue behind the waiting BLOCK"
-        with pytest.raises(trio.WouldBlock):
-            lock.acquire_nowait(ADD)
         await finish(a1)
         assert b.acquired and not a2.acquired
         await finish(b)
@@ -289,7 +287,7 @@ async def test_cancelled_waiter_leaves_no_trace(held: State) -> None:
         assert stats.get("locks.cancelled_waits") == 1
         assert stats.get(f"locks.{other.value}_waits") == 0
         # The holder's state is open again to newcomers.
-        lock.acquire_nowait(held, 3)
+        await lock.acquire(held, 3)
         lock.release(held, 3)
         await finish(h)
     assert lock.idle()
@@ -361,24 +359,7 @@ async def test_acquire_is_a_checkpoint_even_uncontended() -> None:
     lock.release(BLOCK, 1)
 
 
-# -- nowait, release errors, owner counts, statistics ------------------------------------------
-
-
-async def test_acquire_nowait() -> None:
-    lock = PagecacheLock(1)
-    lock.acquire_nowait(ADD, 1)
-    lock.acquire_nowait(ADD, 2)
-    before = lock.statistics()
-    with pytest.raises(trio.WouldBlock):
-        lock.acquire_nowait(BLOCK, 3)
-    assert lock.statistics() == before, "a refused acquire_nowait changes nothing"
-    lock.release(ADD, 1)
-    lock.release(ADD, 2)
-    lock.acquire_nowait(BLOCK, 3)
-    with pytest.raises(trio.WouldBlock):
-        lock.acquire_nowait(ADD, 1)
-    lock.release(BLOCK, 3)
-    assert lock.idle()
+# -- release errors, owner counts, statistics ------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -395,7 +376,7 @@ async def test_release_by_non_holder_raises(
 ) -> None:
     lock = PagecacheLock(1)
     if held is not None:
-        lock.acquire_nowait(held, owner)
+        await lock.acquire(held, owner)
     before = lock.statistics()
     with pytest.raises(RuntimeError):
         lock.release(release_state, release_owner)
@@ -405,7 +386,7 @@ async def test_release_by_non_holder_raises(
 
 async def test_release_more_often_than_acquired_raises() -> None:
     lock = PagecacheLock(1)
-    lock.acquire_nowait(BLOCK, 4)
+    await lock.acquire(BLOCK, 4)
     lock.release(BLOCK, 4)
     with pytest.raises(RuntimeError):
         lock.release(BLOCK, 4)
@@ -418,7 +399,7 @@ async def test_owner_counts_several_chunks_of_one_owner() -> None:
     tid = 4242
     for _ in range(3):
         await lock.acquire(BLOCK, tid)
-    lock.acquire_nowait(BLOCK, 77)
+    await lock.acquire(BLOCK, 77)
     assert lock.statistics().owners["block"] == {tid: 3, 77: 1}
     assert holds(lock, tid, BLOCK) and not holds(lock, tid, ADD)
     lock.release(BLOCK, tid)
@@ -467,7 +448,7 @@ async def test_wait_stats(autojump_clock: trio.testing.MockClock) -> None:
         await lock.acquire(state)
         lock.release(state)
 
-    lock.acquire_nowait(ADD)
+    await lock.acquire(ADD)
     async with trio.open_nursery() as n:
         n.start_soon(waiter, BLOCK)
         await trio.sleep(5)
@@ -505,7 +486,7 @@ async def test_table_forgets_idle_locks() -> None:
 
 async def test_table_keeps_busy_locks_without_outside_references() -> None:
     table = LockTable()
-    table.get(1).acquire_nowait(BLOCK, 3)  # no reference kept by the caller
+    await table.get(1).acquire(BLOCK, 3)  # no reference kept by the caller
     gc.collect()
     assert holds(table.get(1), 3, BLOCK)
     table.get(1).release(BLOCK, 3)

@@ -174,14 +174,6 @@ class PagecacheLock:
         owners[owner] = owners.get(owner, 0) + 1
 
     @trio.lowlevel.enable_ki_protection
-    def acquire_nowait(self, state: State, owner: int = 0) -> None:
-        """Take `state` now, or raise `trio.WouldBlock` (and change nothing)."""
-        if not self._admissible(state):
-            raise trio.WouldBlock
-        self._grant(state, owner)
-        self._update_busy()
-
-    @trio.lowlevel.enable_ki_protection
     async def acquire(self, state: State, owner: int = 0) -> None:
         """Take `state` for `owner` (the requesting tid; 0 = unknown), waiting if needed.
 
