@@ -3,7 +3,6 @@
 Modules:
   jobs      the job table (one :class:`Job` per workload), fio argv building, fio JSON parsing
   peers     building and mounting the peers (local disk, C passthrough, Python passthrough, diofs)
-  fusewatch abort/lazy-unmount helpers for hung FUSE mounts (falls back from diofs.watchdog)
   report    machine facts, results.json, results.md (tables + ratios), PNG charts
   runner    the interleaved run loop
   cli       the `scripts/bench` command line (imports runner and daemon_profile; they never
@@ -16,5 +15,6 @@ Invariants: everything the harness starts (daemons, fio, cp/tar/git, py-spy) is 
 in its own session and ended by that pid or its own process group; every mount it makes is
 unmounted before it exits, by abort + lazy unmount if a plain unmount does not finish by its
 deadline.
+Hung mounts are rescued by harness/watchdog.py, the same watchdog the tests use.
 Nothing here is imported by diofs/ or tests/ other than tests/test_bench_smoke.py.
 """

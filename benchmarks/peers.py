@@ -34,7 +34,7 @@ import tarfile
 import time
 from pathlib import Path
 
-from benchmarks import fusewatch
+from harness import watchdog
 
 REPO = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("DIOFS_BENCH_CACHE", Path.home() / ".cache" / "diofs-bench"))
@@ -290,7 +290,7 @@ class FusePeer(Peer):
                     f"log {self.log_path}:\n{self.log_tail()}"
                 )
             time.sleep(0.05)
-        self.conn_id = fusewatch.connection_id(str(self.mnt))
+        self.conn_id = watchdog.connection_id(self.mnt)
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -301,16 +301,11 @@ class FusePeer(Peer):
     def abort(self, client_pids: list[int] | None = None, reason: str = "deadline") -> str:
         """Abort the FUSE connection (every request fails with ENOTCONN), detach the mount.
 
-        Returns the watchdog report (kernel stacks of daemon and ``client_pids`` when
-        diofs.watchdog is available; it also sends SIGUSR1 to the daemon first).
+        Returns the watchdog report (kernel stacks of daemon and ``client_pids``; it also
+        sends SIGUSR1 to the daemon first).
         """
-        return fusewatch.rescue(
-            str(self.mnt),
-            self.conn_id,
-            self.daemon_pid(),
-            list(client_pids or []),
-            f"{self.name}: {reason}",
-        )
+        ref = watchdog.MountRef(str(self.mnt), self.conn_id, self.daemon_pid())
+        return watchdog.rescue([ref], list(client_pids or []), reason=f"{self.name}: {reason}")
 
     def unmount(self, deadline_s: float = 20.0) -> None:
         """Unmount and reap the daemon; escalate to abort/lazy unmount/SIGKILL past deadline."""

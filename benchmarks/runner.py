@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks import fusewatch, report, treecopy
+from benchmarks import report, treecopy
 from benchmarks.jobs import (
     DATA_FILE,
     JOBS,
@@ -50,6 +50,7 @@ from benchmarks.peers import (
     make_peer,
     venv_python,
 )
+from harness import watchdog
 
 MAX_RESTARTS = 3
 METALOAD = Path(__file__).resolve().parent / "metaload.py"
@@ -328,8 +329,11 @@ def run_bench(opts: Options) -> dict[str, Any]:
             tree_src = treecopy.prepare(opts.tree_src, workdir)
             results["config"]["tree_src"] = tree_src.info
             _say(opts, f"tree source {treecopy.describe(tree_src.info)}")
-        if any(p != "local" for p in opts.peers) and not fusewatch.ensure_fusectl():
-            _say(opts, "warning: fusectl is not available: hung mounts cannot be aborted")
+        if any(p != "local" for p in opts.peers):
+            try:
+                watchdog.ensure_fusectl()
+            except OSError:
+                _say(opts, "warning: fusectl is not available: hung mounts cannot be aborted")
         for name in opts.peers:
             peer = make_peer(name, workdir, opts.diofs_image_size, opts.diofs_args)
             info: dict[str, Any] = {

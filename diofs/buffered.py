@@ -135,6 +135,7 @@ class Buffered:
                 run_end += 1
             data = await self.fs.read_data(inode, idx * ps, (run_end - idx + 1) * ps)
             if self.fill_delay:
+                stats.add("cache.fill_delays")  # tests wait on this: image read, insert pending
                 await trio.sleep(self.fill_delay)  # demo hook (see module docstring)
             self.cache.insert_clean_run(inode.ino, idx, data)
             if run_end > last:

@@ -53,7 +53,7 @@ import os
 import time
 from pathlib import Path
 
-from diofs import watchdog
+from diofs import mountinfo
 
 log = logging.getLogger(__name__)
 
@@ -134,9 +134,9 @@ def prune(directory: Path) -> None:
                     path.unlink()
 
 
-def own_mount(mountpoint: str) -> watchdog.MountInfo | None:
+def own_mount(mountpoint: str) -> mountinfo.MountInfo | None:
     """The topmost diofs mount on `mountpoint` (the canonical path, as the kernel shows it)."""
-    m = watchdog.find_mount(mountpoint)
+    m = mountinfo.find_mount(mountpoint)
     return m if m is not None and m.fstype == FSTYPE else None
 
 

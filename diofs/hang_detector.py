@@ -265,18 +265,18 @@ class HangDetector:
     def _connection_line(self) -> str:
         if self.mountpoint is None:
             return "mount unknown"
-        from diofs import watchdog  # mountinfo and fusectl only: never stat()s the mount
+        from diofs import mountinfo  # never stat()s the mount
 
-        m = watchdog.find_mount(self.mountpoint)
+        m = mountinfo.find_mount(self.mountpoint)
         if m is None:
             return f"{self.mountpoint} not in /proc/self/mountinfo"
-        conn = (m.major << 20) | m.minor
-        waiting = watchdog.connection_waiting(conn)
+        conn = m.conn_id
+        waiting = mountinfo.connection_waiting(conn)
         count = "unknown (fusectl not mounted)" if waiting is None else str(waiting)
         return (
             f"FUSE connection {conn} of {self.mountpoint}: requests waiting in the kernel: "
             f"{count}; nothing is aborted (to end the hang: echo 1 > "
-            f"{watchdog.FUSECTL}/{conn}/abort)"
+            f"{mountinfo.FUSECTL}/{conn}/abort)"
         )
 
     def _tasks(self) -> Iterator[tuple[int, Any]]:

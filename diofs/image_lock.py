@@ -27,7 +27,7 @@ import fcntl
 import hashlib
 import os
 
-from diofs import watchdog
+from diofs import mountinfo
 from diofs.backend import image_name, is_uri
 from diofs.errors import EXIT_IN_USE, DiofsError
 
@@ -58,7 +58,7 @@ def mounted_on(image: str) -> str | None:
     """The mountpoint whose mount source (fsname) is `image`, from /proc/self/mountinfo, or
     None (not mounted here, or mounted with a path that could not be the fsname)."""
     path = image_name(image)
-    for m in watchdog.mounts():
+    for m in mountinfo.mounts():
         if m.fstype == "fuse.diofs" and m.source == path:
             return m.mountpoint
     return None

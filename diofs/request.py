@@ -34,7 +34,6 @@ Where each field comes from (notes/fuse-facts.md):
 from __future__ import annotations
 
 import errno
-import os
 from dataclasses import dataclass
 
 import pyfuse3
@@ -68,24 +67,6 @@ class Request:
     def kill_suidgid(self) -> bool:
         """The kernel asks diofs to clear suid/sgid as it would (see KILL_SUIDGID)."""
         return bool(self.flags & KILL_SUIDGID)
-
-    @property
-    def direct(self) -> bool:
-        """O_DIRECT is set for this request (also when it was added by fcntl after open)."""
-        return bool(self.flags & os.O_DIRECT)
-
-    @property
-    def dsync(self) -> bool:
-        """The O_DSYNC bit is set: the data must be durable before the reply.
-
-        True for O_DSYNC, O_SYNC (which includes the O_DSYNC bit) and RWF_DSYNC/RWF_SYNC.
-        """
-        return bool(self.flags & os.O_DSYNC)
-
-    @property
-    def sync(self) -> bool:
-        """Full O_SYNC (both __O_SYNC and O_DSYNC bits): data and metadata must be durable."""
-        return self.flags & os.O_SYNC == os.O_SYNC
 
 
 def current() -> Request:

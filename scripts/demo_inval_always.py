@@ -17,7 +17,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from tests.test_dio_kernel_cache import PAGE, bread, direct_reads_into_own_mapping
+from harness.io import read_file
+from harness.workloads.kernel_cache import PAGE, direct_reads_into_own_mapping
 
 BUG = "inval-always"
 TITLE = "O_DIRECT reads into a mapping of the same file lose their bytes"
@@ -30,7 +31,7 @@ def run(factory: Any, bug_on: bool) -> dict[str, Any]:
     path = m.path("f")
     with open(path, "wb") as f:
         f.write(os.urandom(3 * PAGE))
-    bread(path, 3 * PAGE)  # the kernel caches the file: its direct writes are watched
+    read_file(path)  # the kernel caches the file: its direct writes are watched
     lost = m.run(direct_reads_into_own_mapping, path, ROUNDS, timeout=50).value
     st = m.stats()
     m.unmount()

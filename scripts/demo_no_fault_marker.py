@@ -23,7 +23,7 @@ from typing import Any
 
 from demolib import leftovers, report_hang
 
-from tests.test_dio_mmap_self import (
+from harness.workloads.mmap_self import (
     LOCKED,
     locked_self_write,
     locked_self_write_with_faulter,

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from tests.mounting import run_in_child
-from tests.test_dio_locks import FILL_DELAY, PAGE, RA_LEN, race_fill_against_direct_write
+from harness.mount import run_in_child
+from harness.workloads.fill_race import FILL_DELAY, PAGE, RA_LEN, race_fill_against_direct_write
 
 BUG = "no-pagecache-lock"
 TITLE = "a racing buffered fill re-inserts old bytes after a direct write's shootdown"

@@ -23,7 +23,7 @@ from typing import Any
 
 from demolib import hang_runs
 
-from tests.test_dio_kernel_cache import PAGE, direct_reads_into_mapping_vs_direct_opens
+from harness.workloads.kernel_cache import PAGE, direct_reads_into_mapping_vs_direct_opens
 
 BUG = "open-drop-at-answer"
 TITLE = "O_DIRECT open vs an O_DIRECT read into a mapping of the same file hangs the mount"

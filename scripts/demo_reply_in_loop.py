@@ -21,7 +21,7 @@ from typing import Any
 
 from demolib import hang_runs
 
-from tests.test_fsx import prepare_read_into_mapping, read_into_mapping_vs_direct_write
+from harness.workloads.mapping import prepare_read_into_mapping, read_into_mapping_vs_direct_write
 
 BUG = "reply-in-loop"
 TITLE = "O_DIRECT read into a mapping of the same file vs a direct write deadlocks the daemon"

@@ -24,9 +24,14 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from diofs.backend import crash  # noqa: E402
-from tests.mounting import run_in_child  # noqa: E402
-from tests.test_holes_crash import check_cuts, crash_secret_mount, pick_cuts, workload  # noqa: E402
-from tests.test_holes_extend import hole_fill_race, threaded_append_race  # noqa: E402
+from harness.mount import run_in_child  # noqa: E402
+from harness.workloads.holes import hole_fill_race, threaded_append_race  # noqa: E402
+from harness.workloads.holes_power_cut import (  # noqa: E402
+    check_cuts,
+    crash_secret_mount,
+    extending_writes,
+    pick_cuts,
+)
 
 BUG = "size-before-data"
 TITLE = "a deleted file's bytes exposed by writes into holes / past EOF (live and after a cut)"
@@ -42,7 +47,7 @@ def run(factory: Any, bug_on: bool) -> dict[str, Any]:
     appends = run_in_child(threaded_append_race, str(m.mnt), 6, 32, timeout=90, mounts=[m])
     live = holes["secret"] + appends["secret"]
     start = crash.load_log(log).n_points - 1  # the power-cut part starts here
-    run_in_child(workload, str(m.mnt), 10, timeout=90, mounts=[m])
+    run_in_child(extending_writes, str(m.mnt), 10, timeout=90, mounts=[m])
     cl = crash.load_log(log)
     m.unmount()
     cuts = [c for c in pick_cuts(cl, 200, seed=5) if c >= start]

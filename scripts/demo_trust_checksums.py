@@ -5,7 +5,7 @@ nothing; without them, reading the file returns the superblock and writing it de
 image (the next mount: not a diofs image).
 
 Workload: files a and b of 8 KiB on a fresh image; unmount; rewrite the commit with a's extent
-on block 0 (tests/crafting.py); mount; read a; write a; unmount; mount again.
+on block 0 (harness/crafting.py); mount; read a; write a; unmount; mount again.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from diofs.format.layout import MAGIC  # noqa: E402
-from tests.crafting import move_extent, rewrite_commit  # noqa: E402
-from tests.mounting import MountError  # noqa: E402
+from harness.crafting import move_extent, rewrite_commit  # noqa: E402
+from harness.mount import MountError  # noqa: E402
 
 BUG = "trust-checksums"
 TITLE = "a crafted image (valid checksums, an extent on the superblock) is mounted and used"

@@ -6,10 +6,10 @@ A demo module defines:
     BUG          the --bug switch it demonstrates (kebab-case, diofs.bugs)
     TITLE        one line: what goes wrong without the protection
     run(factory, bug_on) -> dict[str, int | str]   the workload; `factory` is a
-                 tests.mounting.MountFactory (mounts are cleaned up, and rescued by the
+                 harness.mount.MountFactory (mounts are cleaned up, and rescued by the
                  watchdog if they hang, by `compare`)
     BAD_KEY      the count that must be 0 with the protection and > 0 with the bug
-Mounts come from tests/mounting.py, the same code the test suite uses: every mount is
+Mounts come from harness/mount.py, the same code the test suite uses: every mount is
 unmounted, a hang is caught by the watchdog (stack report, fusectl abort, lazy unmount).
 """
 
@@ -30,8 +30,9 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from diofs import watchdog  # noqa: E402
-from tests.mounting import MountFactory  # noqa: E402
+from diofs import mountinfo  # noqa: E402
+from harness import watchdog  # noqa: E402
+from harness.mount import MountFactory  # noqa: E402
 
 
 def stuck_lines(report: str, frames: int = 4) -> list[str]:
@@ -55,18 +56,16 @@ def report_hang(label: str, seconds: float, report: str, daemon_pid: int | None,
     print(f"   [{label}] run hung for {seconds:.1f}s; watchdog: stuck tasks")
     for line in stuck_lines(report, frames):
         print(f"      {line}")
-    end = time.monotonic() + 15
-    while daemon_pid and watchdog.process_alive(daemon_pid) and time.monotonic() < end:
-        time.sleep(0.1)
+    watchdog.wait_gone([daemon_pid], 15)
 
 
 def leftovers(m: Any, result: Any, daemon_pid: int | None) -> tuple[int, int]:
     """End of a run that may have hung: unmount if still mounted and served, then count what
     is left behind: (1 if still mounted, tasks of the client or daemon in D state)."""
-    if m.daemon is not None and watchdog.is_mounted(m.mnt):
+    if m.daemon is not None and mountinfo.is_mounted(m.mnt):
         m.unmount()
     stuck = sum(1 for t in watchdog.stuck_tasks() if t.pid in (result.pid, daemon_pid))
-    return int(watchdog.is_mounted(m.mnt)), stuck
+    return int(mountinfo.is_mounted(m.mnt)), stuck
 
 
 def hang_runs(

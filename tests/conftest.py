@@ -2,8 +2,11 @@
 
 Fixtures:
   mount_factory   `mount_factory(size="64M", opts={...}, bugs=[...], mkfs_args=[...],
-                  image=None, mount=True) -> Mount` (tests/mounting.py); any number per test.
+                  image=None, mount=True) -> Mount` (harness/mount.py); any number per test.
   mounted         one Mount of a fresh 64M image with default options.
+  image           a fresh 64M image made by mkfs.diofs, not mounted (Path); the only `image`.
+  blank_file      a 4 MiB file of zeros (str): the raw file under a backend unit test.
+  mnt             an empty directory to mount on (Path).
   fuse_required   skips the test when real mounts cannot run here (no /dev/fuse, ...).
 
 Every test that uses a mount has a deadline (default 120 s; `--deadline S` or
@@ -11,7 +14,7 @@ Every test that uses a mount has a deadline (default 120 s; `--deadline S` or
 (faulthandler) and the watchdog rescues every mount of the test (kernel stacks, SIGUSR1 to the
 daemon, fusectl abort, lazy unmount), so the test's blocked syscalls return with an error and
 the test fails with the report. Teardown then unmounts, requires the daemon's exit 0, a clean
-fsck and a clean log (tests/mounting.py, `Mount.cleanup`).
+fsck and a clean log (harness/mount.py, `Mount.cleanup`).
 
 `--stress` enables tests marked `@pytest.mark.stress` (skipped otherwise).
 `--backend nbd` (or DIOFS_TEST_BACKEND=nbd) mounts every image through nbdkit
@@ -28,8 +31,8 @@ from pathlib import Path
 
 import pytest
 
-from diofs import watchdog
-from tests.mounting import (
+from harness import watchdog
+from harness.mount import (
     Mount,
     MountFactory,
     fuse_unavailable_reason,
@@ -145,6 +148,15 @@ def image(tmp_path: Path) -> Path:
     img = tmp_path / "image"
     run_cli("mkfs.diofs", img, "--size", "64M", check=True)
     return img
+
+
+@pytest.fixture
+def blank_file(tmp_path: Path) -> str:
+    """A 4 MiB file of zeros (not a diofs image): the raw file under a backend unit test."""
+    path = tmp_path / "blank"
+    with open(path, "wb") as f:
+        f.truncate(4 << 20)
+    return str(path)
 
 
 @pytest.fixture

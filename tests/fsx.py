@@ -54,65 +54,22 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from harness.io import (
+    FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_PUNCH_HOLE,
+    FALLOC_FL_ZERO_RANGE,
+    cold_read,
+    direct_pread,
+    direct_pwrite,
+    drop_kernel_cache,
+    fallocate,
+    read_full,
+)
+
 if TYPE_CHECKING:
-    from tests.mounting import Mount
+    from harness.mount import Mount
 
 PAGE = 4096
-FALLOC_FL_KEEP_SIZE = 0x01
-FALLOC_FL_PUNCH_HOLE = 0x02
-FALLOC_FL_ZERO_RANGE = 0x10
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-
-
-def fallocate(fd: int, mode: int, off: int, length: int) -> None:
-    if _libc.fallocate(fd, mode, off, length) != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e))
-
-
-def drop_kernel_cache(fd: int) -> None:
-    """Drop the kernel's clean cached pages of the file, so that the next buffered read is a
-    READ request served by the daemon (its page cache or the image). Measured to work on
-    diofs mounts (keep_cache=True): POSIX_FADV_DONTNEED invalidates the clean pages of the
-    file's mapping whatever the filesystem. Pages mapped into some process stay."""
-    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-
-
-def cold_read(path: str, off: int, size: int) -> bytes:
-    """A buffered read through a fresh fd after dropping the kernel's cache of the file."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        drop_kernel_cache(fd)
-        return read_full(fd, off, size)
-    finally:
-        os.close(fd)
-
-
-def read_full(fd: int, off: int, size: int) -> bytes:
-    """pread until `size` bytes or EOF."""
-    parts = []
-    while size > 0:
-        b = os.pread(fd, size, off)
-        if not b:
-            break
-        parts.append(b)
-        off += len(b)
-        size -= len(b)
-    return b"".join(parts)
-
-
-def direct_pread(fd: int, off: int, size: int) -> bytes:
-    with mmap.mmap(-1, max(size, PAGE)) as buf:
-        n = os.preadv(fd, [memoryview(buf)[:size]], off)
-        return bytes(buf[:n])
-
-
-def direct_pwrite(fd: int, off: int, data: bytes) -> int:
-    with mmap.mmap(-1, max(len(data), PAGE)) as buf:
-        buf[: len(data)] = data
-        return os.pwritev(fd, [memoryview(buf)[: len(data)]], off)
 
 
 class FsxMismatch(AssertionError):
@@ -328,7 +285,7 @@ class Fsx:
     def op_read(self, f: _File) -> str:
         off, size = self._range(len(f.model) + 8192)
         self._note(f, f"read {off:#x}+{size:#x}")
-        got = read_full(f.fd, off, size)
+        got = read_full(f.fd, size, off)
         self._check_read(f, off, size, got, "read")
         return f"read {off:#x}+{size:#x}"
 
@@ -336,7 +293,7 @@ class Fsx:
         off, size = self._range(len(f.model) + 8192)
         self._note(f, f"coldread {off:#x}+{size:#x}")
         drop_kernel_cache(f.fd)
-        got = read_full(f.fd, off, size)
+        got = read_full(f.fd, size, off)
         self._check_read(f, off, size, got, "coldread")
         return f"coldread {off:#x}+{size:#x}"
 
@@ -389,7 +346,7 @@ class Fsx:
         a = self.dio_align
         off, size = self._range(len(f.model) + 8192, align=a, min_len=a)
         self._note(f, f"dioread {off:#x}+{size:#x}")
-        got = direct_pread(f.dfd, off, size)
+        got = direct_pread(f.dfd, size, off)
         self._check_read(f, off, size, got, "dioread")
         return f"dioread {off:#x}+{size:#x}"
 
@@ -398,7 +355,7 @@ class Fsx:
         off, size = self._range(self.max_size, align=a, min_len=a)
         data = self._rand_bytes(size)
         self._note(f, f"diowrite {off:#x}+{size:#x}")
-        n = direct_pwrite(f.dfd, off, data)
+        n = direct_pwrite(f.dfd, data, off)
         if n != size:
             self._fail(f, f"short direct write {n} of {size}")
         self._model_write(f, off, data)
@@ -508,7 +465,7 @@ class Fsx:
 
     def op_check(self, f: _File) -> str:
         size = len(f.model)
-        got = cold_read(f.path, 0, size + 4096)
+        got = cold_read(f.path, size + 4096, 0)
         self._check_read(f, 0, size + 4096, got, "check (whole file, cold)")
         return f"check 0+{size:#x}"
 
@@ -530,7 +487,7 @@ class Fsx:
             os.close(fd)
         os.rename(tmp, f.path)
         old = bytes(f.model)
-        got = read_full(f.fd, 0, len(old) + 4096)  # the orphan still reads its own data
+        got = read_full(f.fd, len(old) + 4096, 0)  # the orphan still reads its own data
         self._check_read(f, 0, len(old) + 4096, got, "orphan read after rename-over")
         self._close(f)
         f.model = bytearray(data)
@@ -557,7 +514,7 @@ class Fsx:
     def check_all(self, what: str) -> None:
         """Cold whole-file check of every file (after a remount: everything survived)."""
         for g in self.files:
-            got = cold_read(g.path, 0, len(g.model) + 4096)
+            got = cold_read(g.path, len(g.model) + 4096, 0)
             self._check_read(g, 0, len(g.model) + 4096, got, what)
 
     # ------------------------------------------------------------------ the loop
@@ -751,10 +708,10 @@ class RegionWorker:
                 self._fail("short write")
             self._put(off, data)
         elif name == "read":
-            self._check(off, read_full(self.fd, off, n), name, n)
+            self._check(off, read_full(self.fd, n, off), name, n)
         elif name == "coldread":
             drop_kernel_cache(self.fd)
-            self._check(off, read_full(self.fd, off, n), name, n)
+            self._check(off, read_full(self.fd, n, off), name, n)
         elif name == "seqread":
             # cold sequential reads to the end of the region: the daemon's readahead window
             # grows and fills pages past `hi`, in the neighbour's region, which no kernel
@@ -763,7 +720,7 @@ class RegionWorker:
             chunk = 16 << 10
             for pos in range(off, self.hi, chunk):
                 k = min(chunk, self.hi - pos)
-                self._check(pos, read_full(self.fd, pos, k), name, k)
+                self._check(pos, read_full(self.fd, k, pos), name, k)
         elif name == "mapread":
             with mmap.mmap(self.fd, self.size, mmap.MAP_SHARED, mmap.PROT_READ) as m:
                 self._check(off, m[off : off + n], name, n)
@@ -789,10 +746,10 @@ class RegionWorker:
                     m.flush(first, off + n - first)
             self._put(off, data)
         elif name == "dioread":
-            self._check(off, direct_pread(self.dfd, off, n), name, n)
+            self._check(off, direct_pread(self.dfd, n, off), name, n)
         elif name == "diowrite":
             data = self._data(n)
-            if direct_pwrite(self.dfd, off, data) != n:
+            if direct_pwrite(self.dfd, data, off) != n:
                 self._fail("short direct write")
             self._put(off, data)
         elif name in ("punch", "zero"):
@@ -812,7 +769,7 @@ class RegionWorker:
                 self.step()
             drop_kernel_cache(self.fd)
             n = self.hi - self.lo
-            self._check(self.lo, read_full(self.fd, self.lo, n), "final check", n)
+            self._check(self.lo, read_full(self.fd, n, self.lo), "final check", n)
         finally:
             os.close(self.fd)
             os.close(self.dfd)
@@ -886,7 +843,7 @@ def check_regions(ws: list[RegionWorker], what: str = "after remount") -> None:
     """Cold read of every region against its worker's model (e.g. after a remount)."""
     for w in ws:
         w.log.append(what)
-        w._check(w.lo, cold_read(w.path, w.lo, w.hi - w.lo), what, w.hi - w.lo)
+        w._check(w.lo, cold_read(w.path, w.hi - w.lo, w.lo), what, w.hi - w.lo)
 
 
 def run_concurrent(mnt: str | os.PathLike[str], *, seed: int, workers: int = 4,
@@ -922,7 +879,7 @@ def run_with_remounts(m: Mount, fsx: Fsx, nops: int, *, segment: tuple[int, int]
     forked child with a deadline (`run_in_child`, the watchdog aborts `m` on a hang); between
     segments the parent remounts `m`, and the next segment starts with a whole-file check.
     A mismatch in a child fails with its message (op log and offset) in the AssertionError."""
-    from tests.mounting import run_in_child
+    from harness.mount import run_in_child
 
     fsx.remount_fn = None  # remounts happen here, in the parent that owns the daemon
     done, remounted = 0, False
@@ -972,7 +929,7 @@ def main(argv: list[str] | None = None) -> int:
         fsx.cleanup()
         print(summary)
         return 0
-    from tests.mounting import MountFactory, fuse_unavailable_reason
+    from harness.mount import MountFactory, fuse_unavailable_reason
 
     reason = fuse_unavailable_reason()
     if reason:

@@ -19,7 +19,8 @@ SIZE = 16 * MiB
 
 
 @pytest.fixture
-def image(tmp_path):
+def base_file(tmp_path):
+    """The backend's base file: SIZE bytes, b"B" * 8192 at 0 (not a diofs image)."""
     path = tmp_path / "img"
     with open(path, "wb") as f:
         f.truncate(SIZE)
@@ -47,8 +48,8 @@ SCRIPT = [
 ]
 
 
-def run_script(image: str, log: str, script=SCRIPT) -> None:
-    b = open_backend(image, "crash", crash_log=log)
+def run_script(base_file: str, log: str, script=SCRIPT) -> None:
+    b = open_backend(base_file, "crash", crash_log=log)
     try:
         for step in script:
             if step[0] == "w":
@@ -70,9 +71,9 @@ def model(base: bytes, writes) -> bytes:
 WINDOW = 40000  # every script write lies in [0, WINDOW)
 
 
-def test_log_records_every_write_and_flush(image, tmp_path):
+def test_log_records_every_write_and_flush(base_file, tmp_path):
     log = str(tmp_path / "log")
-    run_script(image, log)
+    run_script(base_file, log)
     cl = crash.load_log(log)
     assert [r.kind for r in cl.records] == [
         Kind.FLUSH if s[0] == "f" else Kind.WRITE for s in SCRIPT
@@ -87,10 +88,10 @@ def test_log_records_every_write_and_flush(image, tmp_path):
 
 
 @pytest.mark.parametrize("mode", ["drop", "all"])
-def test_materialize_every_cut_point_exactly(image, tmp_path, mode):
+def test_materialize_every_cut_point_exactly(base_file, tmp_path, mode):
     log = str(tmp_path / "log")
-    base = read_at(image, 0, WINDOW)
-    run_script(image, log)
+    base = read_at(base_file, 0, WINDOW)
+    run_script(base_file, log)
     out = str(tmp_path / "out")
     for cut in range(len(SCRIPT) + 1):
         issued = SCRIPT[:cut]
@@ -104,7 +105,7 @@ def test_materialize_every_cut_point_exactly(image, tmp_path, mode):
         assert len(plan.durable) == len(durable) and len(plan.in_flight) == len(inflight)
     # the last cut point with every in-flight write landing is the image itself
     crash.materialize(log, out, len(SCRIPT), mode="all")
-    assert read_at(out, 0, SIZE) == read_at(image, 0, SIZE)
+    assert read_at(out, 0, SIZE) == read_at(base_file, 0, SIZE)
 
 
 def random_script(rng: random.Random, n: int):
@@ -118,14 +119,14 @@ def random_script(rng: random.Random, n: int):
     return script
 
 
-def test_random_mode_tears_only_at_sector_boundaries_and_keeps_flushed_data(image, tmp_path):
+def test_random_mode_tears_only_at_sector_boundaries_and_keeps_flushed_data(base_file, tmp_path):
     """Each in-flight write lands whole, not at all, or as a prefix ending on a sector boundary;
     everything written before the last flush is always present."""
     rng = random.Random(1)
     script = random_script(rng, 60)
     log = str(tmp_path / "log")
-    base = read_at(image, 0, 64 * 256 + 6000)
-    run_script(image, log, script)
+    base = read_at(base_file, 0, 64 * 256 + 6000)
+    run_script(base_file, log, script)
     cl = crash.load_log(log)
     out = str(tmp_path / "out")
     seen_torn = 0
@@ -149,14 +150,14 @@ def test_random_mode_tears_only_at_sector_boundaries_and_keeps_flushed_data(imag
     assert seen_torn > 0
 
 
-def test_flushed_data_present_at_every_later_cut(image, tmp_path):
+def test_flushed_data_present_at_every_later_cut(base_file, tmp_path):
     """A write followed by a flush is in the image at every cut after the flush, whatever
     happens to later in-flight writes elsewhere."""
     script = [("w", 0, b"x" * 4096), ("f",)]
     script += [("w", 65536 + 4096 * i, os.urandom(4096)) for i in range(10)]
     script += [("f",), ("w", 0, b"y" * 512)]
     log = str(tmp_path / "log")
-    run_script(image, log, script)
+    run_script(base_file, log, script)
     out = str(tmp_path / "out")
     for cut in range(2, len(script) + 1):
         for mode in crash.MODES:
@@ -172,9 +173,9 @@ def test_flushed_data_present_at_every_later_cut(image, tmp_path):
     assert read_at(out, 0, 4096) == b"B" * 4096  # in flight, dropped: the base
 
 
-def test_truncated_last_record_is_tolerated(image, tmp_path):
+def test_truncated_last_record_is_tolerated(base_file, tmp_path):
     log = str(tmp_path / "log")
-    run_script(image, log)
+    run_script(base_file, log)
     full = crash.load_log(log)
     last = full.records[-1]
     with open(log, "rb") as f:
@@ -191,9 +192,9 @@ def test_truncated_last_record_is_tolerated(image, tmp_path):
     assert crash.load_log(log).records == full.records
 
 
-def test_log_is_readable_while_the_backend_is_open(image, tmp_path):
+def test_log_is_readable_while_the_backend_is_open(base_file, tmp_path):
     log = str(tmp_path / "log")
-    b = open_backend(image, "crash", crash_log=log)
+    b = open_backend(base_file, "crash", crash_log=log)
     try:
         b.write(0, b"z" * 4096)
         assert crash.load_log(log).writes == 1
@@ -214,14 +215,14 @@ def test_not_a_log_is_a_value_error(tmp_path):
         crash.load_log(str(p))
 
 
-def test_unwritable_crash_log_is_a_one_line_error(image, tmp_path):
+def test_unwritable_crash_log_is_a_one_line_error(base_file, tmp_path):
     with pytest.raises(DiofsError, match="cannot create crash log"):
-        open_backend(image, "crash", crash_log=str(tmp_path / "no" / "such" / "log"))
+        open_backend(base_file, "crash", crash_log=str(tmp_path / "no" / "such" / "log"))
 
 
-def test_cli_info_and_materialize(image, tmp_path):
+def test_cli_info_and_materialize(base_file, tmp_path):
     log = str(tmp_path / "log")
-    run_script(image, log)
+    run_script(base_file, log)
     out = str(tmp_path / "out")
     cmd = [sys.executable, "-m", "diofs.backend.crash"]
     r = subprocess.run(cmd + ["info", log], capture_output=True, text=True, check=True)
@@ -235,20 +236,20 @@ def test_cli_info_and_materialize(image, tmp_path):
         check=True,
     )
     assert json.loads(r.stdout)["landed"] == 2
-    assert read_at(out, 0, SIZE) == read_at(image, 0, SIZE)
+    assert read_at(out, 0, SIZE) == read_at(base_file, 0, SIZE)
     r = subprocess.run(
         cmd + ["materialize", log, out, "--cut", "99"], capture_output=True, text=True
     )
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "outside" in r.stderr
 
 
-def test_concurrent_writers_log_in_image_order(image, tmp_path):
+def test_concurrent_writers_log_in_image_order(base_file, tmp_path):
     """With writes racing from several threads over the same blocks, replaying the whole log
     gives exactly the final image: log order is the order writes reached the image."""
     import threading
 
     log = str(tmp_path / "log")
-    b = open_backend(image, "crash", crash_log=log)
+    b = open_backend(base_file, "crash", crash_log=log)
 
     def worker(k: int) -> None:
         rng = random.Random(k)
@@ -267,4 +268,4 @@ def test_concurrent_writers_log_in_image_order(image, tmp_path):
     assert cl.writes == 1200 and cl.flushes == 24
     out = str(tmp_path / "out")
     crash.materialize(cl, out, cl.n_points - 1, mode="all")
-    assert read_at(out, 0, SIZE) == read_at(image, 0, SIZE)
+    assert read_at(out, 0, SIZE) == read_at(base_file, 0, SIZE)

@@ -17,14 +17,6 @@ MiB = 1 << 20
 
 
 @pytest.fixture
-def image(tmp_path):
-    path = tmp_path / "img"
-    with open(path, "wb") as f:
-        f.truncate(4 * MiB)
-    return str(path)
-
-
-@pytest.fixture
 def spec(tmp_path):
     return str(tmp_path / "faults.json")
 
@@ -37,8 +29,8 @@ def errno_of(fn, *args) -> int | None:
     return None
 
 
-def test_missing_spec_means_no_faults(image, spec):
-    b = open_backend(image, "fault", fault_spec=spec)
+def test_missing_spec_means_no_faults(blank_file, spec):
+    b = open_backend(blank_file, "fault", fault_spec=spec)
     try:
         b.write(0, b"x" * 4096)
         b.flush()
@@ -53,9 +45,9 @@ def test_missing_spec_means_no_faults(image, spec):
         b.close()
 
 
-def test_eio_after_skip_then_forever(image, spec):
+def test_eio_after_skip_then_forever(blank_file, spec):
     write_spec(spec, [{"op": "write", "errno": "EIO", "skip": 2}])
-    b = open_backend(image, "fault", fault_spec=spec)
+    b = open_backend(blank_file, "fault", fault_spec=spec)
     try:
         got = [errno_of(b.write, 4096 * i, bytes([i + 1]) * 4096) for i in range(5)]
         assert got == [None, None, errno.EIO, errno.EIO, errno.EIO]
@@ -69,9 +61,9 @@ def test_eio_after_skip_then_forever(image, spec):
         b.close()
 
 
-def test_enospc_only_on_its_range(image, spec):
+def test_enospc_only_on_its_range(blank_file, spec):
     write_spec(spec, [{"op": "write", "errno": "ENOSPC", "offset_min": MiB, "offset_max": 2 * MiB}])
-    b = open_backend(image, "fault", fault_spec=spec)
+    b = open_backend(blank_file, "fault", fault_spec=spec)
     try:
         assert errno_of(b.write, 0, b"a" * 4096) is None
         assert errno_of(b.write, MiB - 4096, b"a" * 4096) is None  # ends at offset_min
@@ -85,7 +77,7 @@ def test_enospc_only_on_its_range(image, spec):
         b.close()
 
 
-def test_count_exhausts(image, spec):
+def test_count_exhausts(blank_file, spec):
     write_spec(
         spec,
         [
@@ -93,7 +85,7 @@ def test_count_exhausts(image, spec):
             {"op": "flush", "errno": "EIO", "count": 1},
         ],
     )
-    b = open_backend(image, "fault", fault_spec=spec)
+    b = open_backend(blank_file, "fault", fault_spec=spec)
     try:
         buf = memoryview(bytearray(512))
         got = [errno_of(b.readinto, 0, buf) for _ in range(2)] + [
@@ -107,8 +99,8 @@ def test_count_exhausts(image, spec):
         b.close()
 
 
-def test_spec_is_reread_at_run_time(image, spec):
-    b = open_backend(image, "fault", fault_spec=spec)
+def test_spec_is_reread_at_run_time(blank_file, spec):
+    b = open_backend(blank_file, "fault", fault_spec=spec)
     try:
         assert errno_of(b.write, 0, b"x") is None
         write_spec(spec, [{"op": "write", "errno": "EIO", "count": 1}])
@@ -135,9 +127,9 @@ def test_spec_is_reread_at_run_time(image, spec):
         b.close()
 
 
-def test_a_spec_that_does_not_parse_keeps_the_previous_rules(image, spec, caplog):
+def test_a_spec_that_does_not_parse_keeps_the_previous_rules(blank_file, spec, caplog):
     write_spec(spec, [{"op": "write", "errno": "EIO"}])
-    b = open_backend(image, "fault", fault_spec=spec)
+    b = open_backend(blank_file, "fault", fault_spec=spec)
     try:
         with open(spec, "w") as f:
             f.write('{"rules": [')  # a half-written file
@@ -151,9 +143,9 @@ def test_a_spec_that_does_not_parse_keeps_the_previous_rules(image, spec, caplog
         b.close()
 
 
-def test_delay_rule_slows_without_failing(image, spec):
+def test_delay_rule_slows_without_failing(blank_file, spec):
     write_spec(spec, [{"op": "flush", "errno": None, "delay_ms": 50, "count": 1}])
-    b = open_backend(image, "fault", fault_spec=spec)
+    b = open_backend(blank_file, "fault", fault_spec=spec)
     try:
         t0 = time.monotonic()
         b.flush()
@@ -175,11 +167,11 @@ def test_delay_rule_slows_without_failing(image, spec):
         '{"rules": [{"op": "write", "errno": "EIO", "count": -1}]}',
     ],
 )
-def test_bad_spec_at_open_is_a_one_line_error(image, spec, bad):
+def test_bad_spec_at_open_is_a_one_line_error(blank_file, spec, bad):
     with open(spec, "w") as f:
         f.write(bad)
     with pytest.raises(ValueError):
         parse_spec(bad)
     with pytest.raises(DiofsError, match="bad fault spec") as exc:
-        open_backend(image, "fault", fault_spec=spec)
+        open_backend(blank_file, "fault", fault_spec=spec)
     assert "\n" not in exc.value.message

@@ -1,6 +1,6 @@
 """The image on a block device (loop) or an NBD export (issue 16), with a real nbdkit.
 
-Every server is an nbdkit on a unix socket in the test's tmp dir (tests/nbdserver.py), killed
+Every server is an nbdkit on a unix socket in the test's tmp dir (harness/nbdserver.py), killed
 by pid at teardown; every loop device is detached at teardown.
 
 - the backend: round trips, FUA, concurrent callers, URI errors, a server that cannot flush
@@ -37,8 +37,8 @@ from diofs.backend import Backend, open_backend
 from diofs.backend.nbd import NbdOptions, is_uri, parse_uri
 from diofs.backend.raw import RawImage
 from diofs.errors import DiofsError
-from tests.mounting import MountFactory, run_cli, run_tool
-from tests.nbdserver import NbdServer, nbdkit_missing
+from harness.mount import MountFactory, run_cli, run_tool
+from harness.nbdserver import NbdServer, nbdkit_missing
 
 pytestmark = pytest.mark.skipif(nbdkit_missing() is not None, reason=str(nbdkit_missing()))
 

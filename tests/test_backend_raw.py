@@ -15,16 +15,8 @@ from diofs.errors import DiofsError
 MiB = 1 << 20
 
 
-@pytest.fixture
-def image(tmp_path):
-    path = tmp_path / "img"
-    with open(path, "wb") as f:
-        f.truncate(4 * MiB)
-    return str(path)
-
-
-def test_write_read_round_trip(image):
-    b = open_backend(image)
+def test_write_read_round_trip(blank_file):
+    b = open_backend(blank_file)
     try:
         assert isinstance(b, Backend)
         assert b.size() == 4 * MiB
@@ -39,13 +31,13 @@ def test_write_read_round_trip(image):
         assert b.read(0, 2) == b"xy"
     finally:
         b.close()
-    with open(image, "rb") as f:
+    with open(blank_file, "rb") as f:
         f.seek(1000)
         assert f.read(len(payload)) == payload
 
 
-def test_ranges_outside_the_image_are_value_errors(image):
-    b = RawImage(image)
+def test_ranges_outside_the_image_are_value_errors(blank_file):
+    b = RawImage(blank_file)
     try:
         with pytest.raises(ValueError):
             b.read(4 * MiB - 10, 11)
@@ -60,8 +52,8 @@ def test_ranges_outside_the_image_are_value_errors(image):
         b.close()  # idempotent
 
 
-def test_readonly_backend_refuses_writes(image):
-    b = open_backend(image, writable=False)
+def test_readonly_backend_refuses_writes(blank_file):
+    b = open_backend(blank_file, writable=False)
     try:
         with pytest.raises(OSError) as exc:
             b.write(0, b"x")
@@ -71,8 +63,8 @@ def test_readonly_backend_refuses_writes(image):
         b.close()
 
 
-def test_concurrent_writers_and_readers(image):
-    b = RawImage(image)
+def test_concurrent_writers_and_readers(blank_file):
+    b = RawImage(blank_file)
     errors: list[BaseException] = []
 
     def worker(k: int) -> None:
@@ -92,7 +84,7 @@ def test_concurrent_writers_and_readers(image):
         t.join()
     b.close()
     assert not errors
-    with open(image, "rb") as f:
+    with open(blank_file, "rb") as f:
         for k in range(8):
             assert f.read(64 * 4096) == bytes([k]) * (64 * 4096)
 
@@ -117,18 +109,18 @@ def test_open_backend_errors_are_one_line(tmp_path, setup, needle):
     assert "\n" not in exc.value.message
 
 
-def test_open_backend_permission_error(image):
-    os.chmod(image, 0o444)
+def test_open_backend_permission_error(blank_file):
+    os.chmod(blank_file, 0o444)
     if os.geteuid() == 0:
         pytest.skip("root ignores file permissions")
     with pytest.raises(DiofsError, match="permission denied"):
-        open_backend(image)
+        open_backend(blank_file)
 
 
-def test_open_backend_rejects_bad_kinds_and_missing_paths(image):
+def test_open_backend_rejects_bad_kinds_and_missing_paths(blank_file):
     with pytest.raises(DiofsError, match="unknown backend"):
-        open_backend(image, "nbd")
+        open_backend(blank_file, "nbd")
     with pytest.raises(DiofsError, match="crash_log"):
-        open_backend(image, "crash")
+        open_backend(blank_file, "crash")
     with pytest.raises(DiofsError, match="fault_spec"):
-        open_backend(image, "fault")
+        open_backend(blank_file, "fault")

@@ -14,8 +14,9 @@ request with what the test did:
     and passes the kernel's kill-suid/sgid requests up as pyfuse3.KILL_SUIDGID.
 
 The daemon writes one JSON line per request to a report file before replying. Every mount has
-a hard deadline: past it the FUSE connection is aborted through fusectl, the mount is lazily
-unmounted and the daemon killed by pid, so a broken binding fails the test instead of hanging.
+a hard deadline (harness/watchdog.py): past it the FUSE connection is aborted through fusectl
+and the mount lazily unmounted, then the daemon is ended by pid, so a broken binding fails the
+test instead of hanging.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ import json
 import mmap
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -39,8 +39,10 @@ from typing import Any
 import pyfuse3
 import pytest
 
-FALLOC_FL_KEEP_SIZE = 0x01
-FALLOC_FL_PUNCH_HOLE = 0x02
+from diofs import mountinfo
+from harness import watchdog
+from harness.io import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, aligned
+
 PAGE = mmap.PAGESIZE
 FILE_SIZE = 1 << 20
 MOUNT_DEADLINE_S = 60.0
@@ -214,19 +216,6 @@ class TinyMount:
         return out
 
 
-def _is_mounted(mnt: Path) -> bool:
-    # /proc/self/mountinfo never blocks on a hung mount (os.path.ismount could)
-    target = os.fsencode(str(mnt)).replace(b" ", b"\\040")
-    with open("/proc/self/mountinfo", "rb") as f:
-        return any(line.split()[4] == target for line in f)
-
-
-def _conn_abort(st_dev: int) -> None:
-    path = f"/sys/fs/fuse/connections/{os.minor(st_dev)}/abort"
-    with contextlib.suppress(OSError), open(path, "w") as f:
-        f.write("1")
-
-
 @contextlib.contextmanager
 def tiny_mount(tmp: Path, auto_inval: bool, killpriv: bool = False) -> Iterator[TinyMount]:
     mnt, report, log = tmp / "mnt", tmp / "report.jsonl", tmp / "daemon.log"
@@ -237,36 +226,23 @@ def tiny_mount(tmp: Path, auto_inval: bool, killpriv: bool = False) -> Iterator[
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
     with open(log, "wb") as logf:
         child = subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT, env=env)
-    st_dev: list[int] = []
-    expired = threading.Event()
-
-    def rescue() -> None:  # past the deadline: unblock whatever waits on the mount
-        expired.set()
-        if st_dev:
-            _conn_abort(st_dev[0])
-        subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(child.pid, signal.SIGKILL)
-
-    timer = threading.Timer(MOUNT_DEADLINE_S, rescue)
-    timer.daemon = True
-    timer.start()
+    refs: list[watchdog.MountRef] = []
+    deadline = watchdog.Deadline(MOUNT_DEADLINE_S, lambda: refs)
     try:
         t_end = time.monotonic() + 15
-        while not _is_mounted(mnt):
+        while not mountinfo.is_mounted(mnt):
             if child.poll() is not None or time.monotonic() > t_end:
                 raise AssertionError(f"tiny daemon did not mount:\n{log.read_text()}")
             time.sleep(0.02)
-        st_dev.append(os.stat(mnt).st_dev)
+        refs.append(watchdog.MountRef(str(mnt), watchdog.connection_id(mnt), child.pid))
         yield TinyMount(mnt, report)
         res = subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True, text=True)
         assert res.returncode == 0, f"fusermount3 -u: {res.stderr}"
         assert child.wait(timeout=15) == 0, f"daemon exit {child.returncode}:\n{log.read_text()}"
         assert "Traceback" not in log.read_text(), log.read_text()
     finally:
-        timer.cancel()
-        if _is_mounted(mnt):
-            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
+        deadline.cancel()
+        watchdog.lazy_unmount(mnt)
         if child.poll() is None:
             child.terminate()
             try:
@@ -274,7 +250,7 @@ def tiny_mount(tmp: Path, auto_inval: bool, killpriv: bool = False) -> Iterator[
             except subprocess.TimeoutExpired:
                 child.kill()
                 child.wait()
-        assert not expired.is_set(), f"deadline of {MOUNT_DEADLINE_S}s expired"
+        assert not deadline.expired, f"deadline of {MOUNT_DEADLINE_S}s expired\n{deadline.report}"
 
 
 @pytest.fixture(scope="module")
@@ -282,13 +258,6 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TinyMount]:
     """One TinyFs mount with auto_inval_data off, shared by the tests of this module."""
     with tiny_mount(tmp_path_factory.mktemp("tiny"), auto_inval=False) as m:
         yield m
-
-
-def _aligned(size: int, fill: bytes = b"\0") -> mmap.mmap:
-    buf = mmap.mmap(-1, size)
-    buf.write(fill * size)
-    buf.seek(0)
-    return buf
 
 
 # --------------------------------------------------------------------------- part 1: API
@@ -314,17 +283,6 @@ def test_check_binding_accepts_installed_pyfuse3() -> None:
     assert request.current() == request.Request(0, 0)
 
 
-def test_request_flag_properties() -> None:
-    from diofs.request import Request
-
-    assert Request(1, os.O_RDWR | os.O_DIRECT).direct
-    assert not Request(1, os.O_RDWR).direct
-    dsync = Request(1, os.O_DSYNC)
-    assert dsync.dsync and not dsync.sync
-    full = Request(1, os.O_SYNC)
-    assert full.dsync and full.sync
-
-
 async def test_default_fallocate_is_eopnotsupp() -> None:
     with pytest.raises(pyfuse3.FUSEError) as info:
         await pyfuse3.Operations().fallocate(0, 0, 0, PAGE)
@@ -345,9 +303,9 @@ def test_direct_io_from_two_threads_carries_each_tid_and_o_direct(tiny: TinyMoun
             fd = os.open(tiny.path("f"), os.O_RDWR | os.O_DIRECT)
             try:
                 barrier.wait()
-                buf = _aligned(PAGE, bytes([0x30 + i]))
+                buf = aligned(data=bytes([0x30 + i]) * PAGE)
                 assert os.pwritev(fd, [buf], off) == PAGE
-                back = _aligned(PAGE)
+                back = aligned(PAGE)
                 assert os.preadv(fd, [back], off) == PAGE
                 assert back[:] == buf[:]
             finally:
@@ -414,7 +372,7 @@ def test_fallocate_reaches_handler_with_mode_offset_length(tiny: TinyMount) -> N
 def test_requests_without_context_see_the_default(tiny: TinyMount) -> None:
     fd = os.open(tiny.path("f"), os.O_RDONLY | os.O_DIRECT)
     try:
-        os.preadv(fd, [_aligned(PAGE)], 0)
+        os.preadv(fd, [aligned(PAGE)], 0)
         os.stat(tiny.path("g"))  # GETATTR after a READ handled by the same worker
     finally:
         os.close(fd)

@@ -36,26 +36,28 @@ What each test shows (stats are the daemon's JSON counters, `m.stats()`):
 
 from __future__ import annotations
 
-import mmap
 import os
 import random
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from diofs.backend import crash
-from tests.fsx import (
+from diofs.cli.stats import read_stats
+from harness.io import (
     FALLOC_FL_KEEP_SIZE,
     FALLOC_FL_PUNCH_HOLE,
     FALLOC_FL_ZERO_RANGE,
     cold_read,
     direct_pread,
     fallocate,
+    map_read,
+    wait_for,
+    write_file,
 )
-from tests.mounting import Mount, MountFactory, run_in_child
+from harness.mount import MountFactory, run_in_child
 from tests.test_crash_namespace import load_offline
 
 pytestmark = pytest.mark.deadline(90)
@@ -67,49 +69,6 @@ QUIET = {"writeback_age": 3600, "commit_interval": 3600}  # nothing moves unless
 
 def delta(before: dict[str, float], after: dict[str, float], key: str) -> float:
     return after.get(key, 0) - before.get(key, 0)
-
-
-def write_file(path: str, data: bytes, *, chunk: int = 64 * KiB, fsync: bool = False) -> int:
-    """Buffered write of `data` from offset 0; returns st_ino."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        for off in range(0, len(data), chunk):
-            assert os.pwrite(fd, data[off : off + chunk], off) == min(chunk, len(data) - off)
-        if fsync:
-            os.fsync(fd)
-        return os.fstat(fd).st_ino
-    finally:
-        os.close(fd)
-
-
-def map_read(path: str, size: int) -> bytes:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        with mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ) as m:
-            return m[:]
-    finally:
-        os.close(fd)
-
-
-def dio_read(path: str, size: int, off: int = 0) -> bytes:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-    try:
-        return direct_pread(fd, off, size)
-    finally:
-        os.close(fd)
-
-
-def wait_stat(m: Mount, cond: Callable[[dict[str, float]], bool],
-              timeout: float = 10.0) -> dict[str, float]:
-    """Poll the counters until cond(stats) holds (fails after `timeout`)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        s = m.stats()
-        if cond(s):
-            return s
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not reached within {timeout}s; stats: {s}")
-        time.sleep(0.05)
 
 
 # ------------------------------------------------------------------------------- read paths
@@ -133,7 +92,7 @@ def test_read_after_write_served_from_cache(mount_factory: MountFactory) -> None
     finally:
         os.close(fd)
     before = m.stats()
-    got = cold_read(path, 0, len(model) + PAGE)
+    got = cold_read(path, len(model) + PAGE, 0)
     after = m.stats()
     assert got == model
     assert delta(before, after, "writeback.pages") == 0, "data must come from dirty cache pages"
@@ -159,10 +118,10 @@ def test_cached_reread_makes_no_image_reads(mount_factory: MountFactory) -> None
     write_file(path, data, fsync=True)
     m.remount()  # cold daemon cache
     s0 = m.stats()
-    assert cold_read(path, 0, len(data)) == data
+    assert cold_read(path, len(data), 0) == data
     s1 = m.stats()
     assert delta(s0, s1, "cache.misses") > 0 and delta(s0, s1, "cache.fills") >= 256
-    assert cold_read(path, 0, len(data)) == data
+    assert cold_read(path, len(data), 0) == data
     s2 = m.stats()
     assert delta(s1, s2, "cache.hits") >= 256
     assert delta(s1, s2, "cache.misses") == 0
@@ -180,7 +139,7 @@ def test_cached_reread_makes_no_image_reads(mount_factory: MountFactory) -> None
             img.write(b"X" * PAGE)
         img.flush()
         try:
-            assert cold_read(path, 0, len(data)) == data, "re-read went to the image"
+            assert cold_read(path, len(data), 0) == data, "re-read went to the image"
         finally:
             for pos, orig in zip(hits, (first, last), strict=True):
                 img.seek(pos)
@@ -195,7 +154,7 @@ def test_eviction_small_cache_large_working_set(mount_factory: MountFactory) -> 
     s0 = m.stats()
     for rnd in range(2):  # sequential, twice
         for off in range(0, len(data), MiB):
-            assert cold_read(path, off, MiB) == data[off : off + MiB], (rnd, off)
+            assert cold_read(path, MiB, off) == data[off : off + MiB], (rnd, off)
     rng = random.Random(4)
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -217,9 +176,14 @@ def _fill_races_write_and_fsync(path: str) -> bytes:
     try:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # the kernel READs exactly 128 KiB
+        s0 = read_stats(os.path.dirname(path))
         reader = threading.Thread(target=os.pread, args=(fd, 128 * KiB, 0))
         reader.start()  # the daemon fills pages 0..63 (32 of them its own readahead)
-        time.sleep(0.2)  # ... and sleeps (fill_delay) between its image read and its insert
+        wait_for(  # ... and sleeps (fill_delay) between its image read and its insert
+            lambda: read_stats(os.path.dirname(path)).get("cache.fill_delays", 0)
+            > s0.get("cache.fill_delays", 0),
+            "the fill to reach its delay",
+        )
         wfd = os.open(path, os.O_RDWR)
         try:
             os.pwrite(wfd, b"B" * PAGE, 40 * PAGE)  # no kernel folio lock on page 40
@@ -229,7 +193,7 @@ def _fill_races_write_and_fsync(path: str) -> bytes:
         reader.join()
     finally:
         os.close(fd)
-    return cold_read(path, 40 * PAGE, PAGE)
+    return cold_read(path, PAGE, 40 * PAGE)
 
 
 def test_fill_never_replaces_a_newer_page(mount_factory: MountFactory) -> None:
@@ -260,7 +224,7 @@ def test_dirty_data_durable_after_unmount(mount_factory: MountFactory) -> None:
     assert not off.problems, off.problems
     assert off.read(ino) == data
     m.start()
-    assert cold_read(m.path("f"), 0, len(data) + 1) == data
+    assert cold_read(m.path("f"), len(data) + 1, 0) == data
 
 
 def test_fsynced_data_present_at_every_later_cut(mount_factory: MountFactory,
@@ -375,9 +339,9 @@ def test_readahead_sequential_not_random(mount_factory: MountFactory) -> None:
 
 def _three_ways(path: str, size: int) -> dict[str, bytes]:
     return {
-        "buffered": cold_read(path, 0, size + PAGE),
+        "buffered": cold_read(path, size + PAGE, 0),
         "mmap": map_read(path, size),
-        "direct": dio_read(path, size + PAGE),
+        "direct": direct_pread(path, size + PAGE, 0),
     }
 
 
@@ -409,7 +373,7 @@ def test_punch_and_zero_range_read_zeros(mount_factory: MountFactory, op: str,
     path = m.path("f")
     data = random.Random(11).randbytes(64 * KiB)
     write_file(path, data, fsync=state == "clean")
-    cold_read(path, 0, len(data))  # every page in the daemon cache
+    cold_read(path, len(data), 0)  # every page in the daemon cache
     start, end = 5000, 40000
     mode = FALLOC_FL_KEEP_SIZE | (FALLOC_FL_PUNCH_HOLE if op == "punch" else FALLOC_FL_ZERO_RANGE)
     fd = os.open(path, os.O_RDWR)
@@ -441,15 +405,16 @@ def test_truncated_dirty_page_never_comes_back(mount_factory: MountFactory) -> N
             os.ftruncate(fd, cut)
             os.ftruncate(fd, size)
             keep = os.pread(fd, cut, 0)
-            time.sleep(0.15)  # background writeback of whatever is still dirty
+            # background writeback (not the fsync below) writes whatever is still dirty
+            m.wait_stats(lambda s: s.get("cache.dirty_pages", 0) == 0, "background writeback")
             os.fsync(fd)
         finally:
             os.close(fd)
-        got = cold_read(path, 0, size)
+        got = cold_read(path, size, 0)
         assert got[cut:] == bytes(size - cut), (i, cut)
         assert got[:cut] == keep
     m.remount()
-    assert cold_read(path, 0, size)[10000:] == bytes(size - 10000)
+    assert cold_read(path, size, 0)[10000:] == bytes(size - 10000)
 
 
 # ------------------------------------------------------------------------------- writeback
@@ -467,8 +432,8 @@ def test_background_writeback_after_age(mount_factory: MountFactory) -> None:
         if time.monotonic() - t_write < 0.3:  # not yet old enough
             assert s0.get("writeback.pages", 0) == 0
             assert s0["cache.dirty_pages"] == 256
-        s1 = wait_stat(m, lambda s: s.get("writeback.pages", 0) >= 256
-                       and s.get("cache.dirty_pages", 0) == 0, timeout=10)
+        s1 = m.wait_stats(lambda s: s.get("writeback.pages", 0) >= 256
+                          and s.get("cache.dirty_pages", 0) == 0, "background writeback")
         waited = time.monotonic() - t_write
         print(f"written back after {waited:.2f}s: pages {s1.get('writeback.pages')} "
               f"writes {s1.get('writeback.writes')}")
@@ -476,7 +441,7 @@ def test_background_writeback_after_age(mount_factory: MountFactory) -> None:
         assert s1.get("writeback.writes", 0) <= 8  # contiguous pages batched (1 MiB runs)
     finally:
         os.close(fd)  # no fsync anywhere above
-    assert cold_read(path, 0, len(data)) == data
+    assert cold_read(path, len(data), 0) == data
 
 
 def test_writeback_under_memory_pressure(mount_factory: MountFactory) -> None:
@@ -494,8 +459,8 @@ def test_writeback_under_memory_pressure(mount_factory: MountFactory) -> None:
         print({k: s.get(k) for k in ("writeback.pages", "writeback.writes", "cache.dirty_pages",
                                      "writeback.pressure_passes", "writeback.throttled")})
         for off in range(0, len(data), MiB):
-            assert cold_read(path, off, MiB) == data[off : off + MiB], off
+            assert cold_read(path, MiB, off) == data[off : off + MiB], off
     finally:
         os.close(fd)
     m.remount()
-    assert cold_read(path, 0, len(data)) == data
+    assert cold_read(path, len(data), 0) == data

@@ -133,20 +133,6 @@ def test_write_partial_needs_page_whole_page_does_not() -> None:
     assert cache.is_dirty(1, 1) and cache.peek(1, 1)[100:101] == b"y"  # type: ignore[index]
 
 
-def test_write_range_checks_edges_before_changing_anything() -> None:
-    cache = PageCache(PS, 16 * PS)
-    cache.insert_clean(1, 0, page(1))
-    with pytest.raises(KeyError):
-        cache.write_range(1, 10, b"z" * (2 * PS))  # page 2 is partial and missing
-    assert cache.dirty_bytes() == 0 and cache.cached_indexes(1) == [0]
-    cache.insert_clean(1, 2, page(2))
-    cache.write_range(1, 10, b"z" * (2 * PS))
-    assert cache.dirty_indexes(1) == [0, 1, 2]
-    assert cache.peek(1, 0)[:10] == page(1)[:10]  # type: ignore[index]
-    assert cache.peek(1, 1) == b"z" * PS
-    assert cache.peek(1, 2)[:10] == b"z" * 10 and cache.peek(1, 2)[10:] == page(2)[10:]  # type: ignore[index]
-
-
 def test_lru_eviction_never_drops_dirty_pages() -> None:
     cache = PageCache(PS, 4 * PS)
     cache.write(1, 0, 0, page(1))
@@ -502,30 +488,6 @@ async def test_wait_for_room_throttles_and_releases(autojump_clock: trio.testing
         nursery.cancel_scope.cancel()
 
 
-async def test_wait_writeback_range_waits_for_dropped_in_flight_pages() -> None:
-    cache, img, _errs, wb = make()
-    cache.write(1, 0, 0, page(1))
-    img.gate = trio.Event()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(wb.writeback_inode, 1)
-        await img.started.wait()
-        cache.drop_range(1, 0, PS, discard_dirty=True)  # punch: too late to stop the write
-        assert cache.cached_indexes(1) == [] and cache.writeback_bytes() == PS
-        waited = False
-
-        async def punch() -> None:
-            nonlocal waited
-            await wb.wait_writeback_range(1, 0, PS)
-            waited = True
-
-        nursery.start_soon(punch)
-        await trio.testing.wait_all_tasks_blocked()
-        assert not waited
-        img.gate.set()
-    assert waited and cache.writeback_bytes() == 0
-    await wb.wait_writeback_range(1)  # nothing in flight: returns at once
-
-
 @pytest.mark.parametrize("seed", range(6))
 async def test_random_ops_against_a_model(
     seed: int, autojump_clock: trio.testing.MockClock
@@ -565,7 +527,9 @@ async def test_random_ops_against_a_model(
                 await wb.wait_for_room()
                 fill(off // PS)
                 fill((off + n - 1) // PS)
-                cache.write_range(1, off, data)
+                for index in range(off // PS, (off + n - 1) // PS + 1):  # as Buffered.write
+                    s, e = max(off, index * PS), min(off + n, (index + 1) * PS)
+                    cache.write(1, index, s - index * PS, data[s - off : e - off])
                 truth[off : off + n] = data
             elif op < 0.65:  # buffered read
                 for index in range(off // PS, (off + n - 1) // PS + 1):
@@ -579,8 +543,9 @@ async def test_random_ops_against_a_model(
                 cache.drop_range(1, off, off + n)
             elif op < 0.88:  # punch whole pages
                 first, last = off // PS, (off + n - 1) // PS
+                # as Direct._blocking: write back and wait, then drop
+                await wb.writeback_range(1, first * PS, (last + 1) * PS)
                 cache.drop_range(1, first * PS, (last + 1) * PS, discard_dirty=True)
-                await wb.wait_writeback_range(1, first * PS, (last + 1) * PS)
                 zeros = bytes((last + 1 - first) * PS)
                 await img.write(1, first * PS, zeros)
                 truth[first * PS : (last + 1) * PS] = zeros

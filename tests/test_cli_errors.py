@@ -15,21 +15,16 @@ from pathlib import Path
 
 import pytest
 
-from diofs import watchdog
-from tests.mounting import REPO, MountFactory, cli, cli_env, fuse_unavailable_reason, run_cli
-
-
-def run(argv: list[str], timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        argv,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=REPO,
-        env=cli_env(),
-        stdin=subprocess.DEVNULL,
-        check=False,
-    )
+from diofs import mountinfo
+from harness import watchdog
+from harness.mount import (
+    REPO,
+    MountFactory,
+    cli,
+    fuse_unavailable_reason,
+    run_argv,
+    run_cli,
+)
 
 
 def assert_one_line_error(
@@ -58,11 +53,11 @@ def try_mount(
     image: Path | str, mnt: Path | str, *args: str, foreground: bool = False
 ) -> subprocess.CompletedProcess[str]:
     """Run a mount that is expected to fail; make sure nothing stays mounted either way."""
-    was_mounted = watchdog.is_mounted(mnt)
+    was_mounted = mountinfo.is_mounted(mnt)
     try:
-        return run(mount_cmd(image, mnt, *args, foreground=foreground))
+        return run_argv(mount_cmd(image, mnt, *args, foreground=foreground))
     finally:
-        if not was_mounted and watchdog.is_mounted(mnt):
+        if not was_mounted and mountinfo.is_mounted(mnt):
             unmount_unexpected(mnt)
             pytest.fail(f"mount of {image} on {mnt} succeeded (it should have failed)")
 
@@ -72,9 +67,9 @@ def unmount_unexpected(mnt: Path | str) -> None:
     conn_id = watchdog.connection_id(mnt)
     subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True, timeout=60, check=False)
     deadline = time.monotonic() + 30
-    while watchdog.connection_waiting(conn_id) is not None and time.monotonic() < deadline:
+    while mountinfo.connection_waiting(conn_id) is not None and time.monotonic() < deadline:
         time.sleep(0.05)  # the fusectl entry disappears when the daemon has closed /dev/fuse
-    if watchdog.is_mounted(mnt) or watchdog.connection_waiting(conn_id) is not None:
+    if mountinfo.is_mounted(mnt) or mountinfo.connection_waiting(conn_id) is not None:
         watchdog.rescue([watchdog.MountRef(str(mnt), conn_id, None)], reason="cleanup")
 
 
@@ -93,22 +88,22 @@ FOREGROUND = pytest.mark.parametrize("foreground", [False, True], ids=["mount.di
 
 @pytest.mark.parametrize("size", ["12Q", "0", "-5M", "abc", "", "1K", "64KiB"])
 def test_mkfs_bad_size(tmp_path: Path, size: str) -> None:
-    proc = run([*cli("mkfs.diofs"), str(tmp_path / "img"), "--size", size])
+    proc = run_argv([*cli("mkfs.diofs"), str(tmp_path / "img"), "--size", size])
     assert_one_line_error(proc, "mkfs.diofs")
 
 
 def test_mkfs_missing_size_for_new_image(tmp_path: Path) -> None:
-    proc = run([*cli("mkfs.diofs"), str(tmp_path / "img")])
+    proc = run_argv([*cli("mkfs.diofs"), str(tmp_path / "img")])
     assert_one_line_error(proc, "mkfs.diofs")
 
 
 def test_mkfs_image_in_missing_directory(tmp_path: Path) -> None:
-    proc = run([*cli("mkfs.diofs"), str(tmp_path / "no" / "img"), "--size", "64M"])
+    proc = run_argv([*cli("mkfs.diofs"), str(tmp_path / "no" / "img"), "--size", "64M"])
     assert_one_line_error(proc, "mkfs.diofs")
 
 
 def test_mkfs_image_is_directory(tmp_path: Path) -> None:
-    proc = run([*cli("mkfs.diofs"), str(tmp_path), "--size", "64M"])
+    proc = run_argv([*cli("mkfs.diofs"), str(tmp_path), "--size", "64M"])
     assert_one_line_error(proc, "mkfs.diofs")
 
 
@@ -123,20 +118,20 @@ def test_mkfs_image_is_directory(tmp_path: Path) -> None:
     ],
 )
 def test_mkfs_bad_geometry(tmp_path: Path, args: list[str]) -> None:
-    proc = run([*cli("mkfs.diofs"), str(tmp_path / "img"), "--size", "64M", *args])
+    proc = run_argv([*cli("mkfs.diofs"), str(tmp_path / "img"), "--size", "64M", *args])
     assert_one_line_error(proc, "mkfs.diofs")
 
 
 def test_mkfs_reuses_existing_file(tmp_path: Path) -> None:
     img = tmp_path / "img"
     img.write_bytes(b"\xff" * (32 << 20))
-    proc = run([*cli("mkfs.diofs"), str(img), "--size", "32M"])
+    proc = run_argv([*cli("mkfs.diofs"), str(img), "--size", "32M"])
     assert proc.returncode == 0, proc.stderr
     assert run_cli("fsck.diofs", img).returncode == 0
 
 
 def test_mkfs_unknown_option(tmp_path: Path) -> None:
-    proc = run([*cli("mkfs.diofs"), str(tmp_path / "img"), "--size", "64M", "--frobnicate"])
+    proc = run_argv([*cli("mkfs.diofs"), str(tmp_path / "img"), "--size", "64M", "--frobnicate"])
     assert_one_line_error(proc, "mkfs.diofs")
 
 
@@ -144,23 +139,23 @@ def test_mkfs_unknown_option(tmp_path: Path) -> None:
 
 
 def test_fsck_missing_image(tmp_path: Path) -> None:
-    assert_one_line_error(run([*cli("fsck.diofs"), str(tmp_path / "nope")]), "fsck.diofs")
+    assert_one_line_error(run_argv([*cli("fsck.diofs"), str(tmp_path / "nope")]), "fsck.diofs")
 
 
 def test_fsck_truncated_image(image: Path) -> None:
     os.truncate(image, 4096)
-    assert_one_line_error(run([*cli("fsck.diofs"), str(image)]), "fsck.diofs")
+    assert_one_line_error(run_argv([*cli("fsck.diofs"), str(image)]), "fsck.diofs")
 
 
 @pytest.mark.parametrize("content", ["zeros", "random", "empty"])
 def test_fsck_foreign_image(tmp_path: Path, content: str) -> None:
     img = tmp_path / "foreign"
     img.write_bytes({"zeros": bytes(8 << 20), "random": os.urandom(8 << 20), "empty": b""}[content])
-    assert_one_line_error(run([*cli("fsck.diofs"), str(img)]), "fsck.diofs")
+    assert_one_line_error(run_argv([*cli("fsck.diofs"), str(img)]), "fsck.diofs")
 
 
 def test_fsck_clean_image_exits_zero(image: Path) -> None:
-    proc = run([*cli("fsck.diofs"), str(image)])
+    proc = run_argv([*cli("fsck.diofs"), str(image)])
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -248,7 +243,7 @@ def test_mount_unknown_bug(image: Path, mnt: Path, foreground: bool) -> None:
 @FOREGROUND
 def test_mount_missing_arguments(foreground: bool) -> None:
     argv = [sys.executable, str(REPO / "mount.py")] if foreground else cli("mount.diofs")
-    assert_one_line_error(run(argv), "mount.diofs")
+    assert_one_line_error(run_argv(argv), "mount.diofs")
 
 
 @FOREGROUND
@@ -256,16 +251,16 @@ def test_mount_busy_mountpoint(
     mount_factory: MountFactory, tmp_path: Path, foreground: bool
 ) -> None:
     first = mount_factory()
-    mount_before = watchdog.find_mount(first.mnt)
+    mount_before = mountinfo.find_mount(first.mnt)
     second_image = tmp_path / "second"
     run_cli("mkfs.diofs", second_image, "--size", "64M", check=True)
-    proc = run(mount_cmd(second_image, first.mnt, foreground=foreground))
-    if watchdog.find_mount(first.mnt) != mount_before:
+    proc = run_argv(mount_cmd(second_image, first.mnt, foreground=foreground))
+    if mountinfo.find_mount(first.mnt) != mount_before:
         unmount_unexpected(first.mnt)  # the second daemon mounted on top
         pytest.fail("a second diofs was mounted on top of a busy mountpoint")
     assert_one_line_error(proc, "mount.diofs")
     # the first mount is untouched and still serving
-    assert watchdog.find_mount(first.mnt) == mount_before, "the first mount was replaced"
+    assert mountinfo.find_mount(first.mnt) == mount_before, "the first mount was replaced"
     with open(first.path("still-there"), "wb") as f:
         f.write(b"ok")
 
@@ -284,12 +279,12 @@ def test_mount_same_image_twice(mount_factory: MountFactory, tmp_path: Path) -> 
 
 
 def test_stats_on_non_diofs_directory(tmp_path: Path) -> None:
-    assert_one_line_error(run([*cli("diofs"), "stats", str(tmp_path)]), "diofs")
+    assert_one_line_error(run_argv([*cli("diofs"), "stats", str(tmp_path)]), "diofs")
 
 
 def test_stats_on_missing_path(tmp_path: Path) -> None:
-    assert_one_line_error(run([*cli("diofs"), "stats", str(tmp_path / "nope")]), "diofs")
+    assert_one_line_error(run_argv([*cli("diofs"), "stats", str(tmp_path / "nope")]), "diofs")
 
 
 def test_stats_bad_subcommand() -> None:
-    assert_one_line_error(run([*cli("diofs"), "frobnicate"]), "diofs")
+    assert_one_line_error(run_argv([*cli("diofs"), "frobnicate"]), "diofs")

@@ -17,18 +17,17 @@ from pathlib import Path
 
 import pytest
 
-from diofs import watchdog
+from diofs import mountinfo
 from diofs.backend import open_backend
 from diofs.errors import EXIT_CORRUPT, EXIT_DAMAGED
 from diofs.format import image as image_fmt
 from diofs.format import metadata
 from diofs.format.layout import MAGIC, Superblock
-from tests.crafting import file_inode, move_extent, rewrite_commit
-from tests.mounting import MountFactory, run_cli, run_tool
+from harness.crafting import file_inode, move_extent, rewrite_commit
+from harness.mount import MountFactory, run_argv, run_cli, run_tool
 from tests.test_cli_errors import (
     assert_one_line_error,
     mount_cmd,
-    run,
     try_mount,
     unmount_unexpected,
 )
@@ -165,9 +164,9 @@ def test_damaged_images_give_one_line_or_mount(written_image: Path, tmp_path: Pa
         fsck = run_tool("fsck.diofs", img)
         assert fsck.returncode in (0, EXIT_CORRUPT, EXIT_DAMAGED), (name, fsck)
         assert "Traceback" not in fsck.stdout + fsck.stderr, (name, fsck.stderr)
-        proc = run(mount_cmd(img, mnt))
+        proc = run_argv(mount_cmd(img, mnt))
         if proc.returncode == 0:
-            assert watchdog.is_mounted(mnt), name
+            assert mountinfo.is_mounted(mnt), name
             unmount_unexpected(mnt)
         else:
             assert_one_line_error(proc, "mount.diofs")

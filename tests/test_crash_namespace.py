@@ -20,7 +20,6 @@ the fsck.diofs command.
 from __future__ import annotations
 
 import dataclasses
-import mmap
 import os
 import random
 import stat
@@ -36,7 +35,8 @@ from diofs.backend.raw import RawImage
 from diofs.cli import fsck as fsck_mod
 from diofs.format import image
 from diofs.fs import Filesystem
-from tests.mounting import MountFactory, run_cli, run_in_child
+from harness.io import aligned
+from harness.mount import MountFactory, run_cli, run_in_child
 
 KiB = 1 << 10
 CUTS = 220
@@ -87,12 +87,6 @@ def load_offline(path: str) -> Offline:
 
 # ---------------------------------------------------------------------------------------------
 # The workload (runs in a child process against the mount)
-
-
-def _aligned(data: bytes) -> mmap.mmap:
-    buf = mmap.mmap(-1, max(len(data), 4096))
-    buf[: len(data)] = data
-    return buf
 
 
 def workload(mnt: str, log: str, seed: int, steps: int) -> dict[str, Any]:
@@ -169,7 +163,7 @@ def workload(mnt: str, log: str, seed: int, steps: int) -> dict[str, Any]:
             change([ino], [])
             fd = os.open(p(rel), os.O_RDWR | os.O_DIRECT)
             try:
-                buf = _aligned(data)
+                buf = aligned(data=data)
                 try:
                     os.pwritev(fd, [memoryview(buf)[: len(data)]], off)
                 finally:

@@ -23,7 +23,8 @@ import os
 
 import pytest
 
-from tests.mounting import Mount, MountFactory, run_in_child
+from harness.io import direct_pread, direct_pwrite
+from harness.mount import Mount, MountFactory, run_in_child
 
 pytestmark = pytest.mark.deadline(60)
 
@@ -32,32 +33,6 @@ SIZE = 256 * 1024  # 64 pages; the direct write covers [OFF, OFF + LEN)
 OFF = 64 * 1024
 LEN = 128 * 1024
 OLD, NEW = b"o", b"N"
-
-
-def aligned(data: bytes) -> mmap.mmap:
-    """A page-aligned anonymous buffer holding `data` (O_DIRECT wants aligned memory)."""
-    buf = mmap.mmap(-1, max(len(data), PAGE))
-    buf.write(data)
-    return buf
-
-
-def direct_write(path: str, data: bytes, off: int) -> int:
-    fd = os.open(path, os.O_RDWR | os.O_DIRECT)
-    try:
-        with aligned(data) as buf:
-            return os.pwrite(fd, memoryview(buf)[: len(data)], off)
-    finally:
-        os.close(fd)
-
-
-def direct_read(path: str, size: int, off: int) -> bytes:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-    try:
-        with mmap.mmap(-1, max(size, PAGE)) as buf:
-            n = os.preadv(fd, [memoryview(buf)[:size]], off)
-            return bytes(buf[:n])
-    finally:
-        os.close(fd)
 
 
 def buffered_read(path: str, size: int, off: int) -> bytes:
@@ -98,7 +73,7 @@ def test_direct_write_then_buffered_read(mount_factory: MountFactory, bug_on: bo
     old_fd = os.open(path, os.O_RDONLY)  # opened (and read) before the write
     try:
         assert os.pread(old_fd, SIZE, 0) == OLD * SIZE
-        assert direct_write(path, NEW * LEN, OFF) == LEN
+        assert direct_pwrite(path, NEW * LEN, OFF) == LEN
         via_old_fd = os.pread(old_fd, LEN, OFF)
     finally:
         os.close(old_fd)
@@ -113,7 +88,7 @@ def test_direct_write_then_buffered_read(mount_factory: MountFactory, bug_on: bo
         assert shot >= LEN // PAGE
     # the bytes outside the written range are untouched either way
     assert buffered_read(path, OFF, 0) == OLD * OFF
-    assert direct_read(path, LEN, OFF) == NEW * LEN  # the image itself is right either way
+    assert direct_pread(path, LEN, OFF) == NEW * LEN  # the image itself is right either way
 
 
 @pytest.mark.parametrize("bug_on", [False, True], ids=["default", "no-shootdown"])
@@ -122,7 +97,7 @@ def test_direct_write_then_existing_mmap(mount_factory: MountFactory, bug_on: bo
     path = make_cached_file(m)
     with open(path, "rb") as f, mmap.mmap(f.fileno(), SIZE, prot=mmap.PROT_READ) as mm:
         assert mm[:] == OLD * SIZE  # every page faulted in before the write
-        assert direct_write(path, NEW * LEN, OFF) == LEN
+        assert direct_pwrite(path, NEW * LEN, OFF) == LEN
         seen = mm[OFF : OFF + LEN]
     if bug_on:
         assert stale_pages(seen) == LEN // PAGE
@@ -138,7 +113,7 @@ def _child_buffered_read(path: str, size: int, off: int) -> bytes:
 def test_direct_write_then_other_process(mount_factory: MountFactory, bug_on: bool) -> None:
     m = mount_for(mount_factory, bug_on)
     path = make_cached_file(m)
-    assert direct_write(path, NEW * LEN, OFF) == LEN
+    assert direct_pwrite(path, NEW * LEN, OFF) == LEN
     seen = run_in_child(_child_buffered_read, path, LEN, OFF, timeout=30, mounts=[m])
     if bug_on:
         assert stale_pages(seen) == LEN // PAGE
@@ -151,8 +126,8 @@ def test_direct_write_then_direct_read(mount_factory: MountFactory, bug_on: bool
     """O_DIRECT reads bypass the daemon cache: new bytes even without the shootdown."""
     m = mount_for(mount_factory, bug_on)
     path = make_cached_file(m)
-    assert direct_write(path, NEW * LEN, OFF) == LEN
-    assert direct_read(path, SIZE, 0) == OLD * OFF + NEW * LEN + OLD * (SIZE - OFF - LEN)
+    assert direct_pwrite(path, NEW * LEN, OFF) == LEN
+    assert direct_pread(path, SIZE, 0) == OLD * OFF + NEW * LEN + OLD * (SIZE - OFF - LEN)
 
 
 def test_buffered_write_then_direct_read(mount_factory: MountFactory) -> None:
@@ -166,7 +141,7 @@ def test_buffered_write_then_direct_read(mount_factory: MountFactory) -> None:
         os.close(fd)
     before = m.stats()
     assert before.get("cache.dirty_pages", 0) >= LEN // PAGE
-    assert direct_read(path, LEN, OFF) == NEW * LEN
+    assert direct_pread(path, LEN, OFF) == NEW * LEN
     after = m.stats()
     assert after.get("writeback.pages", 0) - before.get("writeback.pages", 0) >= LEN // PAGE
     assert after.get("cache.dirty_pages", 0) == 0
@@ -215,13 +190,13 @@ def test_misaligned_direct_write(mount_factory: MountFactory, bug_on: bool) -> N
     path = make_cached_file(m)
     accepted = 0
     for off, length in MISALIGNED:
-        err = _errno_of(direct_write, path, NEW * length, off)
+        err = _errno_of(direct_pwrite, path, NEW * length, off)
         if bug_on:
             assert err == 0, f"off={off} len={length}"
             accepted += 1
         else:
             assert err == errno.EINVAL, f"off={off} len={length}"
-    content = direct_read(path, SIZE, 0)
+    content = direct_pread(path, SIZE, 0)
     if bug_on:
         assert accepted == len(MISALIGNED)
         assert m.stats().get("dio.misaligned", 0) == 0
@@ -257,18 +232,18 @@ def test_dio_align_4096(mount_factory: MountFactory, how: str) -> None:
         m = mount_factory(mkfs_args=["--dio-align", "4096"])
     path = make_cached_file(m)
     for off, length in [(512, 4096), (0, 512), (4096, 6144), *MISALIGNED]:
-        assert _errno_of(direct_write, path, NEW * length, off) == errno.EINVAL
-        assert _errno_of(direct_read, path, length, off) == errno.EINVAL
-    assert direct_read(path, SIZE, 0) == OLD * SIZE
-    assert direct_write(path, NEW * 8192, 4096) == 8192
-    assert direct_read(path, 3 * PAGE, 0) == OLD * PAGE + NEW * 8192
+        assert _errno_of(direct_pwrite, path, NEW * length, off) == errno.EINVAL
+        assert _errno_of(direct_pread, path, length, off) == errno.EINVAL
+    assert direct_pread(path, SIZE, 0) == OLD * SIZE
+    assert direct_pwrite(path, NEW * 8192, 4096) == 8192
+    assert direct_pread(path, 3 * PAGE, 0) == OLD * PAGE + NEW * 8192
 
 
 def test_dio_align_4096_with_bug(mount_factory: MountFactory) -> None:
     m = mount_factory(opts={"dio_align": 4096}, bugs=["no-align-check"])
     path = make_cached_file(m)
-    assert direct_write(path, NEW * 512, 512) == 512
-    assert direct_read(path, PAGE, 0) == OLD * 512 + NEW * 512 + OLD * 3072
+    assert direct_pwrite(path, NEW * 512, 512) == 512
+    assert direct_pread(path, PAGE, 0) == OLD * 512 + NEW * 512 + OLD * 3072
 
 
 # --------------------------------------------------------------------------- statx

@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from tests.mounting import Mount, MountFactory
+from harness.mount import Mount, MountFactory
 
 pytestmark = [
     pytest.mark.deadline(120),

@@ -21,45 +21,30 @@ from __future__ import annotations
 import mmap
 import os
 import shutil
-import struct
 import subprocess
-import threading
 
 import pytest
 
-from tests.mounting import (
+from harness.io import direct_pread, direct_pwrite, pattern
+from harness.mount import (
     Mount,
     MountFactory,
     assert_rescued_cleanly,
     run_in_child,
     wait_kernel_invalidations,
 )
+from harness.workloads.kernel_cache import (
+    PAGE,
+    direct_open_close,
+    direct_reads_into_mapping_vs_direct_opens,
+    direct_reads_into_own_mapping,
+)
 
 pytestmark = pytest.mark.deadline(60)
 
-PAGE = 4096  # = the default block size: the fast path wants block-aligned writes
 NBLOCKS = 16
 SIZE = NBLOCKS * PAGE
 NWRITES = 24
-
-
-def block(seed: int, idx: int) -> bytes:
-    """One block of bytes naming `seed` and the block index (16 bytes x 256)."""
-    return struct.pack("<QQ", seed, idx) * (PAGE // 16)
-
-
-def dwrite(fd: int, data: bytes, off: int) -> None:
-    """pwrite through an O_DIRECT fd, from a page-aligned buffer."""
-    with mmap.mmap(-1, max(len(data), PAGE)) as buf:
-        buf.write(data)
-        assert os.pwritev(fd, [memoryview(buf)[: len(data)]], off) == len(data)
-
-
-def dread(fd: int, n: int, off: int) -> bytes:
-    """pread through an O_DIRECT fd, into a page-aligned buffer."""
-    with mmap.mmap(-1, max(n, PAGE)) as buf:
-        got = os.preadv(fd, [memoryview(buf)[:n]], off)
-        return bytes(buf[:got])
 
 
 def bread(path: str, n: int = SIZE, off: int = 0) -> bytes:
@@ -71,9 +56,9 @@ def bread(path: str, n: int = SIZE, off: int = 0) -> bytes:
         os.close(fd)
 
 
-def direct_open_close(path: str) -> None:
-    """An O_DIRECT open (the kernel drops the file's page cache) and nothing else."""
-    os.close(os.open(path, os.O_RDONLY | os.O_DIRECT))
+def block(seed: int, idx: int) -> bytes:
+    """Block `idx` of version `seed` (harness.io.pattern: names its offset and the seed)."""
+    return pattern(PAGE, seed, idx * PAGE)
 
 
 def make_direct_file(m: Mount, name: str, seed: int = 1) -> tuple[str, bytearray]:
@@ -83,7 +68,7 @@ def make_direct_file(m: Mount, name: str, seed: int = 1) -> tuple[str, bytearray
     model = bytearray(b"".join(block(seed, i) for i in range(NBLOCKS)))
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_DIRECT, 0o644)
     try:
-        dwrite(fd, bytes(model), 0)
+        assert direct_pwrite(fd, bytes(model), 0) == len(model)
     finally:
         os.close(fd)
     return path, model
@@ -93,7 +78,7 @@ def overwrite_blocks(fd: int, model: bytearray, seed: int, blocks: list[int]) ->
     """Direct overwrites of whole blocks, one pwrite each; keeps `model` up to date."""
     for idx in blocks:
         data = block(seed, idx)
-        dwrite(fd, data, idx * PAGE)
+        assert direct_pwrite(fd, data, idx * PAGE) == len(data)
         model[idx * PAGE : (idx + 1) * PAGE] = data
 
 
@@ -132,7 +117,7 @@ def test_direct_only_file_fast_writes_without_kernel_invalidation(mounted: Mount
             "dio.kernel_invalidations": 0,
             "dio.bytes_written": NWRITES * PAGE,
         }
-        assert dread(fd, SIZE, 0) == model
+        assert direct_pread(fd, SIZE, 0) == model
     finally:
         os.close(fd)
     assert bread(path) == model
@@ -161,7 +146,7 @@ def test_buffered_read_marks_inode_and_direct_open_clears_it(mounted: Mount) -> 
         overwrite_blocks(dfd, model, 4, spread(8, 3))
         assert c.delta(*keys) == {"dio.kernel_invalidations": 0, "dio.bytes_written": 8 * PAGE}
         assert os.pread(bfd, SIZE, 0) == model  # refilled from the daemon: the new bytes
-        assert dread(dfd, SIZE, 0) == model
+        assert direct_pread(dfd, SIZE, 0) == model
     finally:
         os.close(bfd)
         os.close(dfd)
@@ -212,11 +197,11 @@ def test_no_fast_path_over_pages_the_daemon_caches(mount_factory: MountFactory) 
         assert fast(12) == 1  # nothing cached in this range (pages 4 and 7 still are)
         # a direct read writes the range's dirty pages back first: a stale dirty page 5 or 6
         # would land on the image over the direct bytes
-        assert dread(dfd, SIZE, 0) == model
+        assert direct_pread(dfd, SIZE, 0) == model
         os.fsync(bfd)  # pages 4 and 7: clean (the direct read wrote them back), still cached
         assert fast(7) == 0  # over a clean cached page: shot down
         assert fast(7) == 1
-        assert dread(dfd, SIZE, 0) == model
+        assert direct_pread(dfd, SIZE, 0) == model
         assert os.pread(bfd, SIZE, 0) == model
         os.fsync(bfd)
     finally:
@@ -238,7 +223,7 @@ def test_thread_replies_only_while_kernel_may_cache(mounted: Mount) -> None:
 
     def direct_reads(n: int = 8) -> None:
         for idx in spread(n):
-            assert dread(fd, PAGE, idx * PAGE) == model_a[idx * PAGE : (idx + 1) * PAGE]
+            assert direct_pread(fd, PAGE, idx * PAGE) == model_a[idx * PAGE : (idx + 1) * PAGE]
 
     try:
         direct_reads()
@@ -303,37 +288,13 @@ def test_what_a_reader_sees_after_sync_and_async_direct_writes(
         want = b"\x5a" * big
         assert mm[:] == want, "the existing mapping"
         assert os.pread(bfd, big, 0) == want, "the buffered fd"
-        assert dread(dfd, big, 0) == want
+        assert direct_pread(dfd, big, 0) == want
         posted = c.delta(*keys)["dio.kernel_invalidations"]
         assert reads > 1 and posted > 0, (reads, posted)
     finally:
         mm.close()
         os.close(dfd)
         os.close(bfd)
-
-
-def direct_reads_into_own_mapping(path: str, rounds: int) -> int:
-    """Child: `rounds` times, a 512-byte direct write at offset 0, then an O_DIRECT read of
-    page 2 into a MAP_SHARED mapping of page 0 of the same file. Returns how many reads'
-    bytes the mapping did not show afterwards."""
-    fd = os.open(path, os.O_RDWR | os.O_DIRECT)
-    mfd = os.open(path, os.O_RDWR)
-    m = mmap.mmap(mfd, 3 * PAGE)
-    want = bytes(m[2 * PAGE :])
-    lost = 0
-    try:
-        with mmap.mmap(-1, PAGE) as buf:
-            for i in range(rounds):
-                buf[:8] = i.to_bytes(8, "little")
-                os.pwritev(fd, [memoryview(buf)[:512]], 0)
-                with memoryview(m)[:PAGE] as dest:
-                    assert os.preadv(fd, [dest], 2 * PAGE) == PAGE
-                lost += m[:PAGE] != want
-    finally:
-        m.close()
-        os.close(mfd)
-        os.close(fd)
-    return lost
 
 
 @pytest.mark.parametrize("bug_on", [False, True], ids=["default", "inval-always"])
@@ -363,47 +324,6 @@ def test_direct_read_into_own_mapping_keeps_its_bytes(
 
 OPEN_RACE_ROUNDS = 1500
 OPEN_RACE_TIMEOUT_S = 20.0  # the good run takes about 2 s; with the bug it hangs at once
-
-
-def direct_reads_into_mapping_vs_direct_opens(path: str, rounds: int) -> tuple[int, int]:
-    """Child: one thread `rounds` times writes page 2 directly and reads it back with
-    O_DIRECT into a MAP_SHARED mapping of page 0 (which each read's completion dirties),
-    while another thread opens and closes the file with O_DIRECT in a loop. Returns
-    (reads, opens) done."""
-    fd = os.open(path, os.O_RDWR | os.O_DIRECT)
-    mfd = os.open(path, os.O_RDWR)
-    m = mmap.mmap(mfd, 3 * PAGE)
-    stop = threading.Event()
-    opens = 0
-    failed: list[OSError] = []  # raised by the reader once it is done (after an abort: never)
-
-    def opener() -> None:
-        nonlocal opens
-        try:
-            while not stop.is_set():
-                direct_open_close(path)
-                opens += 1
-        except OSError as exc:
-            failed.append(exc)
-
-    t = threading.Thread(target=opener)
-    t.start()
-    try:
-        with mmap.mmap(-1, PAGE) as buf:
-            for i in range(rounds):
-                buf[:8] = i.to_bytes(8, "little")
-                os.pwritev(fd, [buf], 2 * PAGE)
-                with memoryview(m)[:PAGE] as dest:
-                    assert os.preadv(fd, [dest], 2 * PAGE) == PAGE
-    finally:
-        stop.set()
-        t.join()
-        m.close()
-        os.close(mfd)
-        os.close(fd)
-    if failed:
-        raise failed[0]
-    return rounds, opens
 
 
 # on backend=nbd the default case hangs now and then (reads await the NBD thread: another

@@ -24,110 +24,22 @@ no-pagecache-lock: all 32 pages stale).
 
 from __future__ import annotations
 
-import mmap
-import os
-import threading
-import time
-from typing import Any
-
 import pytest
 
-from diofs.cli.stats import read_stats
-from tests.mounting import MountFactory, run_in_child
+from harness.io import direct_pwrite
+from harness.mount import MountFactory, run_in_child
+from harness.workloads.fill_race import (
+    FILE_SIZE,
+    FILL_DELAY,
+    NEW,
+    OLD,
+    PAGE,
+    RA_LEN,
+    RA_OFF,
+    race_fill_against_direct_write,
+)
 
 pytestmark = pytest.mark.deadline(60)
-
-PAGE = 4096
-FILE_SIZE = 1 << 20
-READ_SIZE = 128 * 1024  # the kernel READ: pages [0, 32)
-RA_OFF, RA_LEN = 128 * 1024, 128 * 1024  # daemon-only readahead: pages [32, 64)
-FILL_DELAY = 1.0
-OLD, NEW = b"o", b"N"
-
-
-def stats(mnt: str) -> dict[str, float]:
-    return read_stats(mnt)
-
-
-def direct_pwrite(path: str, data: bytes, off: int) -> float:
-    """O_DIRECT write from an aligned buffer; returns how long the syscall took (s)."""
-    fd = os.open(path, os.O_RDWR | os.O_DIRECT)
-    try:
-        return direct_pwrite_fd(fd, data, off)
-    finally:
-        os.close(fd)
-
-
-def direct_pwrite_fd(fd: int, data: bytes, off: int) -> float:
-    with mmap.mmap(-1, len(data)) as buf:
-        buf.write(data)
-        t0 = time.monotonic()
-        assert os.pwrite(fd, buf, off) == len(data)
-        return time.monotonic() - t0
-
-
-def race_fill_against_direct_write(mnt: str) -> dict[str, Any]:
-    """The workload (run in a child): returns counts and the stats delta."""
-    path = os.path.join(mnt, "race")
-    # the old bytes go in with O_DIRECT: neither the daemon nor the kernel caches them
-    with open(path, "wb"):
-        pass
-    direct_pwrite(path, OLD * FILE_SIZE, 0)
-    # opened before the race: an O_DIRECT open makes the kernel drop the file's cache, which
-    # waits for the reader's READ in flight (ops.Operations._file_info)
-    wfd = os.open(path, os.O_RDWR | os.O_DIRECT)
-    s0 = stats(mnt)
-
-    got: dict[str, bytes] = {}
-
-    def reader() -> None:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            # no kernel readahead: exactly one READ of [0, READ_SIZE) (without this the kernel
-            # follows up with an async READ from READ_SIZE on, and holds those folios)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
-            got["read"] = os.pread(fd, READ_SIZE, 0)
-        finally:
-            os.close(fd)
-
-    t = threading.Thread(target=reader)
-    t.start()
-    # the fill has started once its READ missed; its image read is inline and immediate, the
-    # margin below only has to cover that (it is tiny against FILL_DELAY)
-    deadline = time.monotonic() + 10
-    while stats(mnt).get("cache.misses", 0) == s0.get("cache.misses", 0):
-        assert time.monotonic() < deadline, "the buffered READ never reached the daemon"
-        time.sleep(0.002)
-    time.sleep(FILL_DELAY * 0.3)
-    write_s = direct_pwrite_fd(wfd, NEW * RA_LEN, RA_OFF)
-    os.close(wfd)
-    t.join()
-    s1 = stats(mnt)
-    # a fresh buffered read of the written range: the kernel has no copy, the daemon decides.
-    # No kernel readahead: a READ beyond the range would fill (and sleep) after we return.
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
-        seen = os.pread(fd, RA_LEN, RA_OFF)
-    finally:
-        os.close(fd)
-    dfd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-    try:
-        with mmap.mmap(-1, RA_LEN) as buf:
-            os.preadv(dfd, [buf], RA_OFF)
-            on_image = bytes(buf)
-    finally:
-        os.close(dfd)
-    delta = {k: s1.get(k, 0) - s0.get(k, 0) for k in s1 if isinstance(s1[k], (int, float))}
-    return {
-        "reader_ok": got.get("read") == OLD * READ_SIZE,
-        "stale_pages": sum(1 for i in range(0, RA_LEN, PAGE) if seen[i : i + 1] != NEW),
-        "image_new": on_image == NEW * RA_LEN,
-        "write_s": write_s,
-        "readahead_pages": delta.get("cache.readahead_pages", 0),
-        "block_waits": delta.get("locks.block_waits", 0),
-        "block_wait_ns": delta.get("locks.block_wait_ns", 0),
-    }
 
 
 @pytest.mark.parametrize("bug_on", [False, True], ids=["default", "no-pagecache-lock"])
@@ -154,8 +66,8 @@ def test_fill_after_direct_write_sees_new_bytes(mount_factory: MountFactory) -> 
     path = m.path("f")
     with open(path, "wb"):
         pass
-    direct_pwrite(path, OLD * FILE_SIZE, 0)
-    direct_pwrite(path, NEW * RA_LEN, RA_OFF)
+    assert direct_pwrite(path, OLD * FILE_SIZE, 0) == FILE_SIZE
+    assert direct_pwrite(path, NEW * RA_LEN, RA_OFF) == RA_LEN
     with open(path, "rb") as f:
         data = f.read()
     assert data == OLD * RA_OFF + NEW * RA_LEN + OLD * (FILE_SIZE - RA_OFF - RA_LEN)

@@ -16,10 +16,8 @@ working; rules use `count` so that the fault is one event.
 from __future__ import annotations
 
 import errno
-import mmap
 import os
 import re
-import time
 from pathlib import Path
 
 import pytest
@@ -27,7 +25,8 @@ import pytest
 from diofs.backend import fault
 from diofs.backend.raw import RawImage
 from diofs.format import image
-from tests.mounting import Mount, MountFactory
+from harness.io import aligned, wait_for
+from harness.mount import Mount, MountFactory
 
 BS = 4096
 
@@ -53,19 +52,6 @@ def data_fault(spec: str, data_off: int, err: str = "EIO", op: str = "write",
     if op != "flush":
         rule["offset_min"] = data_off
     fault.write_spec(spec, [rule])
-
-
-def wait_for(pred, timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
-
-
-def aligned(data: bytes) -> mmap.mmap:
-    buf = mmap.mmap(-1, max(len(data), BS))
-    buf[: len(data)] = data
-    return buf
 
 
 def still_serving(m: Mount) -> None:
@@ -110,7 +96,7 @@ def test_background_writeback_error_reported_once_per_open_fd(mount_factory, tmp
     try:
         data_fault(spec, data_off, err)
         os.pwrite(writer, b"n" * 2 * BS, BS)  # dirty pages, written back in the background
-        wait_for(lambda: m.stats().get("writeback.errors", 0) >= 1, what="the writeback error")
+        wait_for(lambda: m.stats().get("writeback.errors", 0) >= 1, "the writeback error")
         assert fault.read_fired(spec)["by_op"]["write"] == 1
         code = getattr(errno, err)
         assert [fsync_errno(fd) for fd in fds] == [code] * 3  # each fd sees it ...
@@ -144,7 +130,7 @@ def test_unseen_writeback_error_reaches_a_later_open(mount_factory, tmp_path):
     fd = os.open(path, os.O_RDWR)
     os.pwrite(fd, b"n" * 2 * BS, BS)
     os.close(fd)  # close reports nothing
-    wait_for(lambda: m.stats().get("writeback.errors", 0) >= 1, what="the writeback error")
+    wait_for(lambda: m.stats().get("writeback.errors", 0) >= 1, "the writeback error")
     late = os.open(path, os.O_RDWR)
     try:
         assert fsync_errno(late) == errno.EIO
@@ -161,7 +147,7 @@ def test_failing_direct_write_fails_its_own_request(mount_factory, tmp_path):
         f.write(b"o" * 4 * BS)
         os.fsync(f.fileno())
     fd = os.open(path, os.O_RDWR | os.O_DIRECT)
-    buf = aligned(b"d" * BS)
+    buf = aligned(data=b"d" * BS)
     try:
         data_fault(spec, data_off)
         with pytest.raises(OSError) as exc_info:
@@ -192,7 +178,7 @@ def test_failing_dsync_write_fails_its_own_request(mount_factory, tmp_path, op, 
         f.write(b"o" * 4 * BS)
         os.fsync(f.fileno())
     fd = os.open(path, os.O_RDWR | os.O_DSYNC | (os.O_DIRECT if direct else 0))
-    buf = aligned(b"s" * BS)
+    buf = aligned(data=b"s" * BS)
     try:
         data_fault(spec, data_off, op=op)
         with pytest.raises(OSError) as exc_info:
@@ -212,7 +198,7 @@ def test_failing_dsync_write_fails_its_own_request(mount_factory, tmp_path, op, 
 def test_full_image_gives_enospc_and_recovers(mount_factory, tmp_path, direct):
     m = mount_factory(size="8M")
     path = m.path("fill")
-    chunk = aligned(b"x" * 256 * 1024)
+    chunk = aligned(data=b"x" * 256 * 1024)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | (os.O_DIRECT if direct else 0), 0o644)
     written = 0
     try:

@@ -41,7 +41,7 @@ from typing import Any
 import pytest
 
 from diofs.backend import crash
-from tests.mounting import Mount, MountFactory, run_in_child
+from harness.mount import Mount, MountFactory, run_in_child
 from tests.test_crash_namespace import load_offline
 
 BS = 4096

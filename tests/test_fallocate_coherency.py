@@ -27,26 +27,30 @@ import pytest
 
 from diofs.backend.raw import RawImage
 from diofs.format import image
-from tests.mounting import Mount, MountFactory, run_cli
-from tests.test_holes_extend import (
+from harness.io import (
+    FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_PUNCH_HOLE,
+    FALLOC_FL_ZERO_RANGE,
+    aligned,
+    fallocate,
+)
+from harness.mount import Mount, MountFactory, run_cli
+from harness.workloads.holes import (
     BS,
     IMAGE_SIZE,
     KiB,
     MiB,
-    aligned,
-    fallocate,
     fill_free_space_with_secret,
-    pattern,
-    read_all_ways,
     secret_bytes,
     secret_mount,
+    tagged,
+)
+from tests.test_holes_extend import (
+    read_all_ways,
 )
 
 pytestmark = pytest.mark.deadline(60)
 
-FALLOC_FL_KEEP_SIZE = 0x01
-FALLOC_FL_PUNCH_HOLE = 0x02
-FALLOC_FL_ZERO_RANGE = 0x10
 SIZE = 1 * MiB
 
 
@@ -101,14 +105,14 @@ def test_direct_write_into_keep_size_preallocation(mount_factory: MountFactory) 
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_DIRECT, 0o644)
     try:
         fallocate(fd, FALLOC_FL_KEEP_SIZE, 0, SIZE)
-        with aligned(64 * KiB, pattern(1, 64 * KiB)) as buf:
+        with aligned(64 * KiB, tagged(1, 64 * KiB)) as buf:
             assert os.pwrite(fd, buf, 0) == 64 * KiB
-        with aligned(512, pattern(2, 512)) as buf:  # sub-block, past EOF, into the run
+        with aligned(512, tagged(2, 512)) as buf:  # sub-block, past EOF, into the run
             assert os.pwrite(fd, memoryview(buf)[:512], 64 * KiB) == 512
         assert os.fstat(fd).st_size == 64 * KiB + 512
     finally:
         os.close(fd)
-    want = pattern(1, 64 * KiB) + pattern(2, 512)
+    want = tagged(1, 64 * KiB) + tagged(2, 512)
     check_all_ways(path, want, "after appends")
     m.unmount()
     ext = offline_extents(m.image, "f")
@@ -128,7 +132,7 @@ def data_file_cached_everywhere(m: Mount) -> tuple[str, int, mmap.mmap]:
     """A SIZE-byte file written buffered (and written back), read into the daemon cache and
     the kernel cache; returns (path, an fd opened before, a MAP_SHARED mapping faulted in)."""
     path = m.path("f")
-    data = b"".join(pattern(i, 64 * KiB) for i in range(SIZE // (64 * KiB)))
+    data = b"".join(tagged(i, 64 * KiB) for i in range(SIZE // (64 * KiB)))
     with open(path, "wb") as f:
         f.write(data)
         f.flush()
@@ -172,7 +176,7 @@ def test_punch_discards_dirty_cached_pages(mount_factory: MountFactory, mode: st
     m = secret_mount(mount_factory, writeback_age=0.2)
     path = m.path("f")
     with open(path, "wb") as f:
-        f.write(pattern(1, SIZE))  # no fsync: dirty daemon pages, written back in ~0.2 s
+        f.write(tagged(1, SIZE))  # no fsync: dirty daemon pages, written back in ~0.2 s
         fd = os.open(path, os.O_RDWR)
         try:
             flags = (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE if mode == "punch"
@@ -180,7 +184,7 @@ def test_punch_discards_dirty_cached_pages(mount_factory: MountFactory, mode: st
             fallocate(fd, flags, 64 * KiB, 512 * KiB)
         finally:
             os.close(fd)
-    want = bytearray(pattern(1, SIZE))
+    want = bytearray(tagged(1, SIZE))
     want[64 * KiB : 576 * KiB] = bytes(512 * KiB)
     check_all_ways(path, bytes(want), mode)
     m.remount()
@@ -217,7 +221,7 @@ def test_fsck_reports_and_repairs_written_extent_past_eof(
     fill_free_space_with_secret(m)
     fd = os.open(m.path("f"), os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        os.pwrite(fd, pattern(1, 8 * KiB), 0)
+        os.pwrite(fd, tagged(1, 8 * KiB), 0)
         os.fsync(fd)
         fallocate(fd, FALLOC_FL_KEEP_SIZE, 0, 64 * KiB)
     finally:
@@ -256,4 +260,4 @@ def test_fsck_reports_and_repairs_written_extent_past_eof(
     assert proc.returncode == 0, proc.stdout + proc.stderr
     m.start()
     os.truncate(m.path("f"), 64 * KiB)
-    check_all_ways(m.path("f"), pattern(1, 8 * KiB) + bytes(56 * KiB), "repaired")
+    check_all_ways(m.path("f"), tagged(1, 8 * KiB) + bytes(56 * KiB), "repaired")

@@ -21,15 +21,15 @@ import contextlib
 import os
 import shutil
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from diofs import watchdog
+from diofs import mountinfo
 from diofs.cli.stats import read_stats
-from tests.mounting import REPO, cli, cli_env, fuse_unavailable_reason, run_cli
+from harness import watchdog
+from harness.mount import REPO, cli, cli_env, fuse_unavailable_reason, run_cli
 
 HELPER = Path("/sbin/mount.fuse.diofs")
 
@@ -60,9 +60,14 @@ def _daemon_pids(mnt: Path) -> list[int]:
 
 
 @contextlib.contextmanager
-def mounted_by_mount8(argv: list[str], mnt: Path) -> Iterator[None]:
-    """Run a mount(8) command, require success, yield, then unmount and check the daemon."""
+def mounted_by_mount8(
+    argv: list[str], mnt: Path, *, checkout_on_path: bool = True
+) -> Iterator[None]:
+    """Run a mount(8) command, require success, yield, then unmount and check the daemon.
+    `checkout_on_path=False` runs it as a user would: without the checkout on PYTHONPATH."""
     env = cli_env()
+    if not checkout_on_path:
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.pop("PATH", None)  # mount(8) drops PATH for its helpers anyway
     proc = subprocess.run(
         argv,
@@ -73,41 +78,35 @@ def mounted_by_mount8(argv: list[str], mnt: Path) -> Iterator[None]:
         check=False,
         stdin=subprocess.DEVNULL,
     )
-    conn_id = watchdog.connection_id(mnt) if watchdog.is_mounted(mnt) else None
+    conn_id = watchdog.connection_id(mnt) if mountinfo.is_mounted(mnt) else None
     pids = _daemon_pids(mnt)
     try:
         assert proc.returncode == 0, f"{argv} failed ({proc.returncode}): {proc.stderr}"
-        assert watchdog.is_mounted(mnt), f"{argv} returned 0 but nothing is mounted"
+        assert mountinfo.is_mounted(mnt), f"{argv} returned 0 but nothing is mounted"
         yield
         um = subprocess.run(
             ["fusermount3", "-u", str(mnt)], capture_output=True, text=True, timeout=60, check=False
         )
         assert um.returncode == 0, um.stderr
-        deadline = time.monotonic() + 30
-        while any(watchdog.process_alive(p) for p in pids):
-            assert time.monotonic() < deadline, "daemon did not exit after unmount"
-            time.sleep(0.05)
+        assert watchdog.wait_gone(pids, 30), "daemon did not exit after unmount"
     finally:
-        if watchdog.is_mounted(mnt):
+        if mountinfo.is_mounted(mnt):
             ref = watchdog.MountRef(str(mnt), conn_id, pids[0] if pids else None)
             watchdog.rescue([ref], reason="fstab test cleanup")
-        deadline = time.monotonic() + 10
-        while any(watchdog.process_alive(p) for p in pids) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        watchdog.wait_gone(pids, 10)
         for pid in pids:  # our grandchild daemon, identified by our unique mountpoint
             if watchdog.process_alive(pid):
                 os.kill(pid, 9)
 
 
-@pytest.fixture
-def image(image: Path) -> Path:
-    """conftest's fresh image, once mount(8) with a FUSE helper can run here."""
+@pytest.fixture(autouse=True)
+def _mount8_can_run() -> None:
+    """Every test here mounts with mount(8) and a FUSE helper: skip where that cannot run."""
     reason = fuse_unavailable_reason()
     if reason:
         pytest.skip(f"real mounts unavailable: {reason}")
     if os.geteuid() != 0:
         pytest.skip("mount(8) with a FUSE helper needs root here")
-    return image
 
 
 @pytest.fixture
@@ -144,7 +143,7 @@ def json_ok(mnt: Path) -> bool:
 def test_mount_t_fuse_diofs(image: Path, mnt: Path, helper: Path) -> None:
     argv = ["mount", "-t", "fuse.diofs", "-o", "cache_size=16M", str(image), str(mnt)]
     with mounted_by_mount8(argv, mnt):
-        m = watchdog.find_mount(mnt)
+        m = mountinfo.find_mount(mnt)
         assert m is not None and m.fstype == "fuse.diofs", m
         _use(mnt)
     assert run_cli("fsck.diofs", image).returncode == 0
@@ -172,13 +171,16 @@ def test_mount_fuse3_hash_syntax(image: Path, mnt: Path) -> None:
 
 
 def test_repo_root_is_not_needed_as_cwd(image: Path, mnt: Path, helper: Path) -> None:
-    """mount(8) runs the helper from the caller's cwd; it must not depend on the checkout."""
+    """mount(8) runs the helper from the caller's cwd and environment; it must not depend on
+    the checkout: run from / without the checkout on PYTHONPATH, the installed helper mounts,
+    and the daemon's cwd is not the checkout."""
     argv = ["mount", "-t", "fuse.diofs", str(image), str(mnt)]
     old = os.getcwd()
     os.chdir("/")
     try:
-        with mounted_by_mount8(argv, mnt):
+        with mounted_by_mount8(argv, mnt, checkout_on_path=False):
             _use(mnt)
+            cwds = {os.readlink(f"/proc/{pid}/cwd") for pid in _daemon_pids(mnt)}
+            assert cwds and str(REPO) not in cwds, cwds
     finally:
         os.chdir(old)
-    assert REPO.exists()

@@ -30,10 +30,14 @@ operations per seed).
 from __future__ import annotations
 
 import re
-import time
 
 import pytest
 
+from harness.mount import Mount, MountFactory, assert_rescued_cleanly, run_in_child
+from harness.workloads.mapping import (
+    prepare_read_into_mapping,
+    read_into_mapping_vs_direct_write,
+)
 from tests.fsx import (
     Fsx,
     RegionWorker,
@@ -42,7 +46,6 @@ from tests.fsx import (
     run_with_remounts,
     setup_concurrent,
 )
-from tests.mounting import Mount, MountFactory, assert_rescued_cleanly, run_in_child
 
 CASES = [
     pytest.param(1, {}, 512, id="default"),
@@ -138,67 +141,8 @@ def test_fsx_concurrent_fill_race(mount_factory: MountFactory, bug_on: bool) -> 
         assert _concurrent(m, 4, workers=4, nops=200, rounds=2, ops=ops) == 4 * 200 * 2
 
 
-def read_into_mapping_vs_direct_write(path: str, seconds: float) -> list[int]:
-    """Thread A: O_DIRECT read of file page 2 into a MAP_SHARED mapping of page 0 of the same
-    file; thread B: O_DIRECT write of 512 bytes at offset 0 (page 0). Returns op counts; an
-    error in a thread stops it and is raised after both ended (no thread traceback on stderr
-    when a watchdog abort fails the calls)."""
-    import mmap
-    import os
-    import threading
-
-    fd = os.open(path, os.O_RDWR | os.O_DIRECT)
-    mfd = os.open(path, os.O_RDWR)
-    m = mmap.mmap(mfd, 3 * 4096, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-    stop = time.monotonic() + seconds
-    n = [0, 0]
-    errors: list[OSError] = []
-
-    def reader() -> None:
-        try:
-            while time.monotonic() < stop:
-                v = memoryview(m)[0:4096]
-                os.preadv(fd, [v], 8192)
-                v.release()
-                n[0] += 1
-        except OSError as exc:
-            errors.append(exc)
-
-    def writer() -> None:
-        buf = mmap.mmap(-1, 4096)
-        try:
-            while time.monotonic() < stop:
-                os.pwritev(fd, [memoryview(buf)[:512]], 0)
-                n[1] += 1
-        except OSError as exc:
-            errors.append(exc)
-
-    ts = [threading.Thread(target=reader), threading.Thread(target=writer)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
-    if errors:
-        raise errors[0]
-    return n
-
-
 READ_INTO_MAPPING_S = 2.0  # the workload's length with the protection on
 HANG_TIMEOUT_S = 6.0  # the good run takes READ_INTO_MAPPING_S; with the bug it hangs in < 1 s
-
-
-def prepare_read_into_mapping(m: Mount) -> str:
-    """The workload's file: 3 pages written buffered and fsynced (nothing dirty anywhere)."""
-    import os
-
-    path = m.path("f")
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        os.pwrite(fd, os.urandom(3 * 4096), 0)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return path
 
 
 @pytest.mark.deadline(60)

@@ -28,7 +28,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
@@ -36,11 +36,13 @@ from typing import Any
 
 import pytest
 
-from diofs import hang_detector, watchdog
+from diofs import hang_detector, mountinfo
 from diofs.cli.common import SyslogLines, syslog_handler
 from diofs.cli.stats import read_stats
 from diofs.ops import Operations
-from tests.mounting import Mount, MountFactory, cli, cli_env, run_in_child
+from harness import watchdog
+from harness.io import wait_for
+from harness.mount import Mount, MountFactory, cli, cli_env, run_in_child
 from tests.test_cli_errors import FOREGROUND, assert_one_line_error, try_mount
 
 DELAY_S = 4.0
@@ -58,14 +60,6 @@ def direct_write(path: str, fill: bytes) -> tuple[int, int]:
         return threading.get_native_id(), os.pwrite(fd, buf, 0)
     finally:
         os.close(fd)
-
-
-def wait_for(what: str, check: Callable[[], Any], timeout_s: float) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while not (value := check()):
-        assert time.monotonic() < deadline, f"no {what} within {timeout_s} s"
-        time.sleep(0.05)
-    return value
 
 
 def records(log_text: str) -> list[str]:
@@ -107,14 +101,14 @@ def test_hung_request_reported_once(mount_factory: MountFactory) -> None:
     path, ino = make_file(m, "slow")
     with ThreadPoolExecutor(1) as pool:
         write = pool.submit(run_in_child, direct_write, path, b"h", timeout=60, mounts=[m])
-        wait_for("hang report", lambda: hang_reports(m), DELAY_S - 1)
+        wait_for(lambda: hang_reports(m), "hang report", DELAY_S - 1)
         during = m.stats()
         assert not write.done(), "the write completed before the test looked (raise DELAY_S)"
         tid, written = write.result(timeout=60)
     assert written == 4096  # not aborted: the request completed
     wait_for(
-        "'answered' line",
         lambda: re.search(r"INFO .*hung request #\d+ \(WRITE\) answered", m.log_text()),
+        "'answered' line",
         2,
     )
     after = m.stats()
@@ -226,7 +220,7 @@ def test_background_daemon_reports_to_syslog(mount_factory: MountFactory, tmp_pa
             stdin=subprocess.DEVNULL,
             check=False,
         )
-        conn_id = watchdog.connection_id(m.mnt) if watchdog.is_mounted(m.mnt) else None
+        conn_id = watchdog.connection_id(m.mnt) if mountinfo.is_mounted(m.mnt) else None
         daemon_pid: int | None = None
         try:
             assert proc.returncode == 0, proc.stderr
@@ -269,16 +263,12 @@ def test_background_daemon_reports_to_syslog(mount_factory: MountFactory, tmp_pa
 
 def _unmount_background(mnt: Path, conn_id: int | None, daemon_pid: int | None) -> None:
     """fusermount3 -u, then wait for the daemon to exit; rescue if anything is left."""
-    if watchdog.is_mounted(mnt):
+    if mountinfo.is_mounted(mnt):
         subprocess.run(
             ["fusermount3", "-u", str(mnt)], capture_output=True, timeout=60, check=False
         )
-    deadline = time.monotonic() + 30
-    while daemon_pid is not None and watchdog.process_alive(daemon_pid):
-        if time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
-    if watchdog.is_mounted(mnt):
+    watchdog.wait_gone([daemon_pid], 30)
+    if mountinfo.is_mounted(mnt):
         watchdog.rescue([watchdog.MountRef(str(mnt), conn_id, daemon_pid)], reason="cleanup")
         pytest.fail(f"{mnt} was still mounted after fusermount3 -u")
     if daemon_pid is not None and watchdog.process_alive(daemon_pid):

@@ -58,15 +58,15 @@ from typing import Any
 
 import pytest
 
-from tests.fsx import WEIGHTS, Fsx, cold_read, direct_pread, run_with_remounts
-from tests.mounting import (
+from harness.io import cold_read, direct_pread, pattern, wait_for
+from harness.mount import (
     Mount,
     MountFactory,
     assert_rescued_cleanly,
     process_stats,
     run_in_child,
 )
-from tests.test_dio_mmap_self import pattern
+from tests.fsx import WEIGHTS, Fsx, run_with_remounts
 
 REPEAT = 1  # repetitions of each workload per test by default
 STRESS_REPEAT = 10  # with --stress (DIOFS_HANG_REPEAT=N overrides both)
@@ -146,22 +146,18 @@ def assert_invalidation_hang(m: Mount, result: Any, daemon_pid: int | None,
     main = [h for h, _ in threads if h.startswith(f"  tid {daemon_pid} ")]
     assert main and "state=D" not in main[0], report
     assert_rescued_cleanly(m, result, daemon_pid)
-    deadline = time.monotonic() + 15
-    while _session_members(result.pid):  # fio workers, the C program's children
-        assert time.monotonic() < deadline, _session_members(result.pid)
-        time.sleep(0.1)
+    # fio workers, the C program's children
+    wait_for(lambda: not _session_members(result.pid), "the client's session to end", 15)
     return daemon_part
 
 
 def settle(m: Mount) -> dict[str, float]:
     """Wait until every posted kernel invalidation is done; returns the stats."""
-    deadline = time.monotonic() + SETTLE_S
-    while True:
-        st = m.stats()
-        if not st.get("kernel.invalidations_pending", 0):
-            return st
-        assert time.monotonic() < deadline, f"invalidations still pending after {SETTLE_S}s: {st}"
-        time.sleep(0.05)
+    return m.wait_stats(
+        lambda st: not st.get("kernel.invalidations_pending", 0),
+        "the posted kernel invalidations",
+        SETTLE_S,
+    )
 
 
 def expect_layout(path: str, size: int, layout: list[tuple[int, int, int]], what: str) -> None:
@@ -169,7 +165,7 @@ def expect_layout(path: str, size: int, layout: list[tuple[int, int, int]], what
     want = bytearray(size)
     for off, n, byte in layout:
         want[off : off + n] = bytes([byte]) * n
-    got = cold_read(path, 0, size + 4096)
+    got = cold_read(path, size + 4096, 0)
     if got != want:
         first = next((i for i in range(min(len(got), size)) if got[i] != want[i]),
                      min(len(got), size))
@@ -398,7 +394,7 @@ def check_aio_file(path: str, fill: int) -> None:
     expect_layout(path, 1024, [(512, 512, fill)], "aio/fcntl")
     fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
     try:
-        assert direct_pread(fd, 0, 4096) == bytes(512) + bytes([fill]) * 512
+        assert direct_pread(fd, 4096, 0) == bytes(512) + bytes([fill]) * 512
     finally:
         os.close(fd)
 
@@ -563,7 +559,7 @@ def msync_direct_mapping(path: str, seed: int) -> str:
 def check_msync_file(path: str, seed: int) -> None:
     want = bytes(MSYNC_LO) + pattern(MSYNC_SIZE - MSYNC_LO + 512, seed, MSYNC_LO)[
         : MSYNC_SIZE - MSYNC_LO]
-    got = cold_read(path, 0, MSYNC_SIZE + 4096)
+    got = cold_read(path, MSYNC_SIZE + 4096, 0)
     assert len(got) == MSYNC_SIZE, len(got)
     if got != want:
         first = next(i for i in range(MSYNC_SIZE) if got[i] != want[i])

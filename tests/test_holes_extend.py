@@ -37,12 +37,10 @@ test_fallocate_coherency.py and scripts/demo_size_before_data.py.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import mmap
 import os
 import shutil
-import struct
 import subprocess
 import threading
 import time
@@ -50,62 +48,31 @@ from typing import Any
 
 import pytest
 
-from tests.mounting import Mount, MountFactory, run_in_child, wait_kernel_invalidations
+from harness.io import aligned, direct_pwrite
+from harness.mount import MountFactory, run_in_child
+from harness.workloads.holes import (
+    BS,
+    BUG,
+    CHUNK,
+    Counts,
+    MiB,
+    final_check,
+    hole_fill_race,
+    secret_bytes,
+    secret_mount,
+    statx_size,
+    tagged,
+    tail_readers,
+    threaded_append_race,
+)
 
 pytestmark = pytest.mark.deadline(90)
 
-KiB, MiB = 1 << 10, 1 << 20
-BS = 4096
-SECRET_UNIT = b"SECRET-BYTES-42\n"  # 16 bytes; the deleted file is made of these
-BUG = "size-before-data"
 DATA_DELAY = 0.05  # seconds between allocation (and, with the bug, publication) and data
-IMAGE_SIZE = "32M"
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
-AT_FDCWD = -100
-AT_STATX_FORCE_SYNC = 0x2000
-STATX_SIZE = 0x200
-STATX_SIZE_OFFSET = 40  # struct statx: mask, blksize, attributes, nlink, uid, gid, mode, ino
 
 
 # ---------------------------------------------------------------------------------------------
 # helpers (shared)
-
-
-def statx_size(path: str) -> int:
-    """st_size fetched from the daemon (AT_STATX_FORCE_SYNC: never the kernel's cached attrs)."""
-    buf = ctypes.create_string_buffer(256)
-    if _libc.statx(AT_FDCWD, path.encode(), AT_STATX_FORCE_SYNC, STATX_SIZE, buf) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err), path)
-    return int(struct.unpack_from("<Q", buf.raw, STATX_SIZE_OFFSET)[0])
-
-
-def fallocate(fd: int, mode: int, off: int, length: int) -> None:
-    if _libc.fallocate(fd, mode, off, length) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-
-
-def aligned(size: int, data: bytes = b"") -> mmap.mmap:
-    """A page-aligned anonymous buffer (O_DIRECT wants aligned memory)."""
-    buf = mmap.mmap(-1, max(size, BS))
-    if data:
-        buf[: len(data)] = data
-    return buf
-
-
-def pattern(tag: int, size: int) -> bytes:
-    """`size` bytes of 16-byte units naming `tag`: distinct from zeros and from the secret."""
-    unit = b"W%07d-writtn\n" % tag  # 16 bytes for tag < 10**7
-    assert len(unit) == 16 and unit != SECRET_UNIT
-    return unit * (size // 16)
-
-
-def secret_bytes(data: bytes | memoryview) -> int:
-    """Bytes of `data` that belong to the deleted file (whole 16-byte secret units)."""
-    return bytes(data).count(SECRET_UNIT) * 16
 
 
 def zero_bytes_in_sectors(data: bytes) -> int:
@@ -114,70 +81,8 @@ def zero_bytes_in_sectors(data: bytes) -> int:
     return sum(512 for i in range(0, len(data) - 511, 512) if data[i : i + 512] == z)
 
 
-def image_secret_bytes(image: str) -> int:
-    with open(image, "rb") as f:
-        return secret_bytes(f.read())
-
-
-def commit_now(m: Mount) -> None:
-    """fsync of the root directory: a metadata commit (frees blocks waiting for one)."""
-    fd = os.open(m.mnt, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fill_free_space_with_secret(m: Mount) -> int:
-    """Write SECRET_UNIT over every free block, fsync, unlink, commit; returns the bytes.
-
-    Afterwards the blocks are free (statfs is back where it started, and a commit has made
-    them allocatable: blocks freed wait for the next commit) and still hold the secret on
-    the image; the allocator's next-fit rover is at the end, so new files get them next."""
-    st = os.statvfs(m.mnt)
-    free_before = st.f_bavail
-    total = free_before * st.f_frsize
-    path = m.path(".secret")
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_DIRECT, 0o600)
-    try:
-        with aligned(MiB, SECRET_UNIT * (MiB // 16)) as buf:
-            off = 0
-            while off < total:
-                off += os.pwrite(fd, memoryview(buf)[: min(MiB, total - off)], off)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    assert os.statvfs(m.mnt).f_bavail == 0
-    os.unlink(path)
-    commit_now(m)
-    assert os.statvfs(m.mnt).f_bavail == free_before
-    assert image_secret_bytes(str(m.image)) >= total  # really on the image
-    return total
-
-
-def secret_mount(
-    factory: MountFactory, bugs: list[str] | tuple[str, ...] = (), **opts: Any
-) -> Mount:
-    """A fresh image whose free space holds the secret, mounted with `opts` and `bugs`
-    (the fill itself runs on a plain mount: data_delay would slow it down)."""
-    m = factory(size=IMAGE_SIZE, bugs=list(bugs))
-    fill_free_space_with_secret(m)
-    m.unmount()
-    m.opts.update(opts)
-    m.start()
-    return m
-
-
-class Counts(dict):  # type: ignore[type-arg]
-    def add(self, key: str, n: int = 1) -> None:
-        self[key] = self.get(key, 0) + n
-
-
 # ---------------------------------------------------------------------------------------------
 # 1. sequential extending direct writes: i_size only after the data
-
-
-CHUNK = 64 * KiB
 
 
 def sequential_append_race(mnt: str, image: str, nchunks: int) -> dict[str, int]:
@@ -203,7 +108,7 @@ def sequential_append_race(mnt: str, image: str, nchunks: int) -> dict[str, int]
                         continue
                     c.add("samples")
                     k = size // CHUNK - 1  # the last chunk under the size
-                    want = pattern(k, CHUNK)
+                    want = tagged(k, CHUNK)
                     with mmap.mmap(img.fileno(), 0, prot=mmap.PROT_READ) as im:
                         if im.find(want[:BS]) < 0:
                             c.add("size_before_data")
@@ -227,7 +132,7 @@ def sequential_append_race(mnt: str, image: str, nchunks: int) -> dict[str, int]
     t.start()
     try:
         for i in range(nchunks):
-            with aligned(CHUNK, pattern(i, CHUNK)) as buf:
+            with aligned(CHUNK, tagged(i, CHUNK)) as buf:
                 assert os.pwrite(fd, buf, i * CHUNK) == CHUNK
             time.sleep(0.005)
     finally:
@@ -238,7 +143,7 @@ def sequential_append_race(mnt: str, image: str, nchunks: int) -> dict[str, int]
         raise errors[0]
     with open(path, "rb") as f:
         final = f.read()
-    c["final_ok"] = int(final == b"".join(pattern(i, CHUNK) for i in range(nchunks)))
+    c["final_ok"] = int(final == b"".join(tagged(i, CHUNK) for i in range(nchunks)))
     return dict(c)
 
 
@@ -263,129 +168,6 @@ def test_extending_direct_write_publishes_size_after_data(
 
 # ---------------------------------------------------------------------------------------------
 # 2. concurrent (AIO-like) appends: threads, fio libaio / io_uring
-
-
-def tail_readers(path: str, stop: threading.Event, c: Counts, errors: list[BaseException],
-                 written: Any = None, mmap_reader: bool = False) -> list[threading.Thread]:
-    """Readers of `path` until `stop`: O_DIRECT whole file, buffered tail, stat, and (for a
-    file whose size does not change) an mmap of the tail.
-
-    Each classifies what it reads: secret bytes, and (if `written(off, data)` is given)
-    bytes that are neither zeros nor what `written` says belongs there.
-
-    No mmap reader of a growing file: concurrent GETATTR replies are applied by the kernel
-    in any order, so the kernel's i_size can step back for a moment (measured: mmap() saw a
-    smaller size than the fstat() just before it, and a mapped tail read took SIGBUS, both
-    with fio; the mmap readers are in test_buffered_readers_over_filling_holes)."""
-
-    def loop(kind: str) -> None:
-        try:
-            while not os.path.exists(path):
-                if stop.is_set():
-                    return
-                time.sleep(0.001)
-            flags = os.O_RDONLY | (os.O_DIRECT if kind == "direct" else 0)
-            fd = os.open(path, flags)
-            buf = aligned(16 * MiB) if kind == "direct" else None
-            try:
-                while not stop.is_set():
-                    size = os.fstat(fd).st_size if kind != "stat" else statx_size(path)
-                    c.add(f"{kind}_reads")
-                    if kind == "stat" or size == 0:
-                        continue
-                    off = 0 if kind == "direct" else max(0, size - 256 * KiB) // BS * BS
-                    if kind == "direct":
-                        n = os.preadv(fd, [memoryview(buf)[: min(size, 16 * MiB)]], 0)
-                        data = bytes(buf[:n])
-                    elif kind == "mmap":
-                        try:
-                            mm = mmap.mmap(fd, size, prot=mmap.PROT_READ)
-                        except ValueError:  # the size went down meanwhile (see the report)
-                            c.add("mmap_size_went_down")
-                            continue
-                        with mm:
-                            data = mm[off:size]
-                    else:
-                        data = os.pread(fd, size - off, off)
-                    c.add("secret", secret_bytes(data))
-                    c.add(f"secret_{kind}", secret_bytes(data))
-                    if written is not None:
-                        c.add("garbage", written(off, data))
-            finally:
-                if buf is not None:
-                    buf.close()
-                os.close(fd)
-        except BaseException as exc:
-            errors.append(exc)
-
-    kinds = ["direct", "buffered", "stat"] + (["mmap"] if mmap_reader else [])
-    threads = [threading.Thread(target=loop, args=(k,)) for k in kinds]
-    for t in threads:
-        t.start()
-    return threads
-
-
-GARBAGE_SEEN: list[tuple[int, bytes]] = []  # (file offset, first bytes) for the report
-
-
-def garbage_vs_patterns(off: int, data: bytes) -> int:
-    """Bytes of `data` (at file offset `off`) that are neither zero nor the byte of the
-    pattern of the CHUNK they lie in (the writers write pattern(chunk)). Byte by byte: a copy
-    out of an mmap is not atomic, and one racing a direct write may show a sector torn between
-    the old zeros and the new bytes (glibc's memcpy even loads the tail of a copy first)."""
-    bad = 0
-    z = bytes(512)
-    for i in range(0, len(data) - 511, 512):
-        sec = data[i : i + 512]
-        want = pattern((off + i) // CHUNK, 512)
-        if sec != z and sec != want:
-            n = sum(1 for a, b in zip(sec, want, strict=True) if a and a != b)
-            bad += n
-            if n and len(GARBAGE_SEEN) < 8:
-                GARBAGE_SEEN.append((off + i, sec[:16] + b".." + sec[-16:]))
-    return bad
-
-
-def threaded_append_race(mnt: str, nthreads: int, nchunks: int) -> dict[str, int]:
-    """Child: `nthreads` O_DIRECT appenders take chunk numbers from one counter (so their
-    requests reach the daemon in any order: some extend, some fill the hole another left)."""
-    path = os.path.join(mnt, "f")
-    c = Counts(secret=0, garbage=0)
-    errors: list[BaseException] = []
-    stop = threading.Event()
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_DIRECT, 0o644)
-    readers = tail_readers(path, stop, c, errors, garbage_vs_patterns)
-    lock = threading.Lock()
-    nxt = [0]
-
-    def writer() -> None:
-        try:
-            with aligned(CHUNK) as buf:
-                while True:
-                    with lock:
-                        i = nxt[0]
-                        nxt[0] += 1
-                    if i >= nchunks:
-                        return
-                    buf[:CHUNK] = pattern(i, CHUNK)
-                    assert os.pwrite(fd, buf, i * CHUNK) == CHUNK
-        except BaseException as exc:
-            errors.append(exc)
-
-    writers = [threading.Thread(target=writer) for _ in range(nthreads)]
-    for t in writers:
-        t.start()
-    for t in writers:
-        t.join()
-    stop.set()
-    for t in readers:
-        t.join()
-    os.close(fd)
-    if errors:
-        raise errors[0]
-    want = b"".join(pattern(i, CHUNK) for i in range(nchunks))
-    c["final_ok"] = int(final_check(path, want, c))
-    return dict(c)
 
 
 @pytest.mark.parametrize("bug_on", [False, True], ids=["protected", "bug"])
@@ -446,38 +228,6 @@ def fio_race(mnt: str, engine: str, falloc: str) -> dict[str, Any]:
     return dict(c)
 
 
-def final_check(path: str, want: bytes, c: Counts) -> bool:
-    """After the race, the file holds `want`: read with O_DIRECT (the image) and buffered
-    after dropping the kernel's cache (the daemon's cache).
-
-    A plain buffered read first (`final_kernel_stale_pages`, must be 0): the kernel does not
-    invalidate its page cache after an *asynchronous* O_DIRECT write (generic_file_direct_write
-    skips it for -EIOCBQUEUED, and FUSE's AIO completion does not do it), so a buffered read
-    racing a libaio / io_uring write could leave pages of zeros in the kernel cache after the
-    write returned (measured: 3-64 pages with fio fallocate=native). diofs invalidates the
-    kernel range itself after such writes (dio.py, step 10), on its invalidator thread after
-    the answer: what holds is "once the invalidator is idle" (race 18)."""
-    wait_kernel_invalidations(os.path.dirname(path))
-    with open(path, "rb") as f:
-        data = f.read()
-    c["final_kernel_stale_pages"] = sum(
-        1 for i in range(0, len(want), BS) if data[i : i + BS] != want[i : i + BS])
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-    try:
-        with aligned(len(want)) as buf:
-            n = os.preadv(fd, [buf], 0)
-            direct_ok = bytes(buf[:n]) == want
-    finally:
-        os.close(fd)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        buffered_ok = os.pread(fd, len(want) + 1, 0) == want
-    finally:
-        os.close(fd)
-    return direct_ok and buffered_ok
-
-
 FIO_CASES = [
     pytest.param(engine, falloc, bug_on, id=f"{engine}-{falloc}-{'bug' if bug_on else 'ok'}")
     for engine in ("libaio", "io_uring")
@@ -510,88 +260,6 @@ def test_fio_direct_write_new_file_with_tail_readers(
 
 # ---------------------------------------------------------------------------------------------
 # 3. hole filling: direct writers fill a sparse file while others read it
-
-
-HOLE_FILE = 2 * MiB
-
-
-def hole_fill_race(mnt: str, kinds: list[str], nthreads: int) -> dict[str, int]:
-    """Child: a sparse HOLE_FILE file; `nthreads` direct writers fill its CHUNKs in a
-    shuffled order; readers of `kinds` read the whole file meanwhile."""
-    import random
-
-    path = os.path.join(mnt, "sparse")
-    with open(path, "wb") as f:
-        f.truncate(HOLE_FILE)
-    c = Counts(secret=0, garbage=0)
-    errors: list[BaseException] = []
-    stop = threading.Event()
-    order = list(range(HOLE_FILE // CHUNK))
-    random.Random(8).shuffle(order)
-    lock = threading.Lock()
-
-    def reader(kind: str) -> None:
-        try:
-            fd = os.open(path, os.O_RDONLY | (os.O_DIRECT if kind == "direct" else 0))
-            buf = aligned(HOLE_FILE)
-            try:
-                while not stop.is_set():
-                    if kind == "direct":
-                        n = os.preadv(fd, [buf], 0)
-                        data = bytes(buf[:n])
-                    elif kind == "mmap":
-                        with mmap.mmap(fd, HOLE_FILE, prot=mmap.PROT_READ) as mm:
-                            data = mm[:]
-                    else:
-                        data = os.pread(fd, HOLE_FILE, 0)
-                    c.add(f"{kind}_reads")
-                    c.add("secret", secret_bytes(data))
-                    c.add(f"secret_{kind}", secret_bytes(data))
-                    g = garbage_vs_patterns(0, data)
-                    c.add("garbage", g)
-                    c.add(f"garbage_{kind}", g)
-                    if kind != "direct":  # drop the kernel's copy: the next read asks again
-                        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                buf.close()
-                os.close(fd)
-        except BaseException as exc:
-            errors.append(exc)
-
-    def writer() -> None:
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_DIRECT)
-            try:
-                with aligned(CHUNK) as buf:
-                    while True:
-                        with lock:
-                            if not order:
-                                return
-                            i = order.pop()
-                        buf[:CHUNK] = pattern(i, CHUNK)
-                        assert os.pwrite(fd, buf, i * CHUNK) == CHUNK
-            finally:
-                os.close(fd)
-        except BaseException as exc:
-            errors.append(exc)
-
-    readers = [threading.Thread(target=reader, args=(k,)) for k in kinds]
-    writers = [threading.Thread(target=writer) for _ in range(nthreads)]
-    for t in readers + writers:
-        t.start()
-    for t in writers:
-        t.join()
-    stop.set()
-    for t in readers:
-        t.join()
-    if errors:
-        raise errors[0]
-    with open(path, "rb") as f:
-        want = b"".join(pattern(i, CHUNK) for i in range(HOLE_FILE // CHUNK))
-        c["final_ok"] = int(f.read() == want)
-    if GARBAGE_SEEN:
-        c["garbage_seen"] = repr(GARBAGE_SEEN)  # type: ignore[assignment]
-    return dict(c)
 
 
 @pytest.mark.parametrize("bug_on", [False, True], ids=["protected", "bug"])
@@ -635,15 +303,6 @@ def test_buffered_readers_over_filling_holes(
 # 4. sub-block direct writes (512 bytes) into holes and past EOF
 
 
-def direct_pwrite(path: str, data: bytes, off: int) -> None:
-    fd = os.open(path, os.O_RDWR | os.O_DIRECT)
-    try:
-        with aligned(len(data), data) as buf:
-            assert os.pwrite(fd, memoryview(buf)[: len(data)], off) == len(data)
-    finally:
-        os.close(fd)
-
-
 def read_all_ways(path: str) -> dict[str, bytes]:
     """The whole file through a buffered fd, an mmap and O_DIRECT."""
     size = os.stat(path).st_size
@@ -668,9 +327,10 @@ def test_subblock_direct_write_into_hole_zeroes_the_block(mount_factory: MountFa
     path = m.path("f")
     with open(path, "wb") as f:
         f.truncate(4 * BS)
-    a, b = pattern(1, 512), pattern(2, 1024)
-    direct_pwrite(path, a, BS + 1024)  # block 1: [0, 1024) and [1536, 4096) stay zeros
-    direct_pwrite(path, b, 3 * BS - 1024)  # straddles blocks 2 and 3
+    a, b = tagged(1, 512), tagged(2, 1024)
+    # block 1: [0, 1024) and [1536, 4096) stay zeros
+    assert direct_pwrite(path, a, BS + 1024) == len(a)
+    assert direct_pwrite(path, b, 3 * BS - 1024) == len(b)  # straddles blocks 2 and 3
     want = bytearray(4 * BS)
     want[BS + 1024 : BS + 1536] = a
     want[3 * BS - 1024 : 3 * BS] = b
@@ -688,13 +348,14 @@ def test_subblock_direct_write_past_eof_then_extend(mount_factory: MountFactory)
     m = secret_mount(mount_factory)
     path = m.path("f")
     open(path, "wb").close()
-    direct_pwrite(path, pattern(1, 1024), 0)  # size 1024, block 0
-    direct_pwrite(path, pattern(2, 512), 2 * BS + 512)  # hole [1024, 8704), then 512 bytes
+    assert direct_pwrite(path, tagged(1, 1024), 0) == 1024  # size 1024, block 0
+    # a hole [1024, 8704), then 512 bytes
+    assert direct_pwrite(path, tagged(2, 512), 2 * BS + 512) == 512
     size = 2 * BS + 1024
     assert os.stat(path).st_size == size
     want = bytearray(size)
-    want[:1024] = pattern(1, 1024)
-    want[2 * BS + 512 :] = pattern(2, 512)
+    want[:1024] = tagged(1, 1024)
+    want[2 * BS + 512 :] = tagged(2, 512)
     for how, got in read_all_ways(path).items():
         assert got == want, how
     with open(path, "rb") as f, mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ) as mm:
@@ -728,7 +389,7 @@ def concurrent_subblock_writes(mnt: str, nblocks: int, past_eof: bool) -> dict[s
             try:
                 with aligned(512) as buf:
                     for b in blocks:
-                        buf[:512] = pattern(b * 8 + t, 512)
+                        buf[:512] = tagged(b * 8 + t, 512)
                         assert os.pwrite(fd, memoryview(buf)[:512], b * BS + t * 512) == 512
             finally:
                 os.close(fd)
@@ -742,7 +403,7 @@ def concurrent_subblock_writes(mnt: str, nblocks: int, past_eof: bool) -> dict[s
         t.join()
     if errors:
         raise errors[0]
-    want = b"".join(pattern(i, 512) for i in range(nblocks * 8))
+    want = b"".join(tagged(i, 512) for i in range(nblocks * 8))
     res = {}
     for how, got in read_all_ways(path).items():
         res[f"lost_sectors_{how}"] = sum(
@@ -762,5 +423,5 @@ def test_concurrent_subblock_writes_to_one_block(
     assert all(v == 0 for v in r.values()), r
     m.remount()
     r2 = {how: got for how, got in read_all_ways(m.path("f")).items()}
-    want = b"".join(pattern(i, 512) for i in range(24 * 8))
+    want = b"".join(tagged(i, 512) for i in range(24 * 8))
     assert all(got == want for got in r2.values())

@@ -75,6 +75,11 @@ async def start(
     return h
 
 
+def holds(lock: PagecacheLock, owner: int, state: State) -> bool:
+    """`owner` holds `state` of `lock` at least once (from its statistics)."""
+    return lock.statistics().owners[state.value].get(owner, 0) > 0
+
+
 async def finish(h: Holder) -> None:
     h.release_event.set()
     await trio.testing.wait_all_tasks_blocked()
@@ -127,12 +132,12 @@ async def test_block_holders_share_too() -> None:
 async def test_context_managers() -> None:
     lock = PagecacheLock(3)
     async with lock.add(7):
-        assert lock.holds(7, ADD) and not lock.holds(7, BLOCK)
+        assert holds(lock, 7, ADD) and not holds(lock, 7, BLOCK)
         async with lock.add(8):  # a second ADD holder shares
             assert lock.statistics().holders["add"] == 2
     assert lock.idle()
     async with lock.block(7):
-        assert lock.holds(7, BLOCK)
+        assert holds(lock, 7, BLOCK)
     assert lock.idle()
 
 
@@ -155,8 +160,6 @@ async def test_waiting_block_stops_new_add_holders() -> None:
         a2 = await start(n, lock, ADD)
         assert not b.acquired
         assert not a2.acquired, "a new ADD must queue behind the waiting BLOCK"
-        with pytest.raises(trio.WouldBlock):
-            lock.acquire_nowait(ADD)
         await finish(a1)
         assert b.acquired and not a2.acquired
         await finish(b)
@@ -284,7 +287,7 @@ async def test_cancelled_waiter_leaves_no_trace(held: State) -> None:
         assert stats.get("locks.cancelled_waits") == 1
         assert stats.get(f"locks.{other.value}_waits") == 0
         # The holder's state is open again to newcomers.
-        lock.acquire_nowait(held, 3)
+        await lock.acquire(held, 3)
         lock.release(held, 3)
         await finish(h)
     assert lock.idle()
@@ -352,28 +355,11 @@ async def test_acquire_is_a_checkpoint_even_uncontended() -> None:
         assert lock.idle()  # cancelled before taking anything
     # Uncontended success still yields (cancel_shielded_checkpoint), and holds.
     await lock.acquire(BLOCK, 1)
-    assert lock.holds(1, BLOCK)
+    assert holds(lock, 1, BLOCK)
     lock.release(BLOCK, 1)
 
 
-# -- nowait, release errors, holds, statistics ------------------------------------------
-
-
-async def test_acquire_nowait() -> None:
-    lock = PagecacheLock(1)
-    lock.acquire_nowait(ADD, 1)
-    lock.acquire_nowait(ADD, 2)
-    before = lock.statistics()
-    with pytest.raises(trio.WouldBlock):
-        lock.acquire_nowait(BLOCK, 3)
-    assert lock.statistics() == before, "a refused acquire_nowait changes nothing"
-    lock.release(ADD, 1)
-    lock.release(ADD, 2)
-    lock.acquire_nowait(BLOCK, 3)
-    with pytest.raises(trio.WouldBlock):
-        lock.acquire_nowait(ADD, 1)
-    lock.release(BLOCK, 3)
-    assert lock.idle()
+# -- release errors, owner counts, statistics ------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -390,7 +376,7 @@ async def test_release_by_non_holder_raises(
 ) -> None:
     lock = PagecacheLock(1)
     if held is not None:
-        lock.acquire_nowait(held, owner)
+        await lock.acquire(held, owner)
     before = lock.statistics()
     with pytest.raises(RuntimeError):
         lock.release(release_state, release_owner)
@@ -400,38 +386,30 @@ async def test_release_by_non_holder_raises(
 
 async def test_release_more_often_than_acquired_raises() -> None:
     lock = PagecacheLock(1)
-    lock.acquire_nowait(BLOCK, 4)
+    await lock.acquire(BLOCK, 4)
     lock.release(BLOCK, 4)
     with pytest.raises(RuntimeError):
         lock.release(BLOCK, 4)
     assert lock.idle()
 
 
-async def test_holds_counts_several_chunks_of_one_owner() -> None:
+async def test_owner_counts_several_chunks_of_one_owner() -> None:
     """fuse-facts row 2: up to 4 DIO chunks of one tid are outstanding at once."""
     lock = PagecacheLock(9)
     tid = 4242
     for _ in range(3):
         await lock.acquire(BLOCK, tid)
-    lock.acquire_nowait(BLOCK, 77)
+    await lock.acquire(BLOCK, 77)
     assert lock.statistics().owners["block"] == {tid: 3, 77: 1}
-    assert lock.holds(tid, BLOCK) and not lock.holds(tid, ADD)
+    assert holds(lock, tid, BLOCK) and not holds(lock, tid, ADD)
     lock.release(BLOCK, tid)
     lock.release(BLOCK, tid)
-    assert lock.holds(tid, BLOCK)
+    assert holds(lock, tid, BLOCK)
     lock.release(BLOCK, tid)
-    assert not lock.holds(tid, BLOCK)
-    assert lock.holds(77, BLOCK)
+    assert not holds(lock, tid, BLOCK)
+    assert holds(lock, 77, BLOCK)
     lock.release(BLOCK, 77)
     assert lock.idle()
-
-
-async def test_holds_is_false_for_tid_zero() -> None:
-    lock = PagecacheLock(1)
-    lock.acquire_nowait(BLOCK)
-    assert not lock.holds(0, BLOCK)
-    assert lock.statistics().owners["block"] == {0: 1}
-    lock.release(BLOCK)
 
 
 async def test_statistics_snapshot() -> None:
@@ -470,7 +448,7 @@ async def test_wait_stats(autojump_clock: trio.testing.MockClock) -> None:
         await lock.acquire(state)
         lock.release(state)
 
-    lock.acquire_nowait(ADD)
+    await lock.acquire(ADD)
     async with trio.open_nursery() as n:
         n.start_soon(waiter, BLOCK)
         await trio.sleep(5)
@@ -496,12 +474,11 @@ async def test_table_returns_one_lock_per_inode() -> None:
 
 async def test_table_forgets_idle_locks() -> None:
     table = LockTable()
-    async with table.pagecache_add(1, 5):
+    async with table.get(1).add(5):
         assert 1 in table
-        assert table.statistics()[1].owners["add"] == {5: 1}
+        assert table.get(1).statistics().owners["add"] == {5: 1}
     assert 1 not in table
     assert len(table) == 0
-    assert table.statistics() == {}
     async with table.pagecache_block(2, 5):
         pass
     assert len(table) == 0
@@ -509,9 +486,9 @@ async def test_table_forgets_idle_locks() -> None:
 
 async def test_table_keeps_busy_locks_without_outside_references() -> None:
     table = LockTable()
-    table.get(1).acquire_nowait(BLOCK, 3)  # no reference kept by the caller
+    await table.get(1).acquire(BLOCK, 3)  # no reference kept by the caller
     gc.collect()
-    assert table.get(1).holds(3, BLOCK)
+    assert holds(table.get(1), 3, BLOCK)
     table.get(1).release(BLOCK, 3)
     gc.collect()
     assert 1 not in table
@@ -521,7 +498,7 @@ async def test_table_keeps_referenced_idle_lock_identity() -> None:
     """`lock = table.get(ino)`, a checkpoint, then `acquire`: still the one lock of ino."""
     table = LockTable()
     lock = table.get(1)
-    async with table.pagecache_add(1):
+    async with table.get(1).add():
         pass
     assert table.get(1) is lock  # idle but referenced: not replaced
     await trio.lowlevel.checkpoint()
@@ -538,7 +515,7 @@ async def test_table_forgets_lock_after_cancelled_waiter() -> None:
     async with trio.open_nursery() as n:
         h = await start(n, table.get(1), ADD)
         w = await start(n, table.get(1), BLOCK)
-        assert table.statistics()[1].waiters["block"] == 1
+        assert table.get(1).statistics().waiters["block"] == 1
         w.cancel_scope.cancel()
         await trio.testing.wait_all_tasks_blocked()
         await finish(h)
@@ -563,7 +540,7 @@ def test_fault_marker_counts_marks() -> None:
     assert m.faults_disabled(7, 1)
     m.unmark(7, 1)
     assert not m.faults_disabled(7, 1)
-    assert m.statistics() == {}
+    assert m.count(7, 1) == 0
     with pytest.raises(RuntimeError):
         m.unmark(7, 1)
 
@@ -573,15 +550,15 @@ def test_fault_marker_tid_zero_is_nobody() -> None:
     m.mark(0, 1)
     assert not m.faults_disabled(0, 1)
     m.unmark(0, 1)  # no-op, no error
-    assert m.statistics() == {}
+    assert m.count(0, 1) == 0
 
 
-def test_fault_marker_context_manager_and_statistics() -> None:
+def test_fault_marker_context_manager_nests_counts() -> None:
     m = FaultMarker()
     with m.marked(7, 1):
         with m.marked(7, 1), m.marked(7, 2):
-            assert m.statistics() == {7: {1: 2, 2: 1}}
-        assert m.statistics() == {7: {1: 1}}
+            assert (m.count(7, 1), m.count(7, 2)) == (2, 1)
+        assert (m.count(7, 1), m.count(7, 2)) == (1, 0)
     assert not m.faults_disabled(7, 1)
     with pytest.raises(ZeroDivisionError), m.marked(9, 3):
         1 / 0  # noqa: B018

@@ -25,7 +25,7 @@ def sequential_direct_reads(path: str) -> bytes:
         os.close(fd)
 
 
-def write_file(path: str) -> bytes:
+def write_numbered_chunks(path: str) -> bytes:
     with open(path, "wb") as f:
         for i in range(N):
             f.write(i.to_bytes(16, "little") * (CHUNK // 16))
@@ -36,7 +36,7 @@ def write_file(path: str) -> bytes:
 def test_direct_reads_reuse_one_context_per_handle(mount_factory, mlock):
     m = mount_factory(size="128M", extra_args=["--mlock"] if mlock else [])
     path = m.path("f")
-    want = write_file(path)
+    want = write_numbered_chunks(path)
     before = m.stats()
     assert sequential_direct_reads(path) == want
     after = m.stats()

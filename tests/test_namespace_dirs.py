@@ -10,7 +10,8 @@ import stat
 
 import pytest
 
-from tests.mounting import Mount
+from harness.io import read_file, write_file
+from harness.mount import Mount
 
 AT_FDCWD = -100
 RENAME_NOREPLACE = 1
@@ -35,16 +36,6 @@ def renameat2_or_xfail(old: str, new: str, flags: int) -> None:
         if exc.errno in (errno.EINVAL, errno.ENOSYS):
             pytest.xfail(f"renameat2 flags {flags} not passed through by kernel/pyfuse3: {exc}")
         raise
-
-
-def write_file(path: str, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-
-
-def read_file(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
 
 
 def test_mkdir_rmdir(mounted: Mount) -> None:

@@ -10,26 +10,8 @@ import time
 
 import pytest
 
-from tests.mounting import Mount
-
-
-def write_file(path: str, data: bytes, mode: int = 0o644) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        assert os.write(fd, data) == len(data)
-    finally:
-        os.close(fd)
-
-
-def read_file(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
-
-
-def pattern(n: int, seed: int = 0) -> bytes:
-    """n bytes that differ at every offset mod 251 (catches shifted or stale blocks)."""
-    unit = bytes((i * 7 + seed) % 251 for i in range(251))
-    return (unit * (n // 251 + 1))[:n]
+from harness.io import pattern, read_file, wait_for, write_file
+from harness.mount import Mount
 
 
 def free_bytes(mnt: Mount) -> int:
@@ -133,12 +115,10 @@ def test_open_unlinked_file_stays_usable_until_last_close(mounted: Mount) -> Non
     finally:
         os.close(fd)
     # RELEASE is asynchronous: the space comes back shortly after the last close
-    deadline = time.monotonic() + 10
-    while free_bytes(mounted) < before_unlink + size - (64 << 10):
-        assert time.monotonic() < deadline, (
-            f"space not freed after last close: {free_bytes(mounted)} < {before_unlink + size}"
-        )
-        time.sleep(0.05)
+    wait_for(
+        lambda: free_bytes(mounted) >= before_unlink + size - (64 << 10),
+        f"the space to come back after the last close ({before_unlink + size} free)",
+    )
 
 
 def test_hard_link_counts_and_shared_data(mounted: Mount) -> None:

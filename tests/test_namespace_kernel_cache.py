@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from tests.mounting import Mount, MountFactory
+from harness.mount import Mount, MountFactory
 
 SHORT = {"entry_timeout": "1", "attr_timeout": "1"}
 NO_NEGATIVE = {"entry_timeout": "0"}

@@ -3,32 +3,22 @@ recovery after deleting, fallocate modes (allocate, keep size, punch hole, zero 
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import mmap
 import os
-import time
-from collections.abc import Callable
 
 import pytest
 
-from tests.mounting import Mount, MountFactory
+from harness.io import (
+    FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_PUNCH_HOLE,
+    FALLOC_FL_ZERO_RANGE,
+    fallocate,
+    wait_for,
+)
+from harness.mount import Mount, MountFactory
 
-FALLOC_FL_KEEP_SIZE = 0x01
-FALLOC_FL_PUNCH_HOLE = 0x02
-FALLOC_FL_ZERO_RANGE = 0x10
 MiB = 1 << 20
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
-
-
-def fallocate(fd: int, mode: int, off: int, length: int) -> None:
-    """fallocate(2) with a mode (os.posix_fallocate has none); raises OSError."""
-    if _libc.fallocate(fd, mode, off, length) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-
 
 def free_bytes(path: str) -> int:
     st = os.statvfs(path)
@@ -42,13 +32,6 @@ def fill(fd: int, off: int, size: int, byte: int) -> None:
         n = min(len(chunk), size - done)
         os.pwrite(fd, chunk[:n], off + done)
         done += n
-
-
-def wait_until(cond: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.05)
 
 
 # --------------------------------------------------------------------------- statfs
@@ -76,7 +59,7 @@ def test_statfs_free_space_drops_and_rises(mounted: Mount) -> None:
     assert before - after_write >= 8 * MiB, (before, after_write)
     assert before - after_write <= 9 * MiB, (before, after_write)
     os.unlink(p)
-    wait_until(
+    wait_for(
         lambda: free_bytes(mounted.path()) >= before - 256 * 1024,
         f"free space did not come back after unlink ({before} before)",
     )
@@ -134,7 +117,7 @@ def test_enospc_when_full_then_delete_and_write_again(mount_factory: MountFactor
         head = f.read(min(written, MiB))
     assert head == b"\xee" * len(head)
     os.unlink(m.path("big"))
-    wait_until(lambda: free_bytes(m.path()) >= 4 * MiB, "space not freed after unlink")
+    wait_for(lambda: free_bytes(m.path()) >= 4 * MiB, "space not freed after unlink")
     with open(m.path("again"), "wb") as f:
         f.write(b"\x11" * (4 * MiB))
         f.flush()
@@ -149,7 +132,7 @@ def test_enospc_with_o_direct(mount_factory: MountFactory) -> None:
     written = _write_until_enospc(m.path("big"), 64 * MiB, os.O_DIRECT)
     assert 0 < written <= 16 * MiB
     os.unlink(m.path("big"))
-    wait_until(lambda: free_bytes(m.path()) >= 4 * MiB, "space not freed after unlink")
+    wait_for(lambda: free_bytes(m.path()) >= 4 * MiB, "space not freed after unlink")
     with open(m.path("again"), "wb") as f:
         f.write(b"\x22" * MiB)
 

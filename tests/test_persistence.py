@@ -5,22 +5,18 @@ from __future__ import annotations
 
 import os
 import stat
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from diofs import watchdog
-from tests.mounting import REPO, Mount, MountFactory, cli, cli_env, run_cli
+from diofs import mountinfo
+from harness import watchdog
+from harness.io import pattern
+from harness.mount import REPO, Mount, MountFactory, cli, run_argv, run_cli
 
 MiB = 1 << 20
-
-
-def pattern(n: int, seed: int) -> bytes:
-    unit = bytes((i * 13 + seed) % 251 for i in range(251))
-    return (unit * (n // 251 + 1))[:n]
 
 
 def build_tree(root: str) -> None:
@@ -259,18 +255,9 @@ def _assert_refused(m: Mount) -> None:
         [sys.executable, str(REPO / "mount.py"), str(m.image), str(m.mnt), "--foreground"],
     ):
         try:
-            proc = subprocess.run(
-                argv,
-                capture_output=True,
-                text=True,
-                timeout=30,
-                cwd=REPO,
-                env=cli_env(),
-                stdin=subprocess.DEVNULL,
-                check=False,
-            )
+            proc = run_argv(argv, 30)
         finally:
-            if watchdog.is_mounted(m.mnt):
+            if mountinfo.is_mounted(m.mnt):
                 watchdog.lazy_unmount(m.mnt)
                 pytest.fail(f"{argv} mounted a corrupted image")
         assert proc.returncode != 0, f"{argv} accepted a corrupted image"

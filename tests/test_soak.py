@@ -101,17 +101,13 @@ from typing import Any
 
 import pytest
 
-from diofs import watchdog
-from tests.fsx import (
+from diofs import mountinfo
+from harness import watchdog
+from harness.io import (
     FALLOC_FL_KEEP_SIZE,
     FALLOC_FL_PUNCH_HOLE,
     FALLOC_FL_ZERO_RANGE,
     PAGE,
-    WEIGHTS,
-    Fsx,
-    FsxMismatch,
-    RegionWorker,
-    _File,
     cold_read,
     direct_pread,
     direct_pwrite,
@@ -119,7 +115,14 @@ from tests.fsx import (
     fallocate,
     read_full,
 )
-from tests.mounting import Mount, MountFactory, process_stats, run_in_child
+from harness.mount import Mount, MountFactory, process_stats, run_in_child
+from tests.fsx import (
+    WEIGHTS,
+    Fsx,
+    FsxMismatch,
+    RegionWorker,
+    _File,
+)
 
 KiB, MiB = 1 << 10, 1 << 20
 
@@ -1180,7 +1183,7 @@ class MapperWorker(Worker):
     def op_buf_read(self, name: str) -> None:
         off, n = pick_range(self.rng, zones(name), max_len=256 * KiB)
         self.note(f"buf_read {name} {off:#x}+{n:#x}")
-        got = read_full(self.fd(name), off, n)
+        got = read_full(self.fd(name), n, off)
         if off + n <= FLOOR and len(got) != n:
             self.mismatch(f"buf_read {name} {off:#x}+{n:#x} below the floor: {len(got)} bytes")
 
@@ -1404,7 +1407,7 @@ class SoakFsx(Fsx):
         self._note(f, desc)
         fd = os.open(f.path, os.O_WRONLY | os.O_DSYNC | (os.O_DIRECT if direct else 0))
         try:
-            n = direct_pwrite(fd, off, data) if direct else os.pwrite(fd, data, off)
+            n = direct_pwrite(fd, data, off) if direct else os.pwrite(fd, data, off)
         finally:
             os.close(fd)
         if n != size:
@@ -1455,7 +1458,7 @@ class SoakFsx(Fsx):
             if sync:
                 m.flush()
         lo, hi = max(0, b - 8 * KiB), min(len(f.model) + PAGE, b + 64 * KiB)
-        self._check_read(f, lo, hi - lo, read_full(f.fd, lo, hi - lo), "read after " + desc)
+        self._check_read(f, lo, hi - lo, read_full(f.fd, hi - lo, lo), "read after " + desc)
         return desc
 
     def op_toggle_direct(self, f: _File) -> str:
@@ -1468,7 +1471,7 @@ class SoakFsx(Fsx):
         fl = fcntl.fcntl(f.fd, fcntl.F_GETFL)
         fcntl.fcntl(f.fd, fcntl.F_SETFL, fl | os.O_DIRECT)
         try:
-            if direct_pwrite(f.fd, off, data) != size:
+            if direct_pwrite(f.fd, data, off) != size:
                 self._fail(f, "short direct write through the toggled fd")
             self._model_write(f, off, data)
             moff, mdata = off + 1, self._rand_bytes(self.rng.randint(1, 100))
@@ -1481,7 +1484,7 @@ class SoakFsx(Fsx):
                     raise
                 self.misaligned["EINVAL"] += 1
             roff, rsize = self._range(len(f.model) + 8192, align=a, min_len=a)
-            self._check_read(f, roff, rsize, direct_pread(f.fd, roff, rsize),
+            self._check_read(f, roff, rsize, direct_pread(f.fd, rsize, roff),
                              "direct read through the toggled fd")
         finally:
             fcntl.fcntl(f.fd, fcntl.F_SETFL, fl)
@@ -1542,11 +1545,11 @@ class PrivateWorker(Worker):
         self.fsx.close_all()
         self.fsx.open_all()
         for f in self.fsx.files:
-            f.model = bytearray(cold_read(f.path, 0, os.fstat(f.fd).st_size))
+            f.model = bytearray(cold_read(f.path, os.fstat(f.fd).st_size, 0))
 
     def region_resync(self) -> None:
         rw = self.region
-        rw.model = bytearray(cold_read(rw.path, rw.lo, rw.hi - rw.lo))
+        rw.model = bytearray(cold_read(rw.path, rw.hi - rw.lo, rw.lo))
 
     def finish(self) -> None:
         self.op = "final checks"
@@ -1560,7 +1563,7 @@ class PrivateWorker(Worker):
         rw = self.region
         try:
             drop_kernel_cache(rw.fd)
-            rw._check(rw.lo, read_full(rw.fd, rw.lo, rw.hi - rw.lo), "final check",
+            rw._check(rw.lo, read_full(rw.fd, rw.hi - rw.lo, rw.lo), "final check",
                       rw.hi - rw.lo)
         except FsxMismatch as exc:
             self._problem(exc)
@@ -1605,14 +1608,14 @@ def _verify_after_remount(root: str, results: list[dict[str, Any]]) -> list[str]
     for r in results:
         extra = r.get("extra") or {}
         for path, model in (extra.get("files") or {}).items():
-            got = cold_read(path, 0, len(model) + PAGE)
+            got = cold_read(path, len(model) + PAGE, 0)
             if got != model:
                 first = next((i for i in range(min(len(got), len(model)))
                               if got[i] != model[i]), min(len(got), len(model)))
                 problems.append(f"{path}: differs from the model after remount ({len(got)} vs "
                                 f"{len(model)} bytes, first difference at {first})")
         if "region" in extra:
-            got = cold_read(os.path.join(root, "data", OWNED), REGION_LO, REGION_HI - REGION_LO)
+            got = cold_read(os.path.join(root, "data", OWNED), REGION_HI - REGION_LO, REGION_LO)
             if got != extra["region"]:
                 problems.append(f"data/{OWNED} owned region differs from the model after remount")
         if "own" in extra:
@@ -1813,7 +1816,7 @@ def _fail_hang(m: Mount, procs: dict[int, tuple[Any, Any, Worker]],
     left += [f"client {pid} alive" for pid in clients if watchdog.process_alive(pid)]
     stuck = [t for t in watchdog.stuck_tasks() if t.pid in clients or t.pid == daemon_pid]
     left += [f"D-state {t.pid}/{t.tid} {t.comm} ({t.wchan})" for t in stuck]
-    if watchdog.is_mounted(m.mnt):
+    if mountinfo.is_mounted(m.mnt):
         left.append("still mounted")
     (logdir / "hang-report.txt").write_text(report)
     pytest.fail(

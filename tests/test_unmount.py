@@ -41,7 +41,7 @@ from pathlib import Path
 
 import pytest
 
-from diofs import watchdog
+from diofs import mountinfo
 from diofs.backend import fault
 from diofs.backend.raw import RawImage
 from diofs.errors import (
@@ -51,7 +51,8 @@ from diofs.errors import (
     EXIT_UNMOUNT_FAILED,
 )
 from diofs.format import image as image_fmt
-from tests.mounting import REPO, Mount, MountFactory, cli, cli_env, run_cli, run_tool
+from harness import watchdog
+from harness.mount import REPO, Mount, MountFactory, cli, cli_env, run_cli, run_tool
 
 MiB = 1 << 20
 FLUSH_DELAY_MS = 300
@@ -165,7 +166,7 @@ def test_fusermount3_returns_before_final_commit(
 def test_umount_diofs_by_image_path(mount_factory: MountFactory) -> None:
     """The mount's source is the image path (what `mount` and `df` show): usable as target."""
     m = mount_factory()
-    info = watchdog.find_mount(m.mnt)
+    info = mountinfo.find_mount(m.mnt)
     assert info is not None and info.source == str(m.image), info
     proc, at_return, _ = m.unmount_with([*cli("umount.diofs"), str(m.image)])
     assert proc.returncode == 0, proc.stderr
@@ -195,7 +196,7 @@ def test_umount_diofs_daemon_killed(mount_factory: MountFactory) -> None:
     proc = run_cli("umount.diofs", m.mnt)
     line = assert_one_line(proc, "umount.diofs", EXIT_STATUS_UNKNOWN, "died without a final")
     assert str(m.image) in line  # names the image to check
-    assert not watchdog.is_mounted(m.mnt)
+    assert not mountinfo.is_mounted(m.mnt)
     m.daemon = None
 
 
@@ -305,18 +306,18 @@ def test_plain_umount_of_another_fuse_fs(
     )
     try:
         deadline = time.monotonic() + 15
-        while not watchdog.is_mounted(mnt):
+        while not mountinfo.is_mounted(mnt):
             assert daemon.poll() is None and time.monotonic() < deadline, "otherfs did not mount"
             time.sleep(0.02)
-        assert watchdog.find_mount(mnt).fstype == "fuse.other"  # type: ignore[union-attr]
+        assert mountinfo.find_mount(mnt).fstype == "fuse.other"  # type: ignore[union-attr]
         proc = subprocess.run(
             ["umount", str(mnt)], capture_output=True, text=True, timeout=30, check=False
         )
         assert proc.returncode == 0, proc.stderr
-        assert not watchdog.is_mounted(mnt)
+        assert not mountinfo.is_mounted(mnt)
         assert daemon.wait(15) == 0
     finally:
-        if watchdog.is_mounted(mnt):
+        if mountinfo.is_mounted(mnt):
             watchdog.lazy_unmount(mnt)
         if daemon.poll() is None:
             daemon.kill()
@@ -380,9 +381,9 @@ def test_mount_refuses_locked_image(mounted: Mount, tmp_path: Path) -> None:
         proc = run_cli("mount.diofs", mounted.image, other)
         line = assert_one_line(proc, "mount.diofs", EXIT_IN_USE, "in use")
         assert f"mounted on {mounted.mnt}" in line
-        assert not watchdog.is_mounted(other)
+        assert not mountinfo.is_mounted(other)
     finally:
-        if watchdog.is_mounted(other):  # a second daemon got in: unmount it, and its image
+        if mountinfo.is_mounted(other):  # a second daemon got in: unmount it, and its image
             run_cli("umount.diofs", other)
             mounted.expect_dirty()
 

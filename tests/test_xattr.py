@@ -28,7 +28,7 @@ from diofs.backend import crash
 from diofs.backend.raw import RawImage
 from diofs.format import image, metadata
 from diofs.format import xattrs as xattr_format
-from tests.mounting import Mount, MountFactory, run_cli, run_in_child
+from harness.mount import Mount, MountFactory, run_cli, run_in_child
 from tests.test_crash_namespace import load_offline
 
 XATTR_CREATE, XATTR_REPLACE = os.XATTR_CREATE, os.XATTR_REPLACE

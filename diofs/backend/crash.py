@@ -222,11 +222,6 @@ class CrashBackend:
         self.write(off, data)
         self.flush()
 
-    def records_logged(self) -> int:
-        """How many records the log holds so far."""
-        with self._lock:
-            return self._seq
-
     def close(self) -> None:
         if not self._closed:
             self._closed = True

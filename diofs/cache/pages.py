@@ -298,45 +298,6 @@ class PageCache:
             if not page.dirty:
                 self._mark_dirty(ino, index, page)
 
-    def write_range(self, ino: int, off: int, data: bytes | bytearray | memoryview) -> None:
-        """Copy `data` to byte offset `off`, dirtying every page it touches.
-
-        Every page only partly covered must be cached already; otherwise raises
-        KeyError((ino, index)) for the first such page *before* changing anything.
-        Read-modify-write: read both edge pages from the image first, then insert both
-        and call this with no await in between (automatic eviction keeps at least the two
-        most recent clean pages, but an await lets other tasks' fills evict them)."""
-        view = memoryview(data)
-        n = len(view)
-        if n == 0:
-            return
-        ps = self.page_size
-        end = off + n
-        first, last = off >> self._shift, (end - 1) >> self._shift
-        pages = self._inodes.get(ino, {})
-        for index in {first, last}:
-            start_in, end_in = max(off, index * ps), min(end, (index + 1) * ps)
-            if end_in - start_in != ps and index not in pages:
-                raise KeyError((ino, index))
-        pos = 0
-        inserted = False
-        for index in range(first, last + 1):
-            in_page = off + pos - index * ps
-            take = min(ps - in_page, n - pos)
-            chunk = view[pos : pos + take]
-            page = pages.get(index)
-            if page is None:
-                page = Page(bytearray(chunk))
-                self._map(ino, index, page)
-                pages = self._inodes[ino]
-                inserted = True
-            else:
-                page.data[in_page : in_page + take] = chunk
-            self._mark_dirty(ino, index, page)
-            pos += take
-        if inserted:
-            self._after_insert()
-
     def _mark_dirty(self, ino: int, index: int, page: Page) -> None:
         if page.dirty:
             return

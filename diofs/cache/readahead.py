@@ -55,7 +55,3 @@ class Readahead:
             self._size = 0
         self._next = index + npages
         return max(npages, self._size)
-
-    def reset(self) -> None:
-        self._next = -1
-        self._size = 0

@@ -246,16 +246,6 @@ class Writeback:
             if run.error is not None:
                 raise run.error
 
-    async def wait_writeback_range(self, ino: int, start: int = 0, end: int = _END) -> None:
-        """Wait, without starting anything, for the writebacks in flight on pages of `ino`
-        touching [start, end), including pages already dropped. Errors are not raised (they
-        went to on_error). Use after `drop_range(..., discard_dirty=True)` in punch hole /
-        truncate before freeing blocks, so that a write already started cannot land in
-        them afterwards."""
-        for run in self._cache.writeback_tokens(ino, start, end):
-            assert isinstance(run, _Run)
-            await run.done.wait()
-
     async def writeback_inode(self, ino: int) -> None:
         await self.writeback_range(ino, 0, _END)
 

@@ -43,7 +43,7 @@ import shutil
 import subprocess
 import time
 
-from diofs import daemon_status, watchdog
+from diofs import daemon_status, mountinfo
 from diofs.cli.common import ArgumentParser, run_main
 from diofs.errors import (
     EXIT_DAEMON_FAILED,
@@ -57,7 +57,7 @@ MNT_FORCE = 1
 FALLBACK_PATH = "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin"
 
 
-def find_target(arg: str) -> watchdog.MountInfo | None:
+def find_target(arg: str) -> mountinfo.MountInfo | None:
     """The topmost mount whose mountpoint is `arg`, else the one whose source is `arg` (the
     image path). Only the parent directory is resolved (realpath of the mountpoint itself
     would stat the mount's root, which may hang)."""
@@ -66,7 +66,7 @@ def find_target(arg: str) -> watchdog.MountInfo | None:
         path,
         os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path)),
     ]
-    infos = watchdog.mounts()
+    infos = mountinfo.mounts()
     for p in candidates:
         found = [m for m in infos if m.mountpoint == p]
         if found:
@@ -75,7 +75,7 @@ def find_target(arg: str) -> watchdog.MountInfo | None:
     return by_source[-1] if by_source else None
 
 
-def mount_uid(m: watchdog.MountInfo) -> int:
+def mount_uid(m: mountinfo.MountInfo) -> int:
     """The user who mounted (FUSE's `user_id=` super option)."""
     for opt in m.super_options.split(","):
         if opt.startswith("user_id="):

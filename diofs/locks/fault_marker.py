@@ -139,12 +139,5 @@ class FaultMarker:
         return tid != 0 and (tid, ino) in self._marks
 
     def count(self, tid: int, ino: int) -> int:
-        """Outstanding marks of `tid` on `ino` (for tests and the watchdog)."""
+        """Outstanding marks of `tid` on `ino` (for the unit tests)."""
         return self._marks.get((tid, ino), 0)
-
-    def statistics(self) -> dict[int, dict[int, int]]:
-        """tid -> ino -> outstanding marks, for the watchdog."""
-        out: dict[int, dict[int, int]] = {}
-        for (tid, ino), count in sorted(self._marks.items()):
-            out.setdefault(tid, {})[ino] = count
-        return out

@@ -34,10 +34,6 @@ class RwSem:
     def idle(self) -> bool:
         return not (self._readers or self._writer or self._writers_waiting)
 
-    def statistics(self) -> dict[str, int]:
-        return {"readers": self._readers, "writer": int(self._writer),
-                "writers_waiting": self._writers_waiting}
-
     async def acquire_shared(self) -> None:
         while self._writer or self._writers_waiting:
             await self._wait_change()

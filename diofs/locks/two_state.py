@@ -92,7 +92,7 @@ _WAIT_NS = {State.ADD: "locks.add_wait_ns", State.BLOCK: "locks.block_wait_ns"}
 
 @dataclass(frozen=True, slots=True)
 class LockStatistics:
-    """A snapshot of one lock, for the watchdog and `diofs stats`.
+    """A snapshot of one lock (`PagecacheLock.statistics()`), for the unit tests.
 
     `holders` / `waiters`: state value ("add", "block") -> number of tasks.
     `owners`: state value -> tid -> number of holds (tid 0 = unknown requester).
@@ -172,14 +172,6 @@ class PagecacheLock:
         self._holders += 1
         owners = self._owners[state]
         owners[owner] = owners.get(owner, 0) + 1
-
-    @trio.lowlevel.enable_ki_protection
-    def acquire_nowait(self, state: State, owner: int = 0) -> None:
-        """Take `state` now, or raise `trio.WouldBlock` (and change nothing)."""
-        if not self._admissible(state):
-            raise trio.WouldBlock
-        self._grant(state, owner)
-        self._update_busy()
 
     @trio.lowlevel.enable_ki_protection
     async def acquire(self, state: State, owner: int = 0) -> None:
@@ -281,10 +273,6 @@ class PagecacheLock:
 
     # -- queries ---------------------------------------------------------------------------
 
-    def holds(self, owner: int, state: State) -> bool:
-        """True if `owner` (a tid, not 0) currently holds `state` at least once."""
-        return owner != 0 and self._owners[state].get(owner, 0) > 0
-
     def idle(self) -> bool:
         """No holders and no waiters."""
         return (
@@ -353,21 +341,11 @@ class LockTable:
             self._all[ino] = lock
         return lock
 
-    def pagecache_add(
-        self, ino: int, owner: int = 0
-    ) -> contextlib.AbstractAsyncContextManager[None]:
-        """`async with table.pagecache_add(ino, tid):` (bch2_pagecache_add_get)."""
-        return self.get(ino).add(owner)
-
     def pagecache_block(
         self, ino: int, owner: int = 0
     ) -> contextlib.AbstractAsyncContextManager[None]:
         """`async with table.pagecache_block(ino, tid):` (bch2_pagecache_block_get)."""
         return self.get(ino).block(owner)
-
-    def statistics(self) -> dict[int, LockStatistics]:
-        """Snapshots of the busy locks (holders or waiters), by ino. Idle locks are left out."""
-        return {ino: lock.statistics() for ino, lock in sorted(self._busy.items())}
 
     def __len__(self) -> int:
         """Number of locks the table still knows (busy ones plus idle ones still referenced)."""

@@ -1,7 +1,8 @@
 """Watchdog for FUSE mounts: find stuck tasks, report their stacks, and free them.
 
-Used by the tests (tests/mounting.py), the demos and the benchmarks; it imports nothing from
-pytest and nothing from the daemon.
+Used by the tests (harness/mount.py), the demos and the benchmarks; it imports nothing from
+pytest, and from diofs only the read-only mountinfo queries it shares with the daemon
+(diofs/mountinfo.py: the mount, its source, its connection id, fusectl `waiting`).
 
 Why it exists (notes/fuse-facts.md): a client stuck in a FUSE request (for example in
 `fuse_direct_IO` waiting for a reply that never comes) cannot be killed, not even by SIGKILL.
@@ -41,75 +42,9 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
-FUSECTL = "/sys/fs/fuse/connections"
+from diofs.mountinfo import FUSECTL, connection_waiting, find_mount, is_mounted, mounts
 
-
-# --------------------------------------------------------------------------- mounts and fusectl
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class MountInfo:
-    """One line of /proc/self/mountinfo."""
-
-    mount_id: int
-    major: int
-    minor: int
-    mountpoint: str
-    fstype: str
-    source: str
-    super_options: str = ""  # e.g. "rw,user_id=0,group_id=0,default_permissions" for FUSE
-
-
-def _unescape(field: str) -> str:
-    # mountinfo escapes space, tab, newline and backslash as \ooo
-    out, i = [], 0
-    while i < len(field):
-        if field[i] == "\\" and i + 3 < len(field) and field[i + 1 : i + 4].isdigit():
-            out.append(chr(int(field[i + 1 : i + 4], 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
-
-
-def mounts() -> list[MountInfo]:
-    """All mounts visible to this process (reads /proc/self/mountinfo; never blocks on FUSE)."""
-    result = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            fields = left.split()
-            rfields = right.split()
-            major, minor = (int(x) for x in fields[2].split(":"))
-            result.append(
-                MountInfo(
-                    mount_id=int(fields[0]),
-                    major=major,
-                    minor=minor,
-                    mountpoint=_unescape(fields[4]),
-                    fstype=rfields[0] if rfields else "",
-                    source=_unescape(rfields[1]) if len(rfields) > 1 else "",
-                    super_options=rfields[2] if len(rfields) > 2 else "",
-                )
-            )
-    return result
-
-
-def find_mount(mnt: str | os.PathLike[str]) -> MountInfo | None:
-    """The topmost mount on `mnt` (absolute path, no symlink resolution), or None."""
-    path = os.path.abspath(os.fspath(mnt))
-    found = None
-    for m in mounts():
-        if m.mountpoint == path:
-            found = m  # later lines are mounted on top of earlier ones
-    return found
-
-
-def is_mounted(mnt: str | os.PathLike[str], fstype_prefix: str = "fuse") -> bool:
-    """True if a filesystem whose type starts with `fstype_prefix` is mounted on `mnt`."""
-    m = find_mount(mnt)
-    return m is not None and m.fstype.startswith(fstype_prefix)
+# --------------------------------------------------------------------------- fusectl and unmount
 
 
 def ensure_fusectl() -> str:
@@ -141,7 +76,7 @@ def connection_id(mnt: str | os.PathLike[str]) -> int:
     if m is None:
         st = os.stat(mnt)  # may block on a hung mount: only reached if mountinfo failed us
         return (os.major(st.st_dev) << 20) | os.minor(st.st_dev)
-    return (m.major << 20) | m.minor
+    return m.conn_id
 
 
 def abort_connection(conn_id: int) -> bool:
@@ -157,15 +92,6 @@ def abort_connection(conn_id: int) -> bool:
     except FileNotFoundError:
         return False
     return True
-
-
-def connection_waiting(conn_id: int) -> int | None:
-    """Requests of the connection waiting for an answer (fusectl `waiting`), or None."""
-    try:
-        with open(f"{FUSECTL}/{conn_id}/waiting") as f:
-            return int(f.read().strip())
-    except (OSError, ValueError):
-        return None
 
 
 def lazy_unmount(mnt: str | os.PathLike[str], timeout_s: float = 10.0) -> None:
@@ -264,6 +190,18 @@ def process_alive(pid: int) -> bool:
     if stat.startswith("<"):
         return False
     return stat[stat.rfind(")") + 2 : stat.rfind(")") + 3] != "Z"
+
+
+def wait_gone(pids: Sequence[int | None], timeout_s: float) -> bool:
+    """Wait up to `timeout_s` for every process of `pids` (None entries ignored) to exit or
+    become a zombie; True if they all did. For processes that are not our children (a
+    daemon started by mount(8), a forked client), which waitpid cannot wait for."""
+    deadline = time.monotonic() + timeout_s
+    while any(p is not None and process_alive(p) for p in pids):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 # --------------------------------------------------------------------------- rescue

@@ -14,12 +14,12 @@ What teardown guarantees (for every mount, whatever the test did):
 
 Backend selection: with DIOFS_TEST_BACKEND=nbd (or pytest --backend nbd), every mount whose
 options ask for no other backend (crash, fault) serves its image through a real nbdkit (file
-plugin, unix socket in the mount's workdir, tests/nbdserver.py) and mounts its URI; mkfs and
+plugin, unix socket in the mount's workdir, harness/nbdserver.py) and mounts its URI; mkfs and
 fsck still use the image file. Tests that need a file image (its lock, its path as the mount
 source) are marked `@pytest.mark.file_image` and skipped on nbd.
 
 Hang-safety: mount state and the connection id come from /proc/self/mountinfo
-(diofs.watchdog), never from stat() of a mountpoint that may be hung. Workloads that may hang
+(harness.watchdog), never from stat() of a mountpoint that may be hung. Workloads that may hang
 go through `run_in_child()` / `Mount.run()` (a child process with a deadline).
 """
 
@@ -39,8 +39,10 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from diofs import watchdog
+from diofs import mountinfo
 from diofs.cli.stats import read_stats
+from harness import watchdog
+from harness.io import wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 MOUNT_TIMEOUT_S = 15.0
@@ -90,13 +92,10 @@ def cli_env() -> dict[str, str]:
     return env
 
 
-def run_cli(
-    name: str, *args: str | os.PathLike[str], timeout: float = 60.0, check: bool = False
-) -> subprocess.CompletedProcess[str]:
-    """Run a diofs command; returns the CompletedProcess (text output)."""
-    argv = [*cli(name), *map(os.fspath, args)]
-    proc = subprocess.run(
-        argv,
+def run_argv(argv: Sequence[str], timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    """Run a command from the repository root with `cli_env()`, stdin closed; text output."""
+    return subprocess.run(
+        list(argv),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -105,6 +104,14 @@ def run_cli(
         stdin=subprocess.DEVNULL,
         check=False,
     )
+
+
+def run_cli(
+    name: str, *args: str | os.PathLike[str], timeout: float = 60.0, check: bool = False
+) -> subprocess.CompletedProcess[str]:
+    """Run a diofs command; returns the CompletedProcess (text output)."""
+    argv = [*cli(name), *map(os.fspath, args)]
+    proc = run_argv(argv, timeout)
     if check and proc.returncode != 0:
         raise MountError(
             f"{shlex.join(argv)} failed with {proc.returncode}:\n{proc.stdout}{proc.stderr}"
@@ -222,7 +229,7 @@ class Mount:
 
     @property
     def mounted(self) -> bool:
-        return watchdog.is_mounted(self.mnt)
+        return mountinfo.is_mounted(self.mnt)
 
     @property
     def ref(self) -> watchdog.MountRef:
@@ -282,7 +289,7 @@ class Mount:
         `self.nbd` to a server of its own (filters) before start()."""
         if opts.get("backend", "raw") != "raw" or (self.nbd is None and harness_backend() != "nbd"):
             return str(self.image)  # crash and fault wrap the file
-        from tests.nbdserver import NbdServer
+        from harness.nbdserver import NbdServer
 
         if self.nbd is None:
             self.nbd = NbdServer(self.workdir, ["file", f"file={self.image}"])
@@ -294,7 +301,7 @@ class Mount:
         assert self.daemon is not None
         deadline = time.monotonic() + MOUNT_TIMEOUT_S
         while time.monotonic() < deadline:
-            if watchdog.is_mounted(self.mnt):
+            if mountinfo.is_mounted(self.mnt):
                 self.conn_id = watchdog.connection_id(self.mnt)
                 return
             if self.daemon.poll() is not None:
@@ -360,8 +367,7 @@ class Mount:
         daemon is reaped within `timeout` (rescued and reported if either fails)."""
         assert self.daemon is not None, "not mounted"
         try:
-            proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout,
-                                  cwd=REPO, env=cli_env(), stdin=subprocess.DEVNULL, check=False)
+            proc = run_argv(argv, timeout)
         except subprocess.TimeoutExpired:
             report = self._rescue(f"{shlex.join(argv)} hung")
             raise MountError(f"{shlex.join(argv)} hung\n{report}\n{self.log_tails()}") from None
@@ -397,6 +403,16 @@ class Mount:
     def stats(self) -> dict[str, float]:
         """The daemon's counters (`diofs stats`: the root's virtual `.diofs-stats` file)."""
         return read_stats(self.mnt)
+
+    def wait_stats(
+        self, cond: Callable[[dict[str, float]], bool], what: str, timeout: float = 10.0
+    ) -> dict[str, float]:
+        """Poll the counters until `cond(stats)` holds; returns those stats."""
+        def reached() -> dict[str, float] | None:
+            s = self.stats()
+            return s if cond(s) else None
+
+        return wait_for(reached, what, timeout)
 
     def fsck(self, *args: str) -> subprocess.CompletedProcess[str]:
         """Run fsck.diofs on the (unmounted) image and require it clean."""
@@ -526,7 +542,7 @@ class Mount:
 
     def _force_cleanup(self, problems: list[str]) -> None:
         """Last resort: rescue a still-mounted mount, then end our daemon by pid."""
-        if watchdog.is_mounted(self.mnt):
+        if mountinfo.is_mounted(self.mnt):
             problems.append("mount still present at teardown\n" + self._rescue("teardown"))
         daemon = self.daemon
         if daemon is None:
@@ -644,12 +660,9 @@ def assert_rescued_cleanly(m: Mount, result: Any, daemon_pid: int | None) -> Non
     exits)."""
     client_pid = result.pid
     assert f"abort conn {m.conn_id}: done" in result.report
-    deadline = time.monotonic() + 15
-    assert not watchdog.is_mounted(m.mnt)
+    assert not mountinfo.is_mounted(m.mnt)
     assert not watchdog.process_alive(client_pid)
-    while daemon_pid is not None and watchdog.process_alive(daemon_pid):
-        assert time.monotonic() < deadline, "daemon did not exit after the abort"
-        time.sleep(0.1)
+    assert watchdog.wait_gone([daemon_pid], 15), "daemon did not exit after the abort"
     stuck = [t for t in watchdog.stuck_tasks() if t.pid in (client_pid, daemon_pid)]
     assert stuck == []
 
@@ -660,7 +673,8 @@ def wait_kernel_invalidations(mnt: str | os.PathLike[str], timeout: float = 10.0
     What SPEC 3 holds for *asynchronous* direct writes (docs/concurrency.md race 18): a page
     the kernel cached while such a write was in flight shows the new bytes once this returns.
     """
-    deadline = time.monotonic() + timeout
-    while read_stats(mnt).get("kernel.invalidations_pending", 0):
-        assert time.monotonic() < deadline, f"kernel invalidations still pending after {timeout}s"
-        time.sleep(0.01)
+    wait_for(
+        lambda: not read_stats(mnt).get("kernel.invalidations_pending", 0),
+        "the kernel invalidations posted so far",
+        timeout,
+    )
