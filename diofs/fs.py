@@ -199,7 +199,7 @@ class Filesystem:
         if name == b"..":
             return self.get(self._parent_of(d))
         try:
-            return self.inodes[d.entries[name]]  # type: ignore[index]
+            return self.inodes[d.children[name]]
         except KeyError:
             raise FsError(errno.ENOENT) from None
 
@@ -216,7 +216,7 @@ class Filesystem:
             raise FsError(errno.ENAMETOOLONG)
         if name in (b".", b"..") or b"/" in name or not name:
             raise FsError(errno.EINVAL)
-        if name in d.entries:  # type: ignore[operator]
+        if name in d.children:
             raise FsError(errno.EEXIST)
 
     def make_inode(
@@ -238,7 +238,7 @@ class Filesystem:
             inode.size = len(target)
         self.next_ino += 1
         self.inodes[inode.ino] = inode
-        d.entries[name] = inode.ino  # type: ignore[index]
+        d.children[name] = inode.ino
         d.mtime_ns = d.ctime_ns = now
         self.dirty(d)
         self.dirty(inode)
@@ -250,7 +250,7 @@ class Filesystem:
             raise FsError(errno.EPERM)
         d = self.get_dir(parent)
         self._check_new_name(d, name)
-        d.entries[name] = ino  # type: ignore[index]
+        d.children[name] = ino
         inode.nlink += 1
         d.mtime_ns = d.ctime_ns = inode.ctime_ns = time.time_ns()
         self.dirty(d)
@@ -269,7 +269,7 @@ class Filesystem:
                 raise FsError(errno.ENOTEMPTY)
         elif inode.is_dir:
             raise FsError(errno.EISDIR)
-        del d.entries[name]  # type: ignore[union-attr]
+        del d.children[name]
         now = time.time_ns()
         d.mtime_ns = d.ctime_ns = inode.ctime_ns = now
         if inode.is_dir:
@@ -301,7 +301,7 @@ class Filesystem:
         src = self.lookup(old_parent, old_name)
         if len(new_name) > NAME_MAX:
             raise FsError(errno.ENAMETOOLONG)
-        dst_ino = nd.entries.get(new_name)  # type: ignore[union-attr]
+        dst_ino = nd.children.get(new_name)
         dst = self.inodes[dst_ino] if dst_ino is not None else None
         if src.is_dir and self._is_ancestor(src.ino, nd.ino):
             raise FsError(errno.EINVAL)
@@ -311,7 +311,7 @@ class Filesystem:
                 raise FsError(errno.ENOENT)
             if dst.is_dir and self._is_ancestor(dst.ino, od.ino):
                 raise FsError(errno.EINVAL)
-            od.entries[old_name], nd.entries[new_name] = dst.ino, src.ino  # type: ignore[index]
+            od.children[old_name], nd.children[new_name] = dst.ino, src.ino
             if src.is_dir != dst.is_dir and od is not nd:
                 delta = 1 if src.is_dir else -1
                 od.nlink -= delta
@@ -332,8 +332,8 @@ class Filesystem:
                 raise FsError(errno.EISDIR)
             if dst.is_dir and dst.entries:
                 raise FsError(errno.ENOTEMPTY)
-        del od.entries[old_name]  # type: ignore[union-attr]
-        nd.entries[new_name] = src.ino  # type: ignore[index]
+        del od.children[old_name]
+        nd.children[new_name] = src.ino
         if dst is not None:
             if dst.is_dir:
                 dst.nlink = 0
@@ -573,7 +573,7 @@ class Filesystem:
                 continue
             s = max(off, seg.start * bs)
             e = min(end, (seg.start + seg.count) * bs)
-            img = seg.phys * bs + (s - seg.start * bs)  # type: ignore[operator]
+            img = seg.block * bs + (s - seg.start * bs)
             await self._io(self.backend.readinto, img, view[s - off : e - off], nbytes=e - s)
         return view
 
@@ -601,7 +601,7 @@ class Filesystem:
         for seg in segs:
             seg_start, seg_end = seg.start * bs, (seg.start + seg.count) * bs
             s, e = max(off, seg_start), min(end, seg_end)
-            img = seg.phys * bs  # type: ignore[operator]
+            img = seg.block * bs
             if seg.unwritten and (s % bs or e % bs):
                 # zero-fill the whole new blocks around the data (never expose old bytes)
                 bs_s, bs_e = s // bs * bs, -(-e // bs) * bs
@@ -678,7 +678,7 @@ class Filesystem:
             if not seg.readable:
                 continue
             s, e = max(start, seg.start * bs), min(end, (seg.start + seg.count) * bs)
-            img = seg.phys * bs + (s - seg.start * bs)  # type: ignore[operator]
+            img = seg.block * bs + (s - seg.start * bs)
             await self._write_image(img, bytes(e - s))
 
     async def punch(self, inode: Inode, start: int, end: int) -> None:

@@ -300,7 +300,7 @@ class Operations(pyfuse3.Operations):
         # Cookies are positions in the (insertion-ordered) entry dict. Entries removed
         # during a listing may shift later ones back by one: a name can be listed twice
         # but never skipped, which POSIX allows.
-        for pos, (name, ino) in enumerate(list(d.entries.items())[start_id:], start_id + 1):  # type: ignore[union-attr]
+        for pos, (name, ino) in enumerate(list(d.children.items())[start_id:], start_id + 1):
             child = self.fs.inodes.get(ino)
             if child is None:
                 continue

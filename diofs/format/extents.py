@@ -38,6 +38,13 @@ class Segment:
     unwritten: bool
 
     @property
+    def block(self) -> int:
+        """The image block of `start`, for a segment that has one (the caller has checked
+        `readable`, or allocated the range)."""
+        assert self.phys is not None, "a hole has no image block"
+        return self.phys
+
+    @property
     def readable(self) -> bool:
         """True if the blocks hold file data (mapped and written)."""
         return self.phys is not None and not self.unwritten

@@ -66,6 +66,13 @@ class Inode:
         return S.S_ISDIR(self.mode)
 
     @property
+    def children(self) -> dict[bytes, int]:
+        """A directory's entries; the caller has checked that it is one (Filesystem.get_dir)."""
+        entries = self.entries
+        assert entries is not None, f"inode {self.ino} is not a directory"
+        return entries
+
+    @property
     def is_reg(self) -> bool:
         return S.S_ISREG(self.mode)
 
