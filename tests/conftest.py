@@ -18,7 +18,7 @@ fsck and a clean log (harness/mount.py, `Mount.cleanup`).
 
 `--stress` enables tests marked `@pytest.mark.stress` (skipped otherwise).
 `--backend nbd` (or DIOFS_TEST_BACKEND=nbd) mounts every image through nbdkit
-(tests/mounting.py); tests marked `@pytest.mark.file_image` are then skipped.
+(harness/mount.py); tests marked `@pytest.mark.file_image` are then skipped.
 """
 
 from __future__ import annotations
