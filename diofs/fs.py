@@ -429,21 +429,20 @@ class Filesystem:
         removes it for every writer (security_inode_killpriv). Unlike the kernel's
         setattr_should_drop_sgid, an S_ISGID without S_IXGRP stays also for a writer outside
         the file's group: a WRITE does not say who wrote it."""
-        changed = False
-        if suidgid and inode.mode & (S.S_ISUID | S.S_ISGID):
-            kill = S.S_ISUID | (S.S_ISGID if inode.mode & S.S_IXGRP else 0)
-            if inode.mode & kill:
-                inode.mode &= ~kill
-                changed = True
-        if inode.xattrs and xattr_format.CAPABILITY in inode.xattrs:
-            del inode.xattrs[xattr_format.CAPABILITY]
-            inode.xattrs = inode.xattrs or None
-            inode.xattr_record = None
-            changed = True
-        if changed:
+        kill = (S.S_ISUID | (S.S_ISGID if inode.mode & S.S_IXGRP else 0)) if suidgid else 0
+        killed = inode.mode & kill
+        xattrs = inode.xattrs
+        capability = xattrs is not None and xattr_format.CAPABILITY in xattrs
+        if not (killed or capability):
+            return
+        inode.mode &= ~kill
+        stats.add("xattr.privs_killed")
+        if xattrs is not None and capability:
+            del xattrs[xattr_format.CAPABILITY]
+            self._xattrs_changed(inode, xattrs)  # ctime and dirty with it
+        else:
             inode.ctime_ns = time.time_ns()
             self.dirty(inode)
-            stats.add("xattr.privs_killed")
 
     def maybe_free(self, inode: Inode) -> None:
         """Free an inode with no names, no open handles and no kernel references."""

@@ -387,8 +387,9 @@ class Operations(pyfuse3.Operations):
         # with O_DIRECT, whose writeback of a partial last page is not block-aligned.
         by_handle = not req.tid and bugs.enabled(Bug.WRITEBACK_AS_DIRECT)
         flags = h.flags if by_handle else req.flags
-        if req.flags & request.KILL_SUIDGID or h.inode.xattrs is not None:
-            self.fs.kill_privs(h.inode, suidgid=req.kill_suidgid)
+        kill = req.kill_suidgid
+        if kill or h.inode.xattrs is not None:
+            self.fs.kill_privs(h.inode, suidgid=kill)
         path = self.direct if flags & os.O_DIRECT else self.buffered
         if not flags & os.O_DSYNC:
             return await path.write(h, off, buf, req, flags)
