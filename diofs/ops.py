@@ -40,11 +40,10 @@ from diofs import bugs, hang_detector, request, stats
 from diofs.buffered import Buffered
 from diofs.bugs import Bug
 from diofs.dio import Direct
-from diofs.durability import Durability
 from diofs.errors import FsError
 from diofs.format.metadata import Inode
-from diofs.fs import Filesystem
 from diofs.handles import Handle, HandleTable
+from diofs.iocontext import IoContext
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +101,7 @@ def _boundary(fn: F) -> F:
         finally:
             outstanding.pop(key, None)
             if not outstanding:
-                self.buffered.kernel.daemon_idle()
+                self.io.kernel.daemon_idle()
 
     return wrapper  # type: ignore[return-value]
 
@@ -113,17 +112,17 @@ class Operations(pyfuse3.Operations):
     enable_acl = False
 
     def __init__(
-        self, fs: Filesystem, buffered: Buffered, direct: Direct, dur: Durability, *,
+        self, io: IoContext, buffered: Buffered, direct: Direct, *,
         entry_timeout: float, attr_timeout: float, xattrs: bool = True,
     ):
         super().__init__()
         self.xattrs = xattrs
         self.entry_timeout = entry_timeout  # seconds; see the module docstring
         self.attr_timeout = attr_timeout
-        self.fs = fs
+        self.io = io
+        self.fs = io.fs  # the namespace, which most handlers work on
         self.buffered = buffered
         self.direct = direct
-        self.durability = dur
         self.handles = HandleTable()
         self.stats_reads: dict[int, bytes] = {}  # fh -> JSON snapshot of an open stats file
         self.failsafe = False
@@ -193,10 +192,10 @@ class Operations(pyfuse3.Operations):
     def _maybe_free(self, inode: Inode) -> None:
         self.fs.maybe_free(inode)
         if inode.ino not in self.fs.inodes:
-            self.buffered.cache.drop_inode(inode.ino)
-            self.durability.forget(inode.ino)
+            self.io.cache.drop_inode(inode.ino)
+            self.io.durability.forget(inode.ino)
             self.direct.forget(inode.ino)
-            self.buffered.kernel.forget(inode.ino)
+            self.io.kernel.forget(inode.ino)
 
     @_boundary
     async def getattr(self, inode: int, ctx: Any = None) -> Any:
@@ -314,7 +313,7 @@ class Operations(pyfuse3.Operations):
 
     @_boundary
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
-        await self.durability.make_durable(metadata=True)
+        await self.io.durability.make_durable(metadata=True)
 
     # ------------------------------------------------------------------ files
     def _file_info(self, h: Handle) -> pyfuse3.FileInfo:
@@ -329,7 +328,7 @@ class Operations(pyfuse3.Operations):
         # is known to be done (kernel_cache.py "Which inodes": the first request with this
         # fh, `_handle`).
         if h.flags & os.O_DIRECT:
-            self.buffered.kernel.dropped_by_open(h.inode.ino, h.fh)
+            self.io.kernel.dropped_by_open(h.inode.ino, h.fh)
             return pyfuse3.FileInfo(fh=h.fh, keep_cache=False, direct_io=False)
         return pyfuse3.FileInfo(fh=h.fh, keep_cache=True, direct_io=False)
 
@@ -350,7 +349,7 @@ class Operations(pyfuse3.Operations):
             self.fs.kill_privs(node, suidgid=request.current().kill_suidgid)
             if node.size:  # before the handle exists: no leak if it fails
                 await self.direct.truncate(node, 0)
-        h = self.handles.open(node, flags, self.durability.sample(node.ino))
+        h = self.handles.open(node, flags, self.io.durability.sample(node.ino))
         return self._file_info(h)
 
     @_boundary
@@ -363,7 +362,7 @@ class Operations(pyfuse3.Operations):
     def _handle(self, fh: int) -> Handle:
         """The open file `fh` of a request: the open that made it has returned."""
         h = self.handles.get(fh)
-        self.buffered.kernel.fh_used(h.inode.ino, fh)
+        self.io.kernel.fh_used(h.inode.ino, fh)
         return h
 
     @_boundary
@@ -393,7 +392,7 @@ class Operations(pyfuse3.Operations):
         path = self.direct if flags & os.O_DIRECT else self.buffered
         if not flags & os.O_DSYNC:
             return await path.write(h, off, buf, req, flags)
-        with self.durability.incoming_write():  # group commit waits for sync writes
+        with self.io.durability.incoming_write():  # group commit waits for sync writes
             return await path.write(h, off, buf, req, flags)
 
     @_boundary
@@ -424,9 +423,9 @@ class Operations(pyfuse3.Operations):
             return
         h = self._handle(fh)
         with contextlib.suppress(OSError):  # recorded (errseq) by the writeback; reported below
-            await self.buffered.writeback.writeback_inode(h.inode.ino)
-        await self.durability.make_durable(metadata=not datasync)
-        self.durability.check_and_advance(h)
+            await self.io.writeback.writeback_inode(h.inode.ino)
+        await self.io.durability.make_durable(metadata=not datasync)
+        self.io.durability.check_and_advance(h)
 
     @_boundary
     async def release(self, fh: int) -> None:
@@ -434,7 +433,7 @@ class Operations(pyfuse3.Operations):
             self.stats_reads.pop(fh, None)
             return
         h = self.handles.close(fh)
-        self.buffered.kernel.fh_used(h.inode.ino, fh)
+        self.io.kernel.fh_used(h.inode.ino, fh)
         self._maybe_free(h.inode)
 
     # ------------------------------------------------------------------ extended attributes
@@ -486,6 +485,6 @@ class Operations(pyfuse3.Operations):
         stats.set("fs.free_blocks", free)
         stats.set("fs.open_handles", len(self.handles))
         stats.set("fuse.killpriv_v2", int(request.killpriv_v2_negotiated()))
-        self.buffered.kernel.publish_stats()
+        self.io.kernel.publish_stats()
         hang_detector.publish_stats()
         return stats.snapshot()
