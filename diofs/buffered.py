@@ -104,7 +104,7 @@ class Buffered:
         if bugs.enabled(Bug.NO_PAGECACHE_LOCK):
             await self._fill_unlocked(inode, first, max(last, ra_last), last)
             return True
-        lock = h.lock(self.io.locks)
+        lock = h.incore.pagecache
         with self.io.marker.waiting(tid, inode.ino) as scope, scope:
             await lock.acquire(State.ADD, tid)
         if scope.cancelled_caught:
@@ -167,7 +167,7 @@ class Buffered:
         if end > MAX_FILE_SIZE:
             raise FsError(errno.EFBIG)
         await self.io.writeback.wait_for_room()
-        async with h.lock(self.io.locks).add(req.tid):
+        async with h.incore.pagecache.add(req.tid):
             written = await self._write_pages(inode, off, buf)
             # the kernel's copy of these pages is this write's bytes; under ADD no direct
             # write lands, so it is newer than every one posted so far

@@ -28,7 +28,7 @@ import contextlib
 import errno
 import os
 from collections.abc import AsyncIterator
-from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
+from contextlib import asynccontextmanager, nullcontext
 
 import pyfuse3
 import trio
@@ -40,7 +40,6 @@ from diofs.errors import FsError
 from diofs.format.metadata import Inode
 from diofs.handles import DioContext, Handle
 from diofs.iocontext import IoContext
-from diofs.locks.rwsem import RwSem
 from diofs.request import Request
 
 
@@ -54,17 +53,6 @@ class Direct:
         self.locked_shootdown = locked_shootdown
         self.write_delay = write_delay  # demo hook: holds BLOCK longer (seconds)
         self.persistent_ctx = persistent_ctx  # --mlock: reuse one DioContext per handle
-        self._rwsems: dict[int, RwSem] = {}
-
-    def _rwsem(self, ino: int, *, exclusive: bool) -> AbstractAsyncContextManager[None]:
-        sem = self._rwsems.get(ino)
-        if sem is None:
-            sem = self._rwsems[ino] = RwSem()
-        return sem.hold(exclusive=exclusive)
-
-    def forget(self, ino: int) -> None:
-        """The inode is gone: drop its rwsem (no holder can exist: no handle is open)."""
-        self._rwsems.pop(ino, None)
 
     def _check_alignment(self, off: int, size: int) -> None:
         """EINVAL before anything changes: the kernel does not check O_DIRECT alignment for
@@ -99,7 +87,7 @@ class Direct:
         if buf is None:
             stats.add("dio.buffer_allocs")
         try:
-            async with self._rwsem(inode.ino, exclusive=False):
+            async with h.incore.rwsem.hold(exclusive=False):
                 await self.io.writeback.writeback_range(inode.ino, off, off + size)
                 data = await self.io.fs.read_data(inode, off, size, into=buf)
         finally:
@@ -154,12 +142,9 @@ class Direct:
 
     def _uncontended(self, h: Handle, off: int, end: int) -> bool:
         """The fast path's condition (module docstring), short of the write's own shape."""
-        ino = h.inode.ino
-        sem = self._rwsems.get(ino)
         return (
-            (sem is None or sem.idle())
-            and h.lock(self.io.locks).idle()
-            and self.io.cache.holds_nothing_in(ino, off, end)
+            h.incore.io_idle()
+            and self.io.cache.holds_nothing_in(h.inode.ino, off, end)
             and not self.write_delay
             and not self.locked_shootdown
             and not bugs.any_enabled()
@@ -183,7 +168,7 @@ class Direct:
             # Exclusive for writes that extend the file (i_size grows in order, seed 003) and
             # for sub-block ones (they zero-fill new blocks, which must not race another
             # write to the same block); shared for aligned overwrites inside i_size.
-            async with self._rwsem(inode.ino, exclusive=exclusive):
+            async with h.incore.rwsem.hold(exclusive=exclusive):
                 if not exclusive and end > inode.size:
                     exclusive = True  # a truncate shrank the file while we waited: we extend
                     continue
@@ -192,7 +177,7 @@ class Direct:
                     self._check_alignment(off, len(buf))
                 # BLOCK: from here no fill can insert pages of this inode; the marker lets
                 # this task's own faults (its buffer mmap'ed from this file) through (seed 004)
-                async with h.lock(self.io.locks).block(tid):
+                async with h.incore.pagecache.block(tid):
                     with marker:
                         # older dirty pages of the range reach the image before our data
                         await self.io.writeback.writeback_range(inode.ino, off, end)
@@ -217,10 +202,8 @@ class Direct:
     async def _blocking(self, inode: Inode, start: int, end: int) -> AsyncIterator[None]:
         """Exclusive rwsem + BLOCK; dirty pages of [start, end) written back (and in-flight
         writeback waited for), then discarded. The kernel's copy is the kernel's business."""
-        async with (
-            self._rwsem(inode.ino, exclusive=True),
-            self.io.locks.pagecache_block(inode.ino, 0),
-        ):
+        incore = self.io.inodes.get(inode.ino)
+        async with incore.rwsem.hold(exclusive=True), incore.pagecache.block(0):
             # A failed writeback was already recorded for fsync (errseq); the pages are about
             # to be discarded or overwritten, so it must not fail a truncate or fallocate.
             with contextlib.suppress(OSError):

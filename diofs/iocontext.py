@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from diofs.cache import PageCache, Writeback
 from diofs.durability import Durability
 from diofs.fs import Filesystem
+from diofs.incore import IncoreInodes
 from diofs.kernel_cache import KernelCache
-from diofs.locks import FaultMarker, LockTable
+from diofs.locks import FaultMarker
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -22,7 +23,7 @@ class IoContext:
     fs: Filesystem  # metadata, extents, image data I/O
     cache: PageCache  # the daemon page cache
     writeback: Writeback  # its writeback of dirty pages
-    locks: LockTable  # per-inode pagecache locks
+    inodes: IncoreInodes  # per-inode run-time state: locks, errseq, references
     marker: FaultMarker  # per-task "inside my own DIO BLOCK section" (seed 004)
     durability: Durability  # sync writes, group commit, errseq
     kernel: KernelCache  # what the kernel may cache, and its invalidator

@@ -148,7 +148,7 @@ class Operations(pyfuse3.Operations):
         return a
 
     def _entry(self, inode: Inode) -> pyfuse3.EntryAttributes:
-        inode.lookups += 1
+        self.io.inodes.get(inode.ino).lookups += 1
         return self._attrs(inode)
 
     def _check_writable(self) -> None:
@@ -186,16 +186,9 @@ class Operations(pyfuse3.Operations):
         for ino, nlookup in inode_list:
             inode = self.fs.inodes.get(ino)
             if inode is not None:
-                inode.lookups = max(0, inode.lookups - nlookup)
-                self._maybe_free(inode)
-
-    def _maybe_free(self, inode: Inode) -> None:
-        self.fs.maybe_free(inode)
-        if inode.ino not in self.fs.inodes:
-            self.io.cache.drop_inode(inode.ino)
-            self.io.durability.forget(inode.ino)
-            self.direct.forget(inode.ino)
-            self.io.kernel.forget(inode.ino)
+                incore = self.io.inodes.get(ino)
+                incore.lookups = max(0, incore.lookups - nlookup)
+                self.io.inodes.evict_if_unused(inode)
 
     @_boundary
     async def getattr(self, inode: int, ctx: Any = None) -> Any:
@@ -264,12 +257,12 @@ class Operations(pyfuse3.Operations):
     @_boundary
     async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
         self._check_writable()
-        self._maybe_free(self.fs.unlink(parent_inode, name, want_dir=False))
+        self.io.inodes.evict_if_unused(self.fs.unlink(parent_inode, name, want_dir=False))
 
     @_boundary
     async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
         self._check_writable()
-        self._maybe_free(self.fs.unlink(parent_inode, name, want_dir=True))
+        self.io.inodes.evict_if_unused(self.fs.unlink(parent_inode, name, want_dir=True))
 
     @_boundary
     async def rename(
@@ -285,7 +278,7 @@ class Operations(pyfuse3.Operations):
             exchange=bool(flags & pyfuse3.RENAME_EXCHANGE),
         )
         if replaced is not None:
-            self._maybe_free(replaced)
+            self.io.inodes.evict_if_unused(replaced)
 
     # ------------------------------------------------------------------ directories
     @_boundary
@@ -305,7 +298,7 @@ class Operations(pyfuse3.Operations):
                 continue
             if not pyfuse3.readdir_reply(token, name, self._attrs(child), pos):
                 return
-            child.lookups += 1
+            self.io.inodes.get(ino).lookups += 1
 
     @_boundary
     async def releasedir(self, fh: int) -> None:
@@ -349,14 +342,15 @@ class Operations(pyfuse3.Operations):
             self.fs.kill_privs(node, suidgid=request.current().kill_suidgid)
             if node.size:  # before the handle exists: no leak if it fails
                 await self.direct.truncate(node, 0)
-        h = self.handles.open(node, flags, self.io.durability.sample(node.ino))
+        incore = self.io.inodes.get(node.ino)
+        h = self.handles.open(node, incore, flags, self.io.durability.sample(incore))
         return self._file_info(h)
 
     @_boundary
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any) -> Any:
         self._check_writable()
         node = self.fs.make_inode(parent_inode, name, S.S_IFREG | (mode & 0o7777), ctx.uid, ctx.gid)
-        h = self.handles.open(node, flags, 0)
+        h = self.handles.open(node, self.io.inodes.get(node.ino), flags, 0)
         return self._file_info(h), self._entry(node)
 
     def _handle(self, fh: int) -> Handle:
@@ -434,7 +428,7 @@ class Operations(pyfuse3.Operations):
             return
         h = self.handles.close(fh)
         self.io.kernel.fh_used(h.inode.ino, fh)
-        self._maybe_free(h.inode)
+        self.io.inodes.evict_if_unused(h.inode)
 
     # ------------------------------------------------------------------ extended attributes
     def _xattr_inode(self, inode: int, stats_errno: int = errno.EPERM) -> Inode:

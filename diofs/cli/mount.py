@@ -55,9 +55,10 @@ from diofs.dio import Direct
 from diofs.durability import Durability
 from diofs.errors import EXIT_ERROR, EXIT_MOUNT_FAILED, EXIT_MOUNTPOINT, DiofsError
 from diofs.fs import Filesystem
+from diofs.incore import IncoreInodes
 from diofs.iocontext import IoContext
 from diofs.kernel_cache import KernelCache
-from diofs.locks import FaultMarker, LockTable
+from diofs.locks import FaultMarker
 
 log = logging.getLogger(__name__)
 
@@ -219,16 +220,16 @@ class Daemon:
         from diofs.ops import Operations
 
         fs, o = self.fs, self.opts
-        self.durability = Durability(fs)
         self.cache = PageCache(fs.bs, o.cache_size)
+        self.kernel = KernelCache()
+        inodes = IncoreInodes(fs, self.cache, self.kernel)
+        self.durability = Durability(fs, inodes)
         self.writeback = Writeback(
             self.cache, functools.partial(write_back_pages, fs), age_s=o.writeback_age,
             on_error=self.durability.record_writeback_error,
         )
-        self.kernel = KernelCache()
         self.io = IoContext(
-            fs, self.cache, self.writeback, LockTable(), FaultMarker(), self.durability,
-            self.kernel,
+            fs, self.cache, self.writeback, inodes, FaultMarker(), self.durability, self.kernel
         )
         self.buffered = Buffered(self.io, fill_delay=o.fill_delay)
         self.direct = Direct(
