@@ -63,7 +63,7 @@ class Buffered:
     # ------------------------------------------------------------------ reads
     async def read(self, h: Handle, off: int, size: int, req: Request) -> bytes:
         inode = h.inode
-        self.io.kernel.note_buffered(inode.ino)
+        self.io.kernel.note_buffered(h.incore)
         end = min(off + size, inode.size)
         if end <= off:
             return b""
@@ -160,7 +160,7 @@ class Buffered:
     # ------------------------------------------------------------------ writes
     async def write(self, h: Handle, off: int, buf: bytes, req: Request, flags: int) -> int:
         inode = h.inode
-        self.io.kernel.note_buffered(inode.ino)
+        self.io.kernel.note_buffered(h.incore)
         if flags & os.O_APPEND:
             off = inode.size
         end = off + len(buf)

@@ -128,8 +128,8 @@ class Direct:
             # wait on folio locks the kernel holds until it gets one of our answers
             # (diofs/locks/__init__.py, "Kernel waits"). Only those pages: a drop of a page a
             # later direct READ has pinned loses that READ's bytes (race 19).
-            self.io.kernel.direct_write_landed(inode.ino, off, end, token)
-        if self.io.kernel.may_cache(inode.ino) and not self.locked_shootdown:
+            self.io.kernel.direct_write_landed(h.incore, off, end, token)
+        if h.incore.kernel_may_cache and not self.locked_shootdown:
             stats.add("dio.kernel_invalidations")
             if bugs.enabled(Bug.INVAL_BEFORE_REPLY):
                 await trio.to_thread.run_sync(request.invalidate_kernel_range, inode.ino, off, end)

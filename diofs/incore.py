@@ -10,10 +10,13 @@ on-image record (format/metadata.py `Inode`). This is the kernel's `struct inode
                      address_space's invalidate lock in bcachefs), created on first use
     wb_err_*         the writeback error sequence (errseq_t of the address_space;
                      durability.py reports it)
+    kernel_*         whether the kernel may cache its pages, and the opens whose whole-file
+                     drop may still run (kernel_cache.py, "Which inodes")
 
 Not here: the daemon's cached pages (diofs/cache: one LRU for the mount, keyed by ino), the
-delayed-allocation reservations (fs.Filesystem.reserved: allocator state) and the fault
-marker (per task, not per inode).
+delayed-allocation reservations (fs.Filesystem.reserved: allocator state), the fault
+marker (per task, not per inode), and the kernel-cache tracker's queue of ranges to drop
+and its recent landed writes (kernel_cache.py: mount-wide state shared with its thread).
 
 `IncoreInodes` is the one table of them, ino -> IncoreInode. An entry is made on first use
 and lives until the inode is freed: `evict_if_unused` is the one teardown (the kernel's
@@ -36,8 +39,8 @@ from diofs.locks.rwsem import RwSem
 
 class IncoreInode:
     __slots__ = (
-        "_pagecache", "_rwsem", "ino", "lookups", "opens", "wb_err_errno", "wb_err_seen",
-        "wb_err_seq",
+        "_pagecache", "_rwsem", "ino", "kernel_may_cache", "kernel_open_drops", "lookups",
+        "opens", "wb_err_errno", "wb_err_seen", "wb_err_seq",
     )
 
     def __init__(self, ino: int) -> None:
@@ -51,6 +54,10 @@ class IncoreInode:
         self.wb_err_seq = 0
         self.wb_err_errno = 0
         self.wb_err_seen = True
+        # kernel_cache.KernelCache: the kernel may hold pages of this inode (it sent a buffered
+        # READ or WRITE), and the fhs of O_DIRECT opens whose whole-file drop may still run
+        self.kernel_may_cache = False
+        self.kernel_open_drops: set[int] | None = None
 
     @property
     def rwsem(self) -> RwSem:
@@ -103,6 +110,7 @@ class IncoreInodes:
         if inode.nlink or (ii is not None and (ii.lookups or ii.opens)):
             return
         self._fs.free_inode(inode)
-        self._table.pop(inode.ino, None)
         self._cache.drop_inode(inode.ino)
-        self._kernel.forget(inode.ino)
+        if ii is not None:  # without one, the kernel-cache tracker knows nothing of it
+            del self._table[inode.ino]
+            self._kernel.forget(ii)

@@ -321,7 +321,7 @@ class Operations(pyfuse3.Operations):
         # is known to be done (kernel_cache.py "Which inodes": the first request with this
         # fh, `_handle`).
         if h.flags & os.O_DIRECT:
-            self.io.kernel.dropped_by_open(h.inode.ino, h.fh)
+            self.io.kernel.dropped_by_open(h.incore, h.fh)
             return pyfuse3.FileInfo(fh=h.fh, keep_cache=False, direct_io=False)
         return pyfuse3.FileInfo(fh=h.fh, keep_cache=True, direct_io=False)
 
@@ -356,7 +356,7 @@ class Operations(pyfuse3.Operations):
     def _handle(self, fh: int) -> Handle:
         """The open file `fh` of a request: the open that made it has returned."""
         h = self.handles.get(fh)
-        self.io.kernel.fh_used(h.inode.ino, fh)
+        self.io.kernel.fh_used(h.incore, fh)
         return h
 
     @_boundary
@@ -427,7 +427,7 @@ class Operations(pyfuse3.Operations):
             self.stats_reads.pop(fh, None)
             return
         h = self.handles.close(fh)
-        self.io.kernel.fh_used(h.inode.ino, fh)
+        self.io.kernel.fh_used(h.incore, fh)
         self.io.inodes.evict_if_unused(h.inode)
 
     # ------------------------------------------------------------------ extended attributes
