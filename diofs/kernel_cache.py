@@ -29,8 +29,8 @@ Which pages: only those a buffered answer may have filled with bytes older than 
 The kernel drops the write's range before it queues the WRITE, so a stale page comes from a
 buffered READ (or whole-page WRITE) the kernel sent after that drop and that we answered with
 bytes taken before the write landed. Such an answer is given after the daemon was last idle
-(no request in its hands, ops._boundary) before the write arrived: then a pyfuse3 worker waits
-to read /dev/fuse, so the kernel's queue to us is empty, its 12 background slots are not full,
+(no request in its hands, ops._fuse_handler) before the write arrived: then a pyfuse3 worker
+waits to read /dev/fuse, so the kernel's queue to us is empty, its 12 background slots are not full,
 and a write it has prepared (its range dropped) is not held back there but arrives next. (Not
 covered: a write already queued but not yet read at that very instant, one scheduling round of
 the loop.) So `direct_write_landed` queues the pages of the range that answers since that idle

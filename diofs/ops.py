@@ -1,11 +1,11 @@
 """The pyfuse3 Operations: translate FUSE requests into diofs calls. The only module that
 raises pyfuse3.FUSEError.
 
-Every handler runs inside `_boundary`: diofs errors become their errno, OSError from the image
-keeps its errno, anything else is logged once with its traceback, answered with EIO, and
+Every handler is wrapped by `_fuse_handler`: diofs errors become their errno, OSError from the
+image keeps its errno, anything else is logged once with its traceback, answered with EIO, and
 switches the mount to failsafe (later writes fail with EIO, the image is flagged for fsck in
 the log) — pyfuse3 itself would end its main loop on any exception that is not FUSEError.
-`_boundary` also keeps the table of outstanding requests that diofs.hang_detector scans.
+`_fuse_handler` also keeps the table of outstanding requests that diofs.hang_detector scans.
 
 Kernel caching of names and attributes (entry and attribute timeouts, `-o entry_timeout=S,
 attr_timeout=S`, default an hour): the kernel may trust a dentry and an inode's attributes
@@ -65,7 +65,7 @@ FALLOC_FL_ZERO_RANGE = 0x10
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 
-def _boundary(fn: F) -> F:
+def _fuse_handler(fn: F) -> F:
     counter = f"ops.{fn.__name__}"
     # the hung-request detector's table (diofs/hang_detector.py): one insert and one delete per
     # request; the binding's (tid, flags) only exists for the data requests
@@ -156,7 +156,7 @@ class Operations(pyfuse3.Operations):
             raise FsError(errno.EIO)
 
     # ------------------------------------------------------------------ namespace
-    @_boundary
+    @_fuse_handler
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> Any:
         if parent_inode == pyfuse3.ROOT_INODE and name == STATS_NAME:
             return self._stats_attrs()
@@ -181,7 +181,7 @@ class Operations(pyfuse3.Operations):
         a.st_blksize = self.fs.bs
         return a
 
-    @_boundary
+    @_fuse_handler
     async def forget(self, inode_list: Sequence[tuple[pyfuse3.InodeT, int]]) -> None:
         for ino, nlookup in inode_list:
             inode = self.fs.inodes.get(ino)
@@ -190,13 +190,13 @@ class Operations(pyfuse3.Operations):
                 incore.lookups = max(0, incore.lookups - nlookup)
                 self.io.inodes.evict_if_unused(inode)
 
-    @_boundary
+    @_fuse_handler
     async def getattr(self, inode: int, ctx: Any = None) -> Any:
         if inode == STATS_INO:
             return self._stats_attrs()
         return self._attrs(self.fs.get(inode))
 
-    @_boundary
+    @_fuse_handler
     async def setattr(self, inode: int, attr: Any, fields: Any, fh: Any, ctx: Any) -> Any:
         node = self.fs.get(inode)
         now = time.time_ns()
@@ -223,25 +223,25 @@ class Operations(pyfuse3.Operations):
         self.fs.dirty(node)
         return self._attrs(node)
 
-    @_boundary
+    @_fuse_handler
     async def readlink(self, inode: int, ctx: Any) -> bytes:
         node = self.fs.get(inode)
         if not S.S_ISLNK(node.mode):
             raise FsError(errno.EINVAL)
         return node.target
 
-    @_boundary
+    @_fuse_handler
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any) -> Any:
         self._check_writable()
         return self._entry(self.fs.make_inode(parent_inode, name, mode, ctx.uid, ctx.gid, rdev))
 
-    @_boundary
+    @_fuse_handler
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> Any:
         self._check_writable()
         node = self.fs.make_inode(parent_inode, name, S.S_IFDIR | (mode & 0o7777), ctx.uid, ctx.gid)
         return self._entry(node)
 
-    @_boundary
+    @_fuse_handler
     async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: Any) -> Any:
         self._check_writable()
         node = self.fs.make_inode(
@@ -249,22 +249,22 @@ class Operations(pyfuse3.Operations):
         )
         return self._entry(node)
 
-    @_boundary
+    @_fuse_handler
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any) -> Any:
         self._check_writable()
         return self._entry(self.fs.link(inode, new_parent_inode, new_name))
 
-    @_boundary
+    @_fuse_handler
     async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
         self._check_writable()
         self.io.inodes.evict_if_unused(self.fs.unlink(parent_inode, name, want_dir=False))
 
-    @_boundary
+    @_fuse_handler
     async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
         self._check_writable()
         self.io.inodes.evict_if_unused(self.fs.unlink(parent_inode, name, want_dir=True))
 
-    @_boundary
+    @_fuse_handler
     async def rename(
         self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes,
         flags: int, ctx: Any,
@@ -281,12 +281,12 @@ class Operations(pyfuse3.Operations):
             self.io.inodes.evict_if_unused(replaced)
 
     # ------------------------------------------------------------------ directories
-    @_boundary
+    @_fuse_handler
     async def opendir(self, inode: int, ctx: Any) -> int:
         self.fs.get_dir(inode)
         return inode
 
-    @_boundary
+    @_fuse_handler
     async def readdir(self, fh: int, start_id: int, token: Any) -> None:
         d = self.fs.get_dir(fh)
         # Cookies are positions in the (insertion-ordered) entry dict. Entries removed
@@ -300,11 +300,11 @@ class Operations(pyfuse3.Operations):
                 return
             self.io.inodes.get(ino).lookups += 1
 
-    @_boundary
+    @_fuse_handler
     async def releasedir(self, fh: int) -> None:
         return None
 
-    @_boundary
+    @_fuse_handler
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
         await self.io.durability.make_durable(metadata=True)
 
@@ -325,7 +325,7 @@ class Operations(pyfuse3.Operations):
             return pyfuse3.FileInfo(fh=h.fh, keep_cache=False, direct_io=False)
         return pyfuse3.FileInfo(fh=h.fh, keep_cache=True, direct_io=False)
 
-    @_boundary
+    @_fuse_handler
     async def open(self, inode: int, flags: int, ctx: Any) -> Any:
         if inode == STATS_INO:  # a snapshot per open; direct_io: the size is not known
             fh = STATS_INO + len(self.stats_reads) + 1
@@ -346,7 +346,7 @@ class Operations(pyfuse3.Operations):
         h = self.handles.open(node, incore, flags, self.io.durability.sample(incore))
         return self._file_info(h)
 
-    @_boundary
+    @_fuse_handler
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any) -> Any:
         self._check_writable()
         node = self.fs.make_inode(parent_inode, name, S.S_IFREG | (mode & 0o7777), ctx.uid, ctx.gid)
@@ -359,7 +359,7 @@ class Operations(pyfuse3.Operations):
         self.io.kernel.fh_used(h.incore, fh)
         return h
 
-    @_boundary
+    @_fuse_handler
     async def read(self, fh: int, off: int, size: int) -> Any:
         if fh >= STATS_INO:
             return self.stats_reads[fh][off : off + size]
@@ -369,7 +369,7 @@ class Operations(pyfuse3.Operations):
             return await self.direct.read(h, off, size, req)
         return await self.buffered.read(h, off, size, req)
 
-    @_boundary
+    @_fuse_handler
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         self._check_writable()
         h = self._handle(fh)
@@ -389,7 +389,7 @@ class Operations(pyfuse3.Operations):
         with self.io.durability.incoming_write():  # group commit waits for sync writes
             return await path.write(h, off, buf, req, flags)
 
-    @_boundary
+    @_fuse_handler
     async def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
         self._check_writable()
         h = self._handle(fh)
@@ -406,12 +406,12 @@ class Operations(pyfuse3.Operations):
             keep_size=bool(mode & FALLOC_FL_KEEP_SIZE),
         )
 
-    @_boundary
+    @_fuse_handler
     async def flush(self, fh: int) -> None:
         if fh < STATS_INO:
             self._handle(fh)  # close(2) of this fd: its open has long returned
 
-    @_boundary
+    @_fuse_handler
     async def fsync(self, fh: int, datasync: bool) -> None:
         if fh >= STATS_INO:
             return
@@ -421,7 +421,7 @@ class Operations(pyfuse3.Operations):
         await self.io.durability.make_durable(metadata=not datasync)
         self.io.durability.check_and_advance(h)
 
-    @_boundary
+    @_fuse_handler
     async def release(self, fh: int) -> None:
         if fh >= STATS_INO:
             self.stats_reads.pop(fh, None)
@@ -438,30 +438,30 @@ class Operations(pyfuse3.Operations):
             raise FsError(stats_errno)
         return self.fs.get(inode)
 
-    @_boundary
+    @_fuse_handler
     async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
         return self.fs.getxattr(self._xattr_inode(inode, errno.ENODATA), name, ctx.uid)
 
-    @_boundary
+    @_fuse_handler
     async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
         if inode == STATS_INO and self.xattrs:
             return []
         return self.fs.listxattr(self._xattr_inode(inode), ctx.uid)
 
-    @_boundary
+    @_fuse_handler
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
         node = self._xattr_inode(inode)
         self._check_writable()
         self.fs.setxattr(node, name, value, ctx.uid)
 
-    @_boundary
+    @_fuse_handler
     async def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:
         node = self._xattr_inode(inode)
         self._check_writable()
         self.fs.removexattr(node, name, ctx.uid)
 
     # ------------------------------------------------------------------ misc
-    @_boundary
+    @_fuse_handler
     async def statfs(self, ctx: Any) -> Any:
         blocks, free, files = self.fs.statfs_counts()
         s = pyfuse3.StatvfsData()
