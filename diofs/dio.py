@@ -46,13 +46,13 @@ from diofs.request import Request
 class Direct:
     def __init__(
         self, io: IoContext, *, dio_align: int, locked_shootdown: bool = False,
-        write_delay: float = 0.0, persistent_ctx: bool = False,
+        dio_delay: float = 0.0, mlock: bool = False,
     ) -> None:
         self.io = io
         self.dio_align = dio_align
         self.locked_shootdown = locked_shootdown
-        self.write_delay = write_delay  # demo hook: holds BLOCK longer (seconds)
-        self.persistent_ctx = persistent_ctx  # --mlock: reuse one DioContext per handle
+        self.dio_delay = dio_delay  # -o dio_delay, demo hook: holds BLOCK longer (seconds)
+        self.mlock = mlock  # --mlock (SPEC 7): reuse one DioContext per handle, no allocation
 
     def _check_alignment(self, off: int, size: int) -> None:
         """EINVAL before anything changes: the kernel does not check O_DIRECT alignment for
@@ -80,7 +80,7 @@ class Direct:
         # waits for us to answer the WRITE that launders it (tests/test_fsx.py, deadlock).
         # Without cached pages there is nothing to map and nothing to launder.
         from_thread = self.io.kernel.may_cache_any() and not bugs.enabled(Bug.REPLY_IN_LOOP)
-        if self.persistent_ctx and h.dio_ctx is None:
+        if self.mlock and h.dio_ctx is None:
             h.dio_ctx = DioContext()
         # the context's buffer is reused once the reply is out: not when a thread sends it
         buf = h.dio_ctx.take(size) if h.dio_ctx is not None and not from_thread else None
@@ -145,7 +145,7 @@ class Direct:
         return (
             h.incore.io_idle()
             and self.io.cache.holds_nothing_in(h.inode.ino, off, end)
-            and not self.write_delay
+            and not self.dio_delay
             and not self.locked_shootdown
             and not bugs.any_enabled()
         )
@@ -182,8 +182,8 @@ class Direct:
                         # older dirty pages of the range reach the image before our data
                         await self.io.writeback.writeback_range(inode.ino, off, end)
                         self._shootdown(inode.ino, off, end)
-                        if self.write_delay:
-                            await trio.sleep(self.write_delay)
+                        if self.dio_delay:
+                            await trio.sleep(self.dio_delay)
                         # unwritten extents turn written, and i_size grows, after the data
                         await self.io.fs.write_data(inode, off, buf)
                         # A fill that raced the first shootdown cannot have inserted a page

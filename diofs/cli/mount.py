@@ -234,8 +234,8 @@ class Daemon:
         self.buffered = Buffered(self.io, fill_delay=o.fill_delay)
         self.direct = Direct(
             self.io, dio_align=o.dio_align or fs.sb.dio_align,
-            locked_shootdown=o.shootdown == "locked", write_delay=o.dio_delay,
-            persistent_ctx=self.mlock,
+            locked_shootdown=o.shootdown == "locked", dio_delay=o.dio_delay,
+            mlock=self.mlock,
         )
         fs.data_delay = o.data_delay
         fs.discard_freed = o.discard
