@@ -111,7 +111,7 @@ class _Waiter:
     owner: int
 
 
-class _Hold(contextlib.AbstractAsyncContextManager[None]):
+class _PagecacheHold(contextlib.AbstractAsyncContextManager[None]):
     """`async with lock.add(tid):` acquires on entry and releases on exit."""
 
     __slots__ = ("_lock", "_owner", "_state")
@@ -256,11 +256,11 @@ class PagecacheLock:
 
     def add(self, owner: int = 0) -> contextlib.AbstractAsyncContextManager[None]:
         """`async with lock.add(tid):` hold the ADD state (page-cache fills)."""
-        return _Hold(self, State.ADD, owner)
+        return _PagecacheHold(self, State.ADD, owner)
 
     def block(self, owner: int = 0) -> contextlib.AbstractAsyncContextManager[None]:
         """`async with lock.block(tid):` hold the BLOCK state (DIO write, truncate, punch)."""
-        return _Hold(self, State.BLOCK, owner)
+        return _PagecacheHold(self, State.BLOCK, owner)
 
     # -- queries ---------------------------------------------------------------------------
 
