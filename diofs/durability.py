@@ -134,7 +134,7 @@ class Coalescer:
                 stats.add("durability.sync_writes_served", served)
                 runs = stats.get("durability.flushes") + stats.get("durability.commits")
                 if runs:
-                    stats.set(
+                    stats.gauge(
                         "durability.writes_per_flush",
                         round(stats.get("durability.sync_writes_served") / runs, 2),
                     )

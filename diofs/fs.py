@@ -147,7 +147,7 @@ class Filesystem:
                 bitmap[phys : phys + count] = bytes(count)
                 self.free_blocks += count
             stats.add("meta.commits")
-            stats.set("meta.blob_bytes", len(blob))
+            stats.gauge("meta.blob_bytes", len(blob))
 
     @staticmethod
     def _discard(discard: Callable[[int, int], None], freed: list[tuple[int, int]],

@@ -109,8 +109,8 @@ def publish_stats() -> None:
     """Copy the running detector's counters into diofs.stats (trio thread only)."""
     det = _active
     if det is not None:
-        stats.set("hangs.detected", det.detected)
-        stats.set("hangs.outstanding", det.count_outstanding(time.monotonic()))
+        stats.gauge("hangs.detected", det.detected)
+        stats.gauge("hangs.outstanding", det.count_outstanding(time.monotonic()))
 
 
 def check_timeout(value: float) -> float:

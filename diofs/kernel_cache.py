@@ -240,8 +240,8 @@ class KernelCache:
             return len(self._pending) + self._busy
 
     def publish_stats(self) -> None:
-        stats.set("kernel.invalidations", self.done)
-        stats.set("kernel.invalidations_pending", self.pending())
+        stats.gauge("kernel.invalidations", self.done)
+        stats.gauge("kernel.invalidations_pending", self.pending())
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="diofs-invalidate", daemon=True)

@@ -475,10 +475,10 @@ class Operations(pyfuse3.Operations):
 
     def stats_snapshot(self) -> dict[str, float]:
         blocks, free, files = self.fs.statfs_counts()
-        stats.set("fs.inodes", files)
-        stats.set("fs.free_blocks", free)
-        stats.set("fs.open_handles", len(self.handles))
-        stats.set("fuse.killpriv_v2", int(request.killpriv_v2_negotiated()))
+        stats.gauge("fs.inodes", files)
+        stats.gauge("fs.free_blocks", free)
+        stats.gauge("fs.open_handles", len(self.handles))
+        stats.gauge("fuse.killpriv_v2", int(request.killpriv_v2_negotiated()))
         self.io.kernel.publish_stats()
         hang_detector.publish_stats()
         return stats.snapshot()
