@@ -24,6 +24,7 @@ import os
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
+from typing import NamedTuple
 
 import trio
 
@@ -235,6 +236,21 @@ class Durability:
             self._arrived -= 1
 
 
-def wants_sync(flags: int) -> tuple[bool, bool]:
-    """(any sync, full O_SYNC) for request or open flags."""
-    return bool(flags & os.O_DSYNC), flags & os.O_SYNC == os.O_SYNC
+class SyncWanted(NamedTuple):
+    """What a WRITE's flags ask of durability before its reply (SPEC 6)."""
+
+    sync: bool  # O_DSYNC or O_SYNC: the data (and what maps it) is durable before the reply
+    full: bool  # O_SYNC: the inode's other metadata too (a commit, not just a flush)
+
+
+NO_SYNC = SyncWanted(sync=False, full=False)
+DATA_SYNC = SyncWanted(sync=True, full=False)
+FULL_SYNC = SyncWanted(sync=True, full=True)
+
+
+def wants_sync(flags: int) -> SyncWanted:
+    """For request or open flags (O_SYNC includes the O_DSYNC bit). Returns one of the three
+    constants: no tuple is built per WRITE."""
+    if not flags & os.O_DSYNC:
+        return NO_SYNC
+    return FULL_SYNC if flags & os.O_SYNC == os.O_SYNC else DATA_SYNC
