@@ -35,6 +35,20 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import pyfuse3
+from pyfuse3 import (
+    EntryAttributes,
+    FileHandleT,
+    FileInfo,
+    FileNameT,
+    FlagT,
+    InodeT,
+    ModeT,
+    ReaddirToken,
+    RequestContext,
+    SetattrFields,
+    StatvfsData,
+    XAttrNameT,
+)
 
 from diofs import bugs, hang_detector, request, stats
 from diofs.buffered import Buffered
@@ -157,7 +171,9 @@ class Operations(pyfuse3.Operations):
 
     # ------------------------------------------------------------------ namespace
     @_fuse_handler
-    async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> Any:
+    async def lookup(
+        self, parent_inode: InodeT, name: FileNameT, ctx: RequestContext | None = None
+    ) -> EntryAttributes:
         if parent_inode == pyfuse3.ROOT_INODE and name == STATS_NAME:
             return self._stats_attrs()
         try:
@@ -182,7 +198,7 @@ class Operations(pyfuse3.Operations):
         return a
 
     @_fuse_handler
-    async def forget(self, inode_list: Sequence[tuple[pyfuse3.InodeT, int]]) -> None:
+    async def forget(self, inode_list: Sequence[tuple[InodeT, int]]) -> None:
         for ino, nlookup in inode_list:
             inode = self.fs.inodes.get(ino)
             if inode is not None:
@@ -191,13 +207,16 @@ class Operations(pyfuse3.Operations):
                 self.io.inodes.evict_if_unused(inode)
 
     @_fuse_handler
-    async def getattr(self, inode: int, ctx: Any = None) -> Any:
+    async def getattr(self, inode: InodeT, ctx: RequestContext | None = None) -> EntryAttributes:
         if inode == STATS_INO:
             return self._stats_attrs()
         return self._attrs(self.fs.get(inode))
 
     @_fuse_handler
-    async def setattr(self, inode: int, attr: Any, fields: Any, fh: Any, ctx: Any) -> Any:
+    async def setattr(
+        self, inode: InodeT, attr: EntryAttributes, fields: SetattrFields,
+        fh: FileHandleT | None, ctx: RequestContext,
+    ) -> EntryAttributes:
         node = self.fs.get(inode)
         now = time.time_ns()
         kill = request.current().kill_suidgid  # truncate or chown (KILLPRIV_V2)
@@ -224,25 +243,31 @@ class Operations(pyfuse3.Operations):
         return self._attrs(node)
 
     @_fuse_handler
-    async def readlink(self, inode: int, ctx: Any) -> bytes:
+    async def readlink(self, inode: InodeT, ctx: RequestContext) -> FileNameT:
         node = self.fs.get(inode)
         if not S.S_ISLNK(node.mode):
             raise FsError(errno.EINVAL)
         return node.target
 
     @_fuse_handler
-    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any) -> Any:
+    async def mknod(
+        self, parent_inode: InodeT, name: FileNameT, mode: ModeT, rdev: int, ctx: RequestContext
+    ) -> EntryAttributes:
         self._check_writable()
         return self._entry(self.fs.make_inode(parent_inode, name, mode, ctx.uid, ctx.gid, rdev))
 
     @_fuse_handler
-    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> Any:
+    async def mkdir(
+        self, parent_inode: InodeT, name: FileNameT, mode: ModeT, ctx: RequestContext
+    ) -> EntryAttributes:
         self._check_writable()
         node = self.fs.make_inode(parent_inode, name, S.S_IFDIR | (mode & 0o7777), ctx.uid, ctx.gid)
         return self._entry(node)
 
     @_fuse_handler
-    async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: Any) -> Any:
+    async def symlink(
+        self, parent_inode: InodeT, name: FileNameT, target: FileNameT, ctx: RequestContext
+    ) -> EntryAttributes:
         self._check_writable()
         node = self.fs.make_inode(
             parent_inode, name, S.S_IFLNK | 0o777, ctx.uid, ctx.gid, target=target
@@ -250,24 +275,26 @@ class Operations(pyfuse3.Operations):
         return self._entry(node)
 
     @_fuse_handler
-    async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any) -> Any:
+    async def link(
+        self, inode: InodeT, new_parent_inode: InodeT, new_name: FileNameT, ctx: RequestContext
+    ) -> EntryAttributes:
         self._check_writable()
         return self._entry(self.fs.link(inode, new_parent_inode, new_name))
 
     @_fuse_handler
-    async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+    async def unlink(self, parent_inode: InodeT, name: FileNameT, ctx: RequestContext) -> None:
         self._check_writable()
         self.io.inodes.evict_if_unused(self.fs.unlink(parent_inode, name, want_dir=False))
 
     @_fuse_handler
-    async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+    async def rmdir(self, parent_inode: InodeT, name: FileNameT, ctx: RequestContext) -> None:
         self._check_writable()
         self.io.inodes.evict_if_unused(self.fs.unlink(parent_inode, name, want_dir=True))
 
     @_fuse_handler
     async def rename(
-        self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes,
-        flags: int, ctx: Any,
+        self, parent_inode_old: InodeT, name_old: FileNameT, parent_inode_new: InodeT,
+        name_new: FileNameT, flags: FlagT, ctx: RequestContext,
     ) -> None:
         self._check_writable()
         if flags & ~(pyfuse3.RENAME_EXCHANGE | pyfuse3.RENAME_NOREPLACE):
@@ -282,12 +309,12 @@ class Operations(pyfuse3.Operations):
 
     # ------------------------------------------------------------------ directories
     @_fuse_handler
-    async def opendir(self, inode: int, ctx: Any) -> int:
+    async def opendir(self, inode: InodeT, ctx: RequestContext) -> FileHandleT:
         self.fs.get_dir(inode)
         return inode
 
     @_fuse_handler
-    async def readdir(self, fh: int, start_id: int, token: Any) -> None:
+    async def readdir(self, fh: FileHandleT, start_id: int, token: ReaddirToken) -> None:
         d = self.fs.get_dir(fh)
         # Cookies are positions in the (insertion-ordered) entry dict. Entries removed
         # during a listing may shift later ones back by one: a name can be listed twice
@@ -301,11 +328,11 @@ class Operations(pyfuse3.Operations):
             self.io.inodes.get(ino).lookups += 1
 
     @_fuse_handler
-    async def releasedir(self, fh: int) -> None:
+    async def releasedir(self, fh: FileHandleT) -> None:
         return None
 
     @_fuse_handler
-    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+    async def fsyncdir(self, fh: FileHandleT, datasync: bool) -> None:
         await self.io.durability.make_durable(metadata=True)
 
     # ------------------------------------------------------------------ files
@@ -326,7 +353,7 @@ class Operations(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=h.fh, keep_cache=True, direct_io=False)
 
     @_fuse_handler
-    async def open(self, inode: int, flags: int, ctx: Any) -> Any:
+    async def open(self, inode: InodeT, flags: FlagT, ctx: RequestContext) -> FileInfo:
         if inode == STATS_INO:  # a snapshot per open; direct_io: the size is not known
             fh = STATS_INO + len(self.stats_reads) + 1
             while fh in self.stats_reads:
@@ -347,7 +374,10 @@ class Operations(pyfuse3.Operations):
         return self._file_info(h)
 
     @_fuse_handler
-    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any) -> Any:
+    async def create(
+        self, parent_inode: InodeT, name: FileNameT, mode: ModeT, flags: FlagT,
+        ctx: RequestContext,
+    ) -> tuple[FileInfo, EntryAttributes]:
         self._check_writable()
         node = self.fs.make_inode(parent_inode, name, S.S_IFREG | (mode & 0o7777), ctx.uid, ctx.gid)
         h = self.handles.open(node, self.io.inodes.get(node.ino), flags, 0)
@@ -360,7 +390,12 @@ class Operations(pyfuse3.Operations):
         return h
 
     @_fuse_handler
-    async def read(self, fh: int, off: int, size: int) -> Any:
+    async def read(  # type: ignore[override]  # the binding also sends these two (below)
+        self, fh: FileHandleT, off: int, size: int
+    ) -> bytes | memoryview | pyfuse3.ReplyFromThread:
+        """bytes, a memoryview of the direct-I/O context's buffer (pyfuse3 copies it into
+        the reply before the next checkpoint), or a ReplyFromThread (the patched binding
+        writes the reply from a worker thread: dio.Direct.read)."""
         if fh >= STATS_INO:
             return self.stats_reads[fh][off : off + size]
         h = self._handle(fh)
@@ -370,7 +405,7 @@ class Operations(pyfuse3.Operations):
         return await self.buffered.read(h, off, size, req)
 
     @_fuse_handler
-    async def write(self, fh: int, off: int, buf: bytes) -> int:
+    async def write(self, fh: FileHandleT, off: int, buf: bytes) -> int:
         self._check_writable()
         h = self._handle(fh)
         req = request.current()
@@ -390,7 +425,7 @@ class Operations(pyfuse3.Operations):
             return await path.write(h, off, buf, req, flags)
 
     @_fuse_handler
-    async def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
+    async def fallocate(self, fh: FileHandleT, mode: int, offset: int, length: int) -> None:
         self._check_writable()
         h = self._handle(fh)
         if offset < 0 or length <= 0:
@@ -407,12 +442,12 @@ class Operations(pyfuse3.Operations):
         )
 
     @_fuse_handler
-    async def flush(self, fh: int) -> None:
+    async def flush(self, fh: FileHandleT) -> None:
         if fh < STATS_INO:
             self._handle(fh)  # close(2) of this fd: its open has long returned
 
     @_fuse_handler
-    async def fsync(self, fh: int, datasync: bool) -> None:
+    async def fsync(self, fh: FileHandleT, datasync: bool) -> None:
         if fh >= STATS_INO:
             return
         h = self._handle(fh)
@@ -422,7 +457,7 @@ class Operations(pyfuse3.Operations):
         self.io.durability.check_and_advance(h)
 
     @_fuse_handler
-    async def release(self, fh: int) -> None:
+    async def release(self, fh: FileHandleT) -> None:
         if fh >= STATS_INO:
             self.stats_reads.pop(fh, None)
             return
@@ -439,30 +474,32 @@ class Operations(pyfuse3.Operations):
         return self.fs.get(inode)
 
     @_fuse_handler
-    async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
+    async def getxattr(self, inode: InodeT, name: XAttrNameT, ctx: RequestContext) -> bytes:
         return self.fs.getxattr(self._xattr_inode(inode, errno.ENODATA), name, ctx.uid)
 
     @_fuse_handler
-    async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
+    async def listxattr(self, inode: InodeT, ctx: RequestContext) -> list[XAttrNameT]:
         if inode == STATS_INO and self.xattrs:
             return []
         return self.fs.listxattr(self._xattr_inode(inode), ctx.uid)
 
     @_fuse_handler
-    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
+    async def setxattr(
+        self, inode: InodeT, name: XAttrNameT, value: bytes, ctx: RequestContext
+    ) -> None:
         node = self._xattr_inode(inode)
         self._check_writable()
         self.fs.setxattr(node, name, value, ctx.uid)
 
     @_fuse_handler
-    async def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:
+    async def removexattr(self, inode: InodeT, name: XAttrNameT, ctx: RequestContext) -> None:
         node = self._xattr_inode(inode)
         self._check_writable()
         self.fs.removexattr(node, name, ctx.uid)
 
     # ------------------------------------------------------------------ misc
     @_fuse_handler
-    async def statfs(self, ctx: Any) -> Any:
+    async def statfs(self, ctx: RequestContext) -> StatvfsData:
         blocks, free, files = self.fs.statfs_counts()
         s = pyfuse3.StatvfsData()
         s.f_bsize = s.f_frsize = self.fs.bs
