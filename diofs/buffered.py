@@ -27,14 +27,14 @@ import trio
 
 from diofs import bugs, stats
 from diofs.bugs import Bug
-from diofs.cache import PageCache, Writeback
-from diofs.durability import Durability, wants_sync
+from diofs.durability import wants_sync
 from diofs.errors import FsError
 from diofs.format.metadata import Inode
 from diofs.fs import Filesystem
 from diofs.handles import Handle
-from diofs.kernel_cache import PAGE, KernelCache
-from diofs.locks import FaultMarker, LockTable, State
+from diofs.iocontext import IoContext
+from diofs.kernel_cache import PAGE
+from diofs.locks import State
 from diofs.request import Request
 
 log = logging.getLogger(__name__)
@@ -42,36 +42,28 @@ log = logging.getLogger(__name__)
 MAX_FILE_SIZE = 1 << 52  # sparse files may be far larger than the image
 
 
-class Buffered:
-    def __init__(
-        self, fs: Filesystem, cache: PageCache, writeback: Writeback, locks: LockTable,
-        marker: FaultMarker, durability: Durability, kernel: KernelCache, *,
-        fill_delay: float = 0.0,
-    ) -> None:
-        self.fs = fs
-        self.cache = cache
-        self.writeback = writeback
-        self.locks = locks
-        self.marker = marker
-        self.durability = durability
-        self.ps = cache.page_size
-        self.fill_delay = fill_delay  # demo hook: widens the fill race window (seconds)
-        self.kernel = kernel
+async def write_back_pages(fs: Filesystem, ino: int, off: int, data: bytes) -> None:
+    """The cache's WriteFn (bind `fs` with functools.partial): write a run of dirty pages to
+    the image, clipped to i_size (pages are zero-padded past EOF; writeback must not grow
+    the file)."""
+    inode = fs.inodes.get(ino)
+    if inode is None:
+        return
+    n = min(len(data), inode.size - off)
+    if n > 0:
+        await fs.write_data(inode, off, memoryview(data)[:n], touch=False)
 
-    async def write_back_page_run(self, ino: int, off: int, data: bytes) -> None:
-        """The cache's WriteFn: write a run of dirty pages to the image, clipped to i_size
-        (pages are zero-padded past EOF; writeback must not grow the file)."""
-        inode = self.fs.inodes.get(ino)
-        if inode is None:
-            return
-        n = min(len(data), inode.size - off)
-        if n > 0:
-            await self.fs.write_data(inode, off, memoryview(data)[:n], touch=False)
+
+class Buffered:
+    def __init__(self, io: IoContext, *, fill_delay: float = 0.0) -> None:
+        self.io = io
+        self.ps = io.cache.page_size
+        self.fill_delay = fill_delay  # demo hook: widens the fill race window (seconds)
 
     # ------------------------------------------------------------------ reads
     async def read(self, h: Handle, off: int, size: int, req: Request) -> bytes:
         inode = h.inode
-        self.kernel.note_buffered(inode.ino)
+        self.io.kernel.note_buffered(h.incore)
         end = min(off + size, inode.size)
         if end <= off:
             return b""
@@ -80,19 +72,19 @@ class Buffered:
         # every read moves the readahead state, hits included: a sequential stream whose
         # readahead pages hit must not look random at its next miss
         want = h.readahead.window(first, last - first + 1)
-        pages = self.cache.lookup_run(inode.ino, first, last - first + 1)
+        pages = self.io.cache.lookup_run(inode.ino, first, last - first + 1)
         if None in pages:
-            if self.marker.faults_disabled(req.tid, inode.ino):
+            if self.io.marker.faults_disabled(req.tid, inode.ino):
                 return await self._read_faults_disabled(inode, off, end, size)
             if not await self._fill(h, inode, first, last, want, req.tid):
                 # its own direct I/O took BLOCK while this fill waited (fault_marker rule M6)
                 return await self._read_faults_disabled(inode, off, end, size)
-            pages = [self.cache.peek(inode.ino, i) for i in range(first, last + 1)]
+            pages = [self.io.cache.peek(inode.ino, i) for i in range(first, last + 1)]
             if None in pages:  # evicted again under memory pressure: read around the cache
                 return await self._read_faults_disabled(inode, off, end, size)
         # cached pages hold every direct write posted so far (the direct write's shootdowns,
         # then its landed-write hint)
-        self._kernel_filled(inode.ino, off, off + size, self.kernel.generation())
+        self._kernel_filled(inode.ino, off, off + size, self.io.kernel.generation())
         stats.add("cache.bytes_served", end - off)
         if len(pages) == 1:
             return bytes(pages[0][off - first * ps : end - first * ps])  # type: ignore[index]
@@ -112,8 +104,8 @@ class Buffered:
         if bugs.enabled(Bug.NO_PAGECACHE_LOCK):
             await self._fill_unlocked(inode, first, max(last, ra_last), last)
             return True
-        lock = h.lock(self.locks)
-        with self.marker.waiting(tid, inode.ino) as scope, scope:
+        lock = h.incore.pagecache
+        with self.io.marker.waiting(tid, inode.ino) as scope, scope:
             await lock.acquire(State.ADD, tid)
         if scope.cancelled_caught:
             return False
@@ -127,17 +119,17 @@ class Buffered:
         ps = self.ps
         idx = first
         while idx <= ra_last:
-            if self.cache.peek(inode.ino, idx) is not None:
+            if self.io.cache.peek(inode.ino, idx) is not None:
                 idx += 1
                 continue
             run_end = idx
-            while run_end + 1 <= ra_last and self.cache.peek(inode.ino, run_end + 1) is None:
+            while run_end + 1 <= ra_last and self.io.cache.peek(inode.ino, run_end + 1) is None:
                 run_end += 1
-            data = await self.fs.read_data(inode, idx * ps, (run_end - idx + 1) * ps)
+            data = await self.io.fs.read_data(inode, idx * ps, (run_end - idx + 1) * ps)
             if self.fill_delay:
                 stats.add("cache.fill_delays")  # tests wait on this: image read, insert pending
                 await trio.sleep(self.fill_delay)  # demo hook (see module docstring)
-            self.cache.insert_clean_run(inode.ino, idx, data)
+            self.io.cache.insert_clean_run(inode.ino, idx, data)
             if run_end > last:
                 stats.add("cache.readahead_pages", run_end - max(idx, last + 1) + 1)
             idx = run_end + 1
@@ -146,15 +138,15 @@ class Buffered:
         """The task's own direct I/O holds BLOCK on this inode: read the image, overlay the
         cached (possibly dirty) pages, insert nothing (seed 004, faults_disabled_mapping)."""
         stats.add("locks.faults_disabled_fills")
-        generation = self.kernel.generation()  # the image read below sees those writes
-        data = await self.fs.read_data(inode, off, end - off)
+        generation = self.io.kernel.generation()  # the image read below sees those writes
+        data = await self.io.fs.read_data(inode, off, end - off)
         self._kernel_filled(inode.ino, off, off + size, generation)
         end = off + len(data)  # i_size may have shrunk while the caller waited (truncate)
         if end <= off:
             return b""
         ps = self.ps
         for idx in range(off // ps, (end - 1) // ps + 1):
-            page = self.cache.peek(inode.ino, idx)
+            page = self.io.cache.peek(inode.ino, idx)
             if page is not None:
                 s, e = max(off, idx * ps), min(end, (idx + 1) * ps)
                 data[s - off : e - off] = page[s - idx * ps : e - idx * ps]
@@ -163,36 +155,36 @@ class Buffered:
     def _kernel_filled(self, ino: int, start: int, end: int, generation: int) -> None:
         """The kernel's pages wholly inside [start, end) now hold our bytes of `generation`
         (a READ answer fills its pages whole: the kernel zeroes what a short one leaves)."""
-        self.kernel.answered(ino, -(-start // PAGE), end // PAGE, generation)
+        self.io.kernel.answered(ino, -(-start // PAGE), end // PAGE, generation)
 
     # ------------------------------------------------------------------ writes
     async def write(self, h: Handle, off: int, buf: bytes, req: Request, flags: int) -> int:
         inode = h.inode
-        self.kernel.note_buffered(inode.ino)
+        self.io.kernel.note_buffered(h.incore)
         if flags & os.O_APPEND:
             off = inode.size
         end = off + len(buf)
         if end > MAX_FILE_SIZE:
             raise FsError(errno.EFBIG)
-        await self.writeback.wait_for_room()
-        async with h.lock(self.locks).add(req.tid):
+        await self.io.writeback.wait_for_room()
+        async with h.incore.pagecache.add(req.tid):
             written = await self._write_pages(inode, off, buf)
             # the kernel's copy of these pages is this write's bytes; under ADD no direct
             # write lands, so it is newer than every one posted so far
-            self._kernel_filled(inode.ino, off, off + written, self.kernel.generation())
+            self._kernel_filled(inode.ino, off, off + written, self.io.kernel.generation())
         stats.add("cache.bytes_written", written)
         sync, full = wants_sync(flags)
         if sync:
             try:
-                await self.writeback.writeback_range(inode.ino, off, off + written)
+                await self.io.writeback.writeback_range(inode.ino, off, off + written)
             except OSError:
                 # This write reports the error, so this fd has seen it: consume it here (as
                 # generic_write_sync -> file_check_and_advance_wb_err does), or the FSYNC the
                 # kernel sends with the fd's next sync write would report it a second time.
                 # Other fds still get it at their next fsync.
-                self.durability.check_and_advance(h)
+                self.io.durability.check_and_advance(h)
                 raise
-            await self.durability.sync_write(full_sync=full)
+            await self.io.durability.sync_write(full_sync=full)
         return written
 
     async def _write_pages(self, inode: Inode, off: int, buf: bytes) -> int:
@@ -204,27 +196,27 @@ class Buffered:
         for idx in range(off // ps, (end - 1) // ps + 1):
             s, e = max(off, idx * ps), min(end, (idx + 1) * ps)
             try:  # ENOSPC here, at write(), not at writeback
-                await self.fs.retry_on_enospc(functools.partial(self.fs.reserve, inode, idx))
+                await self.io.fs.retry_on_enospc(functools.partial(self.io.fs.reserve, inode, idx))
             except FsError:
                 if s == off:
                     raise
                 end = s
                 break
             whole = s == idx * ps and e == (idx + 1) * ps
-            if not whole and self.cache.peek(ino, idx) is None:
+            if not whole and self.io.cache.peek(ino, idx) is None:
                 if idx * ps >= inode.size:
-                    self.cache.create_zero(ino, idx)
+                    self.io.cache.create_zero(ino, idx)
                 else:  # read-modify-write of existing data (holes read as zeros)
-                    data = await self.fs.read_data(inode, idx * ps, ps)
-                    if self.cache.peek(ino, idx) is None:
-                        self.cache.insert_clean(ino, idx, data)
-            self.cache.write(ino, idx, s - idx * ps, src[s - off : e - off])
+                    data = await self.io.fs.read_data(inode, idx * ps, ps)
+                    if self.io.cache.peek(ino, idx) is None:
+                        self.io.cache.insert_clean(ino, idx, data)
+            self.io.cache.write(ino, idx, s - idx * ps, src[s - off : e - off])
             # i_size grows page by page, so a concurrent reader never sees a size that
             # covers bytes not yet in the cache
             if e > inode.size:
                 inode.size = e
-                self.fs.dirty(inode, layout=True)
+                self.io.fs.dirty(inode, layout=True)
         inode.mtime_ns = inode.ctime_ns = time.time_ns()
-        self.fs.dirty(inode)
+        self.io.fs.dirty(inode)
         return end - off
 

@@ -28,56 +28,31 @@ import contextlib
 import errno
 import os
 from collections.abc import AsyncIterator
-from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
+from contextlib import asynccontextmanager, nullcontext
 
 import pyfuse3
 import trio
 
 from diofs import bugs, request, stats
-from diofs.buffered import Buffered
 from diofs.bugs import Bug
-from diofs.cache import PageCache, Writeback
-from diofs.durability import Durability, wants_sync
+from diofs.durability import wants_sync
 from diofs.errors import FsError
 from diofs.format.metadata import Inode
-from diofs.fs import Filesystem
 from diofs.handles import DioContext, Handle
-from diofs.kernel_cache import KernelCache
-from diofs.locks import FaultMarker, LockTable
-from diofs.locks.rwsem import RwSem
+from diofs.iocontext import IoContext
 from diofs.request import Request
 
 
 class Direct:
-    """The direct path works on the buffered path's state (its cache, writeback, locks,
-    fault marker, durability and kernel-cache hint), so it is built from it."""
-
     def __init__(
-        self, buffered: Buffered, *, dio_align: int, locked_shootdown: bool = False,
-        write_delay: float = 0.0, persistent_ctx: bool = False,
+        self, io: IoContext, *, dio_align: int, locked_shootdown: bool = False,
+        dio_delay: float = 0.0, mlock: bool = False,
     ) -> None:
-        self.fs: Filesystem = buffered.fs
-        self.cache: PageCache = buffered.cache
-        self.writeback: Writeback = buffered.writeback
-        self.locks: LockTable = buffered.locks
-        self.marker: FaultMarker = buffered.marker
-        self.durability: Durability = buffered.durability
-        self.kernel: KernelCache = buffered.kernel
+        self.io = io
         self.dio_align = dio_align
         self.locked_shootdown = locked_shootdown
-        self.write_delay = write_delay  # demo hook: holds BLOCK longer (seconds)
-        self.persistent_ctx = persistent_ctx  # --mlock: reuse one DioContext per handle
-        self._rwsems: dict[int, RwSem] = {}
-
-    def _rwsem(self, ino: int, *, exclusive: bool) -> AbstractAsyncContextManager[None]:
-        sem = self._rwsems.get(ino)
-        if sem is None:
-            sem = self._rwsems[ino] = RwSem()
-        return sem.hold(exclusive=exclusive)
-
-    def forget(self, ino: int) -> None:
-        """The inode is gone: drop its rwsem (no holder can exist: no handle is open)."""
-        self._rwsems.pop(ino, None)
+        self.dio_delay = dio_delay  # -o dio_delay, demo hook: holds BLOCK longer (seconds)
+        self.mlock = mlock  # --mlock (SPEC 7): reuse one DioContext per handle, no allocation
 
     def _check_alignment(self, off: int, size: int) -> None:
         """EINVAL before anything changes: the kernel does not check O_DIRECT alignment for
@@ -90,7 +65,7 @@ class Direct:
 
     def _shootdown(self, ino: int, start: int, end: int) -> None:
         if not bugs.enabled(Bug.NO_SHOOTDOWN):
-            stats.add("dio.shootdown_pages", self.cache.drop_range(ino, start, end))
+            stats.add("dio.shootdown_pages", self.io.cache.drop_range(ino, start, end))
 
     # ------------------------------------------------------------------ direct I/O
     async def read(
@@ -104,17 +79,17 @@ class Direct:
         # page of one of our files, a direct write's invalidation may hold that lock while it
         # waits for us to answer the WRITE that launders it (tests/test_fsx.py, deadlock).
         # Without cached pages there is nothing to map and nothing to launder.
-        from_thread = self.kernel.may_cache_any() and not bugs.enabled(Bug.REPLY_IN_LOOP)
-        if self.persistent_ctx and h.dio_ctx is None:
+        from_thread = self.io.kernel.may_cache_any() and not bugs.enabled(Bug.REPLY_IN_LOOP)
+        if self.mlock and h.dio_ctx is None:
             h.dio_ctx = DioContext()
         # the context's buffer is reused once the reply is out: not when a thread sends it
         buf = h.dio_ctx.take(size) if h.dio_ctx is not None and not from_thread else None
         if buf is None:
             stats.add("dio.buffer_allocs")
         try:
-            async with self._rwsem(inode.ino, exclusive=False):
-                await self.writeback.writeback_range(inode.ino, off, off + size)
-                data = await self.fs.read_data(inode, off, size, into=buf)
+            async with h.incore.rwsem.hold(exclusive=False):
+                await self.io.writeback.writeback_range(inode.ino, off, off + size)
+                data = await self.io.fs.read_data(inode, off, size, into=buf)
         finally:
             if buf is not None:
                 h.dio_ctx.give_back()  # type: ignore[union-attr]  # reply is sent before any checkpoint
@@ -131,13 +106,13 @@ class Direct:
             off = inode.size  # the kernel's idea of EOF; taken again under the rwsem below
         self._check_alignment(off, len(buf))
         end = off + len(buf)
-        bs = self.fs.bs
+        bs = self.io.fs.bs
         exclusive = append or end > inode.size or off % bs != 0 or end % bs != 0
         sync, full = wants_sync(flags)
-        durable = sync and not full and self.durability.lone_sync_write()
-        token = self.kernel.direct_write_arrived()
+        durable = sync and not full and self.io.durability.lone_sync_write()
+        token = self.io.kernel.direct_write_arrived()
         try:
-            if not exclusive and self._uncontended(h, off, end) and self.fs.overwrite_inline(
+            if not exclusive and self._uncontended(h, off, end) and self.io.fs.overwrite_inline(
                 inode, off, buf, durable=durable
             ):
                 stats.add("dio.fast_writes")
@@ -153,27 +128,24 @@ class Direct:
             # wait on folio locks the kernel holds until it gets one of our answers
             # (diofs/locks/__init__.py, "Kernel waits"). Only those pages: a drop of a page a
             # later direct READ has pinned loses that READ's bytes (race 19).
-            self.kernel.direct_write_landed(inode.ino, off, end, token)
-        if self.kernel.may_cache(inode.ino) and not self.locked_shootdown:
+            self.io.kernel.direct_write_landed(h.incore, off, end, token)
+        if h.incore.kernel_may_cache and not self.locked_shootdown:
             stats.add("dio.kernel_invalidations")
             if bugs.enabled(Bug.INVAL_BEFORE_REPLY):
                 await trio.to_thread.run_sync(request.invalidate_kernel_range, inode.ino, off, end)
         stats.add("dio.bytes_written", len(buf))
         if durable:
-            self.durability.durable_write_done()
+            self.io.durability.durable_write_done()
         elif sync:  # durable before the reply, by group commit (seed 001)
-            await self.durability.sync_write(full_sync=full)
+            await self.io.durability.sync_write(full_sync=full)
         return len(buf)
 
     def _uncontended(self, h: Handle, off: int, end: int) -> bool:
         """The fast path's condition (module docstring), short of the write's own shape."""
-        ino = h.inode.ino
-        sem = self._rwsems.get(ino)
         return (
-            (sem is None or sem.idle())
-            and h.lock(self.locks).idle()
-            and self.cache.holds_nothing_in(ino, off, end)
-            and not self.write_delay
+            h.incore.io_idle()
+            and self.io.cache.holds_nothing_in(h.inode.ino, off, end)
+            and not self.dio_delay
             and not self.locked_shootdown
             and not bugs.any_enabled()
         )
@@ -190,13 +162,13 @@ class Direct:
         marker = (
             nullcontext()
             if bugs.enabled(Bug.NO_FAULT_MARKER)
-            else self.marker.marked(tid, inode.ino)
+            else self.io.marker.marked(tid, inode.ino)
         )
         while True:
             # Exclusive for writes that extend the file (i_size grows in order, seed 003) and
             # for sub-block ones (they zero-fill new blocks, which must not race another
             # write to the same block); shared for aligned overwrites inside i_size.
-            async with self._rwsem(inode.ino, exclusive=exclusive):
+            async with h.incore.rwsem.hold(exclusive=exclusive):
                 if not exclusive and end > inode.size:
                     exclusive = True  # a truncate shrank the file while we waited: we extend
                     continue
@@ -205,15 +177,15 @@ class Direct:
                     self._check_alignment(off, len(buf))
                 # BLOCK: from here no fill can insert pages of this inode; the marker lets
                 # this task's own faults (its buffer mmap'ed from this file) through (seed 004)
-                async with h.lock(self.locks).block(tid):
+                async with h.incore.pagecache.block(tid):
                     with marker:
                         # older dirty pages of the range reach the image before our data
-                        await self.writeback.writeback_range(inode.ino, off, end)
+                        await self.io.writeback.writeback_range(inode.ino, off, end)
                         self._shootdown(inode.ino, off, end)
-                        if self.write_delay:
-                            await trio.sleep(self.write_delay)
+                        if self.dio_delay:
+                            await trio.sleep(self.dio_delay)
                         # unwritten extents turn written, and i_size grows, after the data
-                        await self.fs.write_data(inode, off, buf)
+                        await self.io.fs.write_data(inode, off, buf)
                         # A fill that raced the first shootdown cannot have inserted a page
                         # (fills hold ADD); this one is what still protects, partly, with
                         # --bug no-pagecache-lock (race 2).
@@ -230,15 +202,13 @@ class Direct:
     async def _blocking(self, inode: Inode, start: int, end: int) -> AsyncIterator[None]:
         """Exclusive rwsem + BLOCK; dirty pages of [start, end) written back (and in-flight
         writeback waited for), then discarded. The kernel's copy is the kernel's business."""
-        async with (
-            self._rwsem(inode.ino, exclusive=True),
-            self.locks.pagecache_block(inode.ino, 0),
-        ):
+        incore = self.io.inodes.get(inode.ino)
+        async with incore.rwsem.hold(exclusive=True), incore.pagecache.block(0):
             # A failed writeback was already recorded for fsync (errseq); the pages are about
             # to be discarded or overwritten, so it must not fail a truncate or fallocate.
             with contextlib.suppress(OSError):
-                await self.writeback.writeback_range(inode.ino, start, end)
-            self.cache.drop_range(inode.ino, start, end, discard_dirty=True)
+                await self.io.writeback.writeback_range(inode.ino, start, end)
+            self.io.cache.drop_range(inode.ino, start, end, discard_dirty=True)
             yield
         # The kernel truncates its own cache after our SETATTR / FALLOCATE answer, in the
         # client's context (kernel_cache.py). Waiting for a reverse invalidation here hangs:
@@ -251,18 +221,18 @@ class Direct:
         if size == inode.size:
             return
         end = max(size, inode.size)
-        async with self._blocking(inode, size, end + self.cache.page_size):
-            self.cache.zero_tail(inode.ino, size)
-            await self.fs.truncate(inode, size)
+        async with self._blocking(inode, size, end + self.io.cache.page_size):
+            self.io.cache.zero_tail(inode.ino, size)
+            await self.io.fs.truncate(inode, size)
 
     async def fallocate(
         self, inode: Inode, start: int, end: int, *, punch: bool, zero: bool, keep_size: bool
     ) -> None:
         async with self._blocking(inode, start, end):
             if punch or zero:
-                await self.fs.punch(inode, start, min(end, max(inode.size, start)))
+                await self.io.fs.punch(inode, start, min(end, max(inode.size, start)))
             if not punch:
-                await self.fs.retry_on_enospc(lambda: self.fs.preallocate(inode, start, end))
+                await self.io.fs.retry_on_enospc(lambda: self.io.fs.preallocate(inode, start, end))
                 if not keep_size and end > inode.size:
                     inode.size = end
-                    self.fs.dirty(inode, layout=True)
+                    self.io.fs.dirty(inode, layout=True)

@@ -12,8 +12,8 @@ Counters: `durability.flushes`, `durability.commits`, `durability.sync_writes`,
 `durability.writes_per_flush` (sync writes served per flush or commit, running mean).
 
 Errors (errseq, like mm/filemap.c): a failed background writeback bumps the inode's error
-sequence; each handle keeps the sequence it has seen. `check_and_advance` (consume) reports
-the error once per handle, at its next fsync; `peek` leaves the cursor alone.
+sequence (kept in its in-core inode, diofs/incore.py); each handle keeps the sequence it has
+seen. `check_and_advance` (consume) reports the error once per handle, at its next fsync.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import os
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import trio
 
@@ -33,6 +33,7 @@ from diofs.bugs import Bug
 from diofs.errors import FsError
 from diofs.fs import Filesystem
 from diofs.handles import Handle
+from diofs.incore import IncoreInode, IncoreInodes
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +135,7 @@ class Coalescer:
                 stats.add("durability.sync_writes_served", served)
                 runs = stats.get("durability.flushes") + stats.get("durability.commits")
                 if runs:
-                    stats.set(
+                    stats.gauge(
                         "durability.writes_per_flush",
                         round(stats.get("durability.sync_writes_served") / runs, 2),
                     )
@@ -147,52 +148,41 @@ class Coalescer:
             raise error
 
 
-@dataclass(slots=True)
-class _ErrSeq:
-    seq: int = 0
-    errno: int = 0
-    seen: bool = True  # some handle has reported the latest error (errseq's SEEN flag)
-
-
 class Durability:
-    def __init__(self, fs: Filesystem) -> None:
+    def __init__(self, fs: Filesystem, inodes: IncoreInodes) -> None:
         self.fs = fs
+        self.inodes = inodes  # each in-core inode keeps its error sequence (wb_err_*)
         # sync WRITEs read by the daemon (ops.write, `incoming_write`) and those that reached
         # `sync_write`: the difference is what a flush about to start may wait for
         self._incoming = 0
         self._arrived = 0
         self.flusher = Coalescer(fs.flush, "durability.flushes", self.pending_sync_writes)
         self.committer = Coalescer(fs.commit, "durability.commits", self.pending_sync_writes)
-        self._errseq: defaultdict[int, _ErrSeq] = defaultdict(_ErrSeq)
 
     # -- errseq
     def record_writeback_error(self, ino: int, exc: BaseException) -> None:
-        e = self._errseq[ino]
-        e.seq += 1
-        e.errno = getattr(exc, "errno", None) or errno.EIO
-        e.seen = False
         stats.add("errors.writeback")
+        if ino not in self.fs.inodes:  # freed while its pages were written: nobody can ask
+            return
+        ii = self.inodes.get(ino)
+        ii.wb_err_seq += 1
+        ii.wb_err_errno = getattr(exc, "errno", None) or errno.EIO
+        ii.wb_err_seen = False
         # not logged here: Writeback._write_run already logged it, once, with the page range
 
-    def sample(self, ino: int) -> int:
+    def sample(self, ii: IncoreInode) -> int:
         """The cursor a newly opened handle starts from: errors some handle already reported
         are not its own, but an error nobody has seen yet is (errseq_sample since Linux 4.14:
         open-then-fsync, as PostgreSQL does, must learn of a failed writeback)."""
-        e = self._errseq.get(ino)
-        if e is None:
-            return 0
-        return e.seq if e.seen else e.seq - 1
+        return ii.wb_err_seq if ii.wb_err_seen else ii.wb_err_seq - 1
 
     def check_and_advance(self, h: Handle) -> None:
         """Consume: raise the inode's writeback error once for this handle."""
-        e = self._errseq.get(h.inode.ino)
-        if e is not None and e.seq > h.wb_err_seen:
-            h.wb_err_seen = e.seq
-            e.seen = True
-            raise FsError(e.errno)
-
-    def forget(self, ino: int) -> None:
-        self._errseq.pop(ino, None)
+        ii = h.incore
+        if ii.wb_err_seq > h.wb_err_seen:
+            h.wb_err_seen = ii.wb_err_seq
+            ii.wb_err_seen = True
+            raise FsError(ii.wb_err_errno)
 
     # -- flushing
     async def make_durable(self, *, metadata: bool) -> None:
@@ -246,6 +236,21 @@ class Durability:
             self._arrived -= 1
 
 
-def wants_sync(flags: int) -> tuple[bool, bool]:
-    """(any sync, full O_SYNC) for request or open flags."""
-    return bool(flags & os.O_DSYNC), flags & os.O_SYNC == os.O_SYNC
+class SyncWanted(NamedTuple):
+    """What a WRITE's flags ask of durability before its reply (SPEC 6)."""
+
+    sync: bool  # O_DSYNC or O_SYNC: the data (and what maps it) is durable before the reply
+    full: bool  # O_SYNC: the inode's other metadata too (a commit, not just a flush)
+
+
+NO_SYNC = SyncWanted(sync=False, full=False)
+DATA_SYNC = SyncWanted(sync=True, full=False)
+FULL_SYNC = SyncWanted(sync=True, full=True)
+
+
+def wants_sync(flags: int) -> SyncWanted:
+    """For request or open flags (O_SYNC includes the O_DSYNC bit). Returns one of the three
+    constants: no tuple is built per WRITE."""
+    if not flags & os.O_DSYNC:
+        return NO_SYNC
+    return FULL_SYNC if flags & os.O_SYNC == os.O_SYNC else DATA_SYNC

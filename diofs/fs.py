@@ -147,7 +147,7 @@ class Filesystem:
                 bitmap[phys : phys + count] = bytes(count)
                 self.free_blocks += count
             stats.add("meta.commits")
-            stats.set("meta.blob_bytes", len(blob))
+            stats.gauge("meta.blob_bytes", len(blob))
 
     @staticmethod
     def _discard(discard: Callable[[int, int], None], freed: list[tuple[int, int]],
@@ -279,7 +279,6 @@ class Filesystem:
             inode.nlink -= 1
         self.dirty(d)
         self.dirty(inode)
-        self.maybe_free(inode)
         return inode
 
     def _is_ancestor(self, ancestor: int, ino: int) -> bool:
@@ -348,8 +347,6 @@ class Filesystem:
         od.mtime_ns = od.ctime_ns = nd.mtime_ns = nd.ctime_ns = src.ctime_ns = now
         for n in (od, nd, src):
             self.dirty(n)
-        if dst is not None:
-            self.maybe_free(dst)
         return dst
 
     # ------------------------------------------------------------------ extended attributes
@@ -443,11 +440,6 @@ class Filesystem:
         else:
             inode.ctime_ns = time.time_ns()
             self.dirty(inode)
-
-    def maybe_free(self, inode: Inode) -> None:
-        """Free an inode with no names, no open handles and no kernel references."""
-        if inode.nlink == 0 and inode.opens == 0 and inode.lookups == 0:
-            self.free_inode(inode)
 
     def free_inode(self, inode: Inode) -> None:
         self.unreserve(inode.ino, 0, 1 << 62)

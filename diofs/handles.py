@@ -1,4 +1,5 @@
-"""Per-open-handle state: open flags, the errseq cursor, readahead state, the DIO context.
+"""Per-open-handle state: open flags, the errseq cursor, readahead state, the DIO context;
+the per-inode state a handle works on is its `incore` inode (diofs/incore.py).
 
 Whether one request is direct or synchronous is decided per request (diofs.request: the
 request's fi->flags carry fcntl(F_SETFL, O_DIRECT) and RWF_*SYNC, fuse-facts row 1c); the
@@ -16,7 +17,7 @@ from diofs import stats
 from diofs.cache.readahead import Readahead
 from diofs.errors import FsError
 from diofs.format.metadata import Inode
-from diofs.locks import LockTable, PagecacheLock
+from diofs.incore import IncoreInode
 
 DIO_CONTEXT_BYTES = 1 << 20  # the kernel's largest direct chunk (max_read, fuse-facts row 2)
 
@@ -52,18 +53,11 @@ class DioContext:
 class Handle:
     fh: int
     inode: Inode
+    incore: IncoreInode  # the inode's run-time state: its locks, errseq, references
     flags: int
     wb_err_seen: int  # errseq cursor: writeback errors up to this sequence were reported
     readahead: Readahead = field(default_factory=Readahead)
     dio_ctx: DioContext | None = None  # persistent direct-I/O context (--mlock)
-    # The inode's pagecache lock, looked up once: the strong reference keeps the LockTable
-    # from forgetting and re-creating it on every request while the file is open.
-    pagecache_lock: PagecacheLock | None = None
-
-    def lock(self, locks: LockTable) -> PagecacheLock:
-        if self.pagecache_lock is None:
-            self.pagecache_lock = locks.get(self.inode.ino)
-        return self.pagecache_lock
 
 
 class HandleTable:
@@ -71,10 +65,10 @@ class HandleTable:
         self._handles: dict[int, Handle] = {}
         self._next = itertools.count(1)
 
-    def open(self, inode: Inode, flags: int, wb_err_seen: int) -> Handle:
-        h = Handle(next(self._next), inode, flags, wb_err_seen)
+    def open(self, inode: Inode, incore: IncoreInode, flags: int, wb_err_seen: int) -> Handle:
+        h = Handle(next(self._next), inode, incore, flags, wb_err_seen)
         self._handles[h.fh] = h
-        inode.opens += 1
+        incore.opens += 1
         return h
 
     def get(self, fh: int) -> Handle:
@@ -85,7 +79,7 @@ class HandleTable:
 
     def close(self, fh: int) -> Handle:
         h = self._handles.pop(fh)
-        h.inode.opens -= 1
+        h.incore.opens -= 1
         return h
 
     def __len__(self) -> int:

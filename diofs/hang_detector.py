@@ -2,8 +2,9 @@
 every FUSE request that a diofs handler has started and not yet answered, and reports each one
 that stays outstanding for `-o hang_timeout=S` seconds (default 60; 0 switches it off).
 
-What it watches: `OUTSTANDING`, a dict that `ops._boundary` keeps for every handler. An entry
-is added when the handler starts and removed when it returns or raises; the entry is the tuple
+What it watches: `OUTSTANDING`, a dict that `ops._fuse_handler` keeps for every handler. An
+entry is added when the handler starts and removed when it returns or raises; the entry is the
+tuple
 
     (start_s, handler, coro, ops, args, kwargs, binding)
 
@@ -80,7 +81,7 @@ Entry = tuple[
 ]
 
 #: request key -> Entry, for every request a handler is working on. Written by the trio thread
-#: only (ops._boundary); the scanner thread reads copies of it.
+#: only (ops._fuse_handler); the scanner thread reads copies of it.
 OUTSTANDING: dict[int, Entry] = {}
 
 #: a new key for OUTSTANDING (thread-safe under the GIL; keys are never reused)
@@ -108,8 +109,8 @@ def publish_stats() -> None:
     """Copy the running detector's counters into diofs.stats (trio thread only)."""
     det = _active
     if det is not None:
-        stats.set("hangs.detected", det.detected)
-        stats.set("hangs.outstanding", det.count_outstanding(time.monotonic()))
+        stats.gauge("hangs.detected", det.detected)
+        stats.gauge("hangs.outstanding", det.count_outstanding(time.monotonic()))
 
 
 def check_timeout(value: float) -> float:

@@ -10,26 +10,27 @@ bytes cached (fuse-facts-more row 11). Truncate and fallocate need nothing from 
 the kernel truncates its own cache after the SETATTR / FALLOCATE answer (fs/fuse/dir.c
 fuse_do_setattr, fs/fuse/file.c fuse_file_fallocate).
 
-Which inodes: `note_buffered` when a buffered READ or WRITE arrives (its folios are in the
+Which inodes (the in-core inode's `kernel_may_cache` flag, diofs/incore.py): set by
+`note_buffered` when a buffered READ or WRITE arrives (its folios are in the
 kernel's cache, locked, from before it was sent). An O_DIRECT OPEN answered without keep_cache
 makes the kernel drop the whole file in the opener's context (ops._file_info, fuse-facts-more
 row 17), but only *after* our answer, and that drop may itself need us: it locks each folio and
-launders a dirty one with a WRITE. So `dropped_by_open(ino, fh)` only notes the drop as
+launders a dirty one with a WRITE. So `dropped_by_open(ii, fh)` only notes the drop as
 pending; it is done once a request carrying that fh arrives (`fh_used`: the fd exists, so the
-open, drop included, has returned), and the inode leaves the set when every such drop is done
+open, drop included, has returned), and the flag is cleared when every such drop is done
 and no buffered READ or WRITE arrived meanwhile (that cancels them: it may come after the drop).
 Dropping the mark at the answer instead hung a mount: a direct READ into a MAP_SHARED mapping
 of the file, answered from the loop, blocked in the reply's write(2) on the folio lock that a
 concurrent O_DIRECT open's drop held while it waited for its launder WRITE, which the blocked
 loop never read (tests/test_dio_kernel_cache.py::test_direct_open_while_reading_into_mapping).
-Only direct writes of an inode in the set are watched.
+Only direct writes of an inode with the flag set are watched.
 
 Which pages: only those a buffered answer may have filled with bytes older than the write.
 The kernel drops the write's range before it queues the WRITE, so a stale page comes from a
 buffered READ (or whole-page WRITE) the kernel sent after that drop and that we answered with
 bytes taken before the write landed. Such an answer is given after the daemon was last idle
-(no request in its hands, ops._boundary) before the write arrived: then a pyfuse3 worker waits
-to read /dev/fuse, so the kernel's queue to us is empty, its 12 background slots are not full,
+(no request in its hands, ops._fuse_handler) before the write arrived: then a pyfuse3 worker
+waits to read /dev/fuse, so the kernel's queue to us is empty, its 12 background slots are not full,
 and a write it has prepared (its range dropped) is not held back there but arrives next. (Not
 covered: a write already queued but not yet read at that very instant, one scheduling round of
 the loop.) So `direct_write_landed` queues the pages of the range that answers since that idle
@@ -72,9 +73,13 @@ import logging
 import mmap
 import threading
 from collections import deque
+from typing import TYPE_CHECKING
 
 from diofs import bugs, request, stats
 from diofs.bugs import Bug
+
+if TYPE_CHECKING:
+    from diofs.incore import IncoreInode
 
 log = logging.getLogger(__name__)
 
@@ -86,9 +91,11 @@ POSTS_KEPT = 16  # landed direct writes remembered per inode
 
 
 class KernelCache:
+    """Mount-wide state here; what it knows of one inode (may the kernel cache it, which
+    opens' drops may still run) is in that inode's IncoreInode (diofs/incore.py)."""
+
     def __init__(self) -> None:
-        self._may_cache: set[int] = set()
-        self._dropping: dict[int, set[int]] = {}  # ino -> fhs whose open's drop may be running
+        self._may_cache_count = 0  # in-core inodes with kernel_may_cache set
         # ino -> sorted, disjoint [first_page, end_page, generation] still to drop
         self._pending: dict[int, list[list[int]]] = {}
         self._generation = 0  # direct writes landed so far (the loop's alone, like the rest)
@@ -104,40 +111,45 @@ class KernelCache:
         self.done = 0  # invalidations completed; written by the thread only (stats may not be)
 
     # ---------------------------------------------------------------- what may be cached
-    def note_buffered(self, ino: int) -> None:
-        self._may_cache.add(ino)
-        self._dropping.pop(ino, None)
+    def note_buffered(self, ii: IncoreInode) -> None:
+        self._set_may_cache(ii, True)
+        ii.kernel_open_drops = None
 
-    def dropped_by_open(self, ino: int, fh: int) -> None:
-        """An open of `ino` as `fh` is answered without keep_cache: a whole-file drop follows."""
-        if ino in self._may_cache and not bugs.enabled(Bug.OPEN_DROP_AT_ANSWER):
-            self._dropping.setdefault(ino, set()).add(fh)
+    def dropped_by_open(self, ii: IncoreInode, fh: int) -> None:
+        """An open of the inode as `fh` is answered without keep_cache: a whole-file drop
+        follows."""
+        if ii.kernel_may_cache and not bugs.enabled(Bug.OPEN_DROP_AT_ANSWER):
+            if ii.kernel_open_drops is None:
+                ii.kernel_open_drops = set()
+            ii.kernel_open_drops.add(fh)
         else:
-            self._may_cache.discard(ino)
+            self._set_may_cache(ii, False)
 
-    def fh_used(self, ino: int, fh: int) -> None:
+    def fh_used(self, ii: IncoreInode, fh: int) -> None:
         """A request carrying `fh` arrived: its open has returned, its drop is done."""
-        fhs = self._dropping.get(ino)
+        fhs = ii.kernel_open_drops
         if fhs is None or fh not in fhs:
             return
         fhs.discard(fh)
         if not fhs:
-            del self._dropping[ino]
-            self._may_cache.discard(ino)
+            ii.kernel_open_drops = None
+            self._set_may_cache(ii, False)
 
-    def may_cache(self, ino: int) -> bool:
-        return ino in self._may_cache
+    def _set_may_cache(self, ii: IncoreInode, value: bool) -> None:
+        if ii.kernel_may_cache is not value:
+            ii.kernel_may_cache = value
+            self._may_cache_count += 1 if value else -1
 
     def may_cache_any(self) -> bool:
-        return bool(self._may_cache)
+        return self._may_cache_count > 0
 
-    def forget(self, ino: int) -> None:
+    def forget(self, ii: IncoreInode) -> None:
         """The inode is gone: the kernel forgot it too (nothing left to invalidate)."""
-        self._may_cache.discard(ino)
-        self._dropping.pop(ino, None)
-        self._posts.pop(ino, None)
+        self._set_may_cache(ii, False)
+        ii.kernel_open_drops = None
+        self._posts.pop(ii.ino, None)
         with self._cond:
-            self._pending.pop(ino, None)
+            self._pending.pop(ii.ino, None)
 
     # ---------------------------------------------------------------- invalidation
     def direct_write_arrived(self) -> int:
@@ -150,15 +162,16 @@ class KernelCache:
         self._idle_answer_seq = self._answer_seq
         self._recent.clear()
 
-    def direct_write_landed(self, ino: int, start: int, end: int, token: int) -> None:
+    def direct_write_landed(self, ii: IncoreInode, start: int, end: int, token: int) -> None:
         """The write's bytes are in the image and the daemon cache holds no older page of
         [start, end) (the direct write's shootdowns). Queue a drop of the kernel pages of the
         range that a buffered answer filled with older bytes since the daemon was last idle
         before the write arrived, and return at once. Safe from the trio loop: it takes a lock that
         nothing holds for long."""
         self._generation += 1
-        if not self.may_cache(ino):  # nothing cached; a READ arriving later sees these bytes
+        if not ii.kernel_may_cache:  # nothing cached; a READ arriving later sees these bytes
             return
+        ino = ii.ino
         first, stop = start // PAGE, -(-end // PAGE)
         posts = self._posts.setdefault(ino, deque(maxlen=POSTS_KEPT))
         posts.append((self._generation, first, stop))
@@ -227,8 +240,8 @@ class KernelCache:
             return len(self._pending) + self._busy
 
     def publish_stats(self) -> None:
-        stats.set("kernel.invalidations", self.done)
-        stats.set("kernel.invalidations_pending", self.pending())
+        stats.gauge("kernel.invalidations", self.done)
+        stats.gauge("kernel.invalidations_pending", self.pending())
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="diofs-invalidate", daemon=True)

@@ -1,11 +1,11 @@
 """The pyfuse3 Operations: translate FUSE requests into diofs calls. The only module that
 raises pyfuse3.FUSEError.
 
-Every handler runs inside `_boundary`: diofs errors become their errno, OSError from the image
-keeps its errno, anything else is logged once with its traceback, answered with EIO, and
+Every handler is wrapped by `_fuse_handler`: diofs errors become their errno, OSError from the
+image keeps its errno, anything else is logged once with its traceback, answered with EIO, and
 switches the mount to failsafe (later writes fail with EIO, the image is flagged for fsck in
 the log) — pyfuse3 itself would end its main loop on any exception that is not FUSEError.
-`_boundary` also keeps the table of outstanding requests that diofs.hang_detector scans.
+`_fuse_handler` also keeps the table of outstanding requests that diofs.hang_detector scans.
 
 Kernel caching of names and attributes (entry and attribute timeouts, `-o entry_timeout=S,
 attr_timeout=S`, default an hour): the kernel may trust a dentry and an inode's attributes
@@ -35,16 +35,29 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import pyfuse3
+from pyfuse3 import (
+    EntryAttributes,
+    FileHandleT,
+    FileInfo,
+    FileNameT,
+    FlagT,
+    InodeT,
+    ModeT,
+    ReaddirToken,
+    RequestContext,
+    SetattrFields,
+    StatvfsData,
+    XAttrNameT,
+)
 
 from diofs import bugs, hang_detector, request, stats
 from diofs.buffered import Buffered
 from diofs.bugs import Bug
 from diofs.dio import Direct
-from diofs.durability import Durability
 from diofs.errors import FsError
 from diofs.format.metadata import Inode
-from diofs.fs import Filesystem
 from diofs.handles import Handle, HandleTable
+from diofs.iocontext import IoContext
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +79,7 @@ FALLOC_FL_ZERO_RANGE = 0x10
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 
-def _boundary(fn: F) -> F:
+def _fuse_handler(fn: F) -> F:
     counter = f"ops.{fn.__name__}"
     # the hung-request detector's table (diofs/hang_detector.py): one insert and one delete per
     # request; the binding's (tid, flags) only exists for the data requests
@@ -102,7 +115,7 @@ def _boundary(fn: F) -> F:
         finally:
             outstanding.pop(key, None)
             if not outstanding:
-                self.buffered.kernel.daemon_idle()
+                self.io.kernel.daemon_idle()
 
     return wrapper  # type: ignore[return-value]
 
@@ -113,17 +126,17 @@ class Operations(pyfuse3.Operations):
     enable_acl = False
 
     def __init__(
-        self, fs: Filesystem, buffered: Buffered, direct: Direct, dur: Durability, *,
+        self, io: IoContext, buffered: Buffered, direct: Direct, *,
         entry_timeout: float, attr_timeout: float, xattrs: bool = True,
     ):
         super().__init__()
         self.xattrs = xattrs
         self.entry_timeout = entry_timeout  # seconds; see the module docstring
         self.attr_timeout = attr_timeout
-        self.fs = fs
+        self.io = io
+        self.fs = io.fs  # the namespace, which most handlers work on
         self.buffered = buffered
         self.direct = direct
-        self.durability = dur
         self.handles = HandleTable()
         self.stats_reads: dict[int, bytes] = {}  # fh -> JSON snapshot of an open stats file
         self.failsafe = False
@@ -149,7 +162,7 @@ class Operations(pyfuse3.Operations):
         return a
 
     def _entry(self, inode: Inode) -> pyfuse3.EntryAttributes:
-        inode.lookups += 1
+        self.io.inodes.get(inode.ino).lookups += 1
         return self._attrs(inode)
 
     def _check_writable(self) -> None:
@@ -157,8 +170,10 @@ class Operations(pyfuse3.Operations):
             raise FsError(errno.EIO)
 
     # ------------------------------------------------------------------ namespace
-    @_boundary
-    async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> Any:
+    @_fuse_handler
+    async def lookup(
+        self, parent_inode: InodeT, name: FileNameT, ctx: RequestContext | None = None
+    ) -> EntryAttributes:
         if parent_inode == pyfuse3.ROOT_INODE and name == STATS_NAME:
             return self._stats_attrs()
         try:
@@ -182,30 +197,26 @@ class Operations(pyfuse3.Operations):
         a.st_blksize = self.fs.bs
         return a
 
-    @_boundary
-    async def forget(self, inode_list: Sequence[tuple[pyfuse3.InodeT, int]]) -> None:
+    @_fuse_handler
+    async def forget(self, inode_list: Sequence[tuple[InodeT, int]]) -> None:
         for ino, nlookup in inode_list:
             inode = self.fs.inodes.get(ino)
             if inode is not None:
-                inode.lookups = max(0, inode.lookups - nlookup)
-                self._maybe_free(inode)
+                incore = self.io.inodes.get(ino)
+                incore.lookups = max(0, incore.lookups - nlookup)
+                self.io.inodes.evict_if_unused(inode)
 
-    def _maybe_free(self, inode: Inode) -> None:
-        self.fs.maybe_free(inode)
-        if inode.ino not in self.fs.inodes:
-            self.buffered.cache.drop_inode(inode.ino)
-            self.durability.forget(inode.ino)
-            self.direct.forget(inode.ino)
-            self.buffered.kernel.forget(inode.ino)
-
-    @_boundary
-    async def getattr(self, inode: int, ctx: Any = None) -> Any:
+    @_fuse_handler
+    async def getattr(self, inode: InodeT, ctx: RequestContext | None = None) -> EntryAttributes:
         if inode == STATS_INO:
             return self._stats_attrs()
         return self._attrs(self.fs.get(inode))
 
-    @_boundary
-    async def setattr(self, inode: int, attr: Any, fields: Any, fh: Any, ctx: Any) -> Any:
+    @_fuse_handler
+    async def setattr(
+        self, inode: InodeT, attr: EntryAttributes, fields: SetattrFields,
+        fh: FileHandleT | None, ctx: RequestContext,
+    ) -> EntryAttributes:
         node = self.fs.get(inode)
         now = time.time_ns()
         kill = request.current().kill_suidgid  # truncate or chown (KILLPRIV_V2)
@@ -231,51 +242,59 @@ class Operations(pyfuse3.Operations):
         self.fs.dirty(node)
         return self._attrs(node)
 
-    @_boundary
-    async def readlink(self, inode: int, ctx: Any) -> bytes:
+    @_fuse_handler
+    async def readlink(self, inode: InodeT, ctx: RequestContext) -> FileNameT:
         node = self.fs.get(inode)
         if not S.S_ISLNK(node.mode):
             raise FsError(errno.EINVAL)
         return node.target
 
-    @_boundary
-    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any) -> Any:
+    @_fuse_handler
+    async def mknod(
+        self, parent_inode: InodeT, name: FileNameT, mode: ModeT, rdev: int, ctx: RequestContext
+    ) -> EntryAttributes:
         self._check_writable()
         return self._entry(self.fs.make_inode(parent_inode, name, mode, ctx.uid, ctx.gid, rdev))
 
-    @_boundary
-    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> Any:
+    @_fuse_handler
+    async def mkdir(
+        self, parent_inode: InodeT, name: FileNameT, mode: ModeT, ctx: RequestContext
+    ) -> EntryAttributes:
         self._check_writable()
         node = self.fs.make_inode(parent_inode, name, S.S_IFDIR | (mode & 0o7777), ctx.uid, ctx.gid)
         return self._entry(node)
 
-    @_boundary
-    async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: Any) -> Any:
+    @_fuse_handler
+    async def symlink(
+        self, parent_inode: InodeT, name: FileNameT, target: FileNameT, ctx: RequestContext
+    ) -> EntryAttributes:
         self._check_writable()
         node = self.fs.make_inode(
             parent_inode, name, S.S_IFLNK | 0o777, ctx.uid, ctx.gid, target=target
         )
         return self._entry(node)
 
-    @_boundary
-    async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any) -> Any:
+    @_fuse_handler
+    async def link(
+        self, inode: InodeT, new_parent_inode: InodeT, new_name: FileNameT, ctx: RequestContext
+    ) -> EntryAttributes:
         self._check_writable()
         return self._entry(self.fs.link(inode, new_parent_inode, new_name))
 
-    @_boundary
-    async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+    @_fuse_handler
+    async def unlink(self, parent_inode: InodeT, name: FileNameT, ctx: RequestContext) -> None:
         self._check_writable()
-        self._maybe_free(self.fs.unlink(parent_inode, name, want_dir=False))
+        self.io.inodes.evict_if_unused(self.fs.unlink(parent_inode, name, want_dir=False))
 
-    @_boundary
-    async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+    @_fuse_handler
+    async def rmdir(self, parent_inode: InodeT, name: FileNameT, ctx: RequestContext) -> None:
         self._check_writable()
-        self._maybe_free(self.fs.unlink(parent_inode, name, want_dir=True))
+        self.io.inodes.evict_if_unused(self.fs.unlink(parent_inode, name, want_dir=True))
 
-    @_boundary
+    @_fuse_handler
     async def rename(
-        self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes,
-        flags: int, ctx: Any,
+        self, parent_inode_old: InodeT, name_old: FileNameT, parent_inode_new: InodeT,
+        name_new: FileNameT, flags: FlagT, ctx: RequestContext,
     ) -> None:
         self._check_writable()
         if flags & ~(pyfuse3.RENAME_EXCHANGE | pyfuse3.RENAME_NOREPLACE):
@@ -286,16 +305,16 @@ class Operations(pyfuse3.Operations):
             exchange=bool(flags & pyfuse3.RENAME_EXCHANGE),
         )
         if replaced is not None:
-            self._maybe_free(replaced)
+            self.io.inodes.evict_if_unused(replaced)
 
     # ------------------------------------------------------------------ directories
-    @_boundary
-    async def opendir(self, inode: int, ctx: Any) -> int:
+    @_fuse_handler
+    async def opendir(self, inode: InodeT, ctx: RequestContext) -> FileHandleT:
         self.fs.get_dir(inode)
         return inode
 
-    @_boundary
-    async def readdir(self, fh: int, start_id: int, token: Any) -> None:
+    @_fuse_handler
+    async def readdir(self, fh: FileHandleT, start_id: int, token: ReaddirToken) -> None:
         d = self.fs.get_dir(fh)
         # Cookies are positions in the (insertion-ordered) entry dict. Entries removed
         # during a listing may shift later ones back by one: a name can be listed twice
@@ -306,15 +325,15 @@ class Operations(pyfuse3.Operations):
                 continue
             if not pyfuse3.readdir_reply(token, name, self._attrs(child), pos):
                 return
-            child.lookups += 1
+            self.io.inodes.get(ino).lookups += 1
 
-    @_boundary
-    async def releasedir(self, fh: int) -> None:
+    @_fuse_handler
+    async def releasedir(self, fh: FileHandleT) -> None:
         return None
 
-    @_boundary
-    async def fsyncdir(self, fh: int, datasync: bool) -> None:
-        await self.durability.make_durable(metadata=True)
+    @_fuse_handler
+    async def fsyncdir(self, fh: FileHandleT, datasync: bool) -> None:
+        await self.io.durability.make_durable(metadata=True)
 
     # ------------------------------------------------------------------ files
     def _file_info(self, h: Handle) -> pyfuse3.FileInfo:
@@ -329,12 +348,12 @@ class Operations(pyfuse3.Operations):
         # is known to be done (kernel_cache.py "Which inodes": the first request with this
         # fh, `_handle`).
         if h.flags & os.O_DIRECT:
-            self.buffered.kernel.dropped_by_open(h.inode.ino, h.fh)
+            self.io.kernel.dropped_by_open(h.incore, h.fh)
             return pyfuse3.FileInfo(fh=h.fh, keep_cache=False, direct_io=False)
         return pyfuse3.FileInfo(fh=h.fh, keep_cache=True, direct_io=False)
 
-    @_boundary
-    async def open(self, inode: int, flags: int, ctx: Any) -> Any:
+    @_fuse_handler
+    async def open(self, inode: InodeT, flags: FlagT, ctx: RequestContext) -> FileInfo:
         if inode == STATS_INO:  # a snapshot per open; direct_io: the size is not known
             fh = STATS_INO + len(self.stats_reads) + 1
             while fh in self.stats_reads:
@@ -350,24 +369,33 @@ class Operations(pyfuse3.Operations):
             self.fs.kill_privs(node, suidgid=request.current().kill_suidgid)
             if node.size:  # before the handle exists: no leak if it fails
                 await self.direct.truncate(node, 0)
-        h = self.handles.open(node, flags, self.durability.sample(node.ino))
+        incore = self.io.inodes.get(node.ino)
+        h = self.handles.open(node, incore, flags, self.io.durability.sample(incore))
         return self._file_info(h)
 
-    @_boundary
-    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any) -> Any:
+    @_fuse_handler
+    async def create(
+        self, parent_inode: InodeT, name: FileNameT, mode: ModeT, flags: FlagT,
+        ctx: RequestContext,
+    ) -> tuple[FileInfo, EntryAttributes]:
         self._check_writable()
         node = self.fs.make_inode(parent_inode, name, S.S_IFREG | (mode & 0o7777), ctx.uid, ctx.gid)
-        h = self.handles.open(node, flags, 0)
+        h = self.handles.open(node, self.io.inodes.get(node.ino), flags, 0)
         return self._file_info(h), self._entry(node)
 
     def _handle(self, fh: int) -> Handle:
         """The open file `fh` of a request: the open that made it has returned."""
         h = self.handles.get(fh)
-        self.buffered.kernel.fh_used(h.inode.ino, fh)
+        self.io.kernel.fh_used(h.incore, fh)
         return h
 
-    @_boundary
-    async def read(self, fh: int, off: int, size: int) -> Any:
+    @_fuse_handler
+    async def read(  # type: ignore[override]  # the binding also sends these two (below)
+        self, fh: FileHandleT, off: int, size: int
+    ) -> bytes | memoryview | pyfuse3.ReplyFromThread:
+        """bytes, a memoryview of the direct-I/O context's buffer (pyfuse3 copies it into
+        the reply before the next checkpoint), or a ReplyFromThread (the patched binding
+        writes the reply from a worker thread: dio.Direct.read)."""
         if fh >= STATS_INO:
             return self.stats_reads[fh][off : off + size]
         h = self._handle(fh)
@@ -376,8 +404,8 @@ class Operations(pyfuse3.Operations):
             return await self.direct.read(h, off, size, req)
         return await self.buffered.read(h, off, size, req)
 
-    @_boundary
-    async def write(self, fh: int, off: int, buf: bytes) -> int:
+    @_fuse_handler
+    async def write(self, fh: FileHandleT, off: int, buf: bytes) -> int:
         self._check_writable()
         h = self._handle(fh)
         req = request.current()
@@ -393,11 +421,11 @@ class Operations(pyfuse3.Operations):
         path = self.direct if flags & os.O_DIRECT else self.buffered
         if not flags & os.O_DSYNC:
             return await path.write(h, off, buf, req, flags)
-        with self.durability.incoming_write():  # group commit waits for sync writes
+        with self.io.durability.incoming_write():  # group commit waits for sync writes
             return await path.write(h, off, buf, req, flags)
 
-    @_boundary
-    async def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
+    @_fuse_handler
+    async def fallocate(self, fh: FileHandleT, mode: int, offset: int, length: int) -> None:
         self._check_writable()
         h = self._handle(fh)
         if offset < 0 or length <= 0:
@@ -413,29 +441,29 @@ class Operations(pyfuse3.Operations):
             keep_size=bool(mode & FALLOC_FL_KEEP_SIZE),
         )
 
-    @_boundary
-    async def flush(self, fh: int) -> None:
+    @_fuse_handler
+    async def flush(self, fh: FileHandleT) -> None:
         if fh < STATS_INO:
             self._handle(fh)  # close(2) of this fd: its open has long returned
 
-    @_boundary
-    async def fsync(self, fh: int, datasync: bool) -> None:
+    @_fuse_handler
+    async def fsync(self, fh: FileHandleT, datasync: bool) -> None:
         if fh >= STATS_INO:
             return
         h = self._handle(fh)
         with contextlib.suppress(OSError):  # recorded (errseq) by the writeback; reported below
-            await self.buffered.writeback.writeback_inode(h.inode.ino)
-        await self.durability.make_durable(metadata=not datasync)
-        self.durability.check_and_advance(h)
+            await self.io.writeback.writeback_inode(h.inode.ino)
+        await self.io.durability.make_durable(metadata=not datasync)
+        self.io.durability.check_and_advance(h)
 
-    @_boundary
-    async def release(self, fh: int) -> None:
+    @_fuse_handler
+    async def release(self, fh: FileHandleT) -> None:
         if fh >= STATS_INO:
             self.stats_reads.pop(fh, None)
             return
         h = self.handles.close(fh)
-        self.buffered.kernel.fh_used(h.inode.ino, fh)
-        self._maybe_free(h.inode)
+        self.io.kernel.fh_used(h.incore, fh)
+        self.io.inodes.evict_if_unused(h.inode)
 
     # ------------------------------------------------------------------ extended attributes
     def _xattr_inode(self, inode: int, stats_errno: int = errno.EPERM) -> Inode:
@@ -445,31 +473,33 @@ class Operations(pyfuse3.Operations):
             raise FsError(stats_errno)
         return self.fs.get(inode)
 
-    @_boundary
-    async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
+    @_fuse_handler
+    async def getxattr(self, inode: InodeT, name: XAttrNameT, ctx: RequestContext) -> bytes:
         return self.fs.getxattr(self._xattr_inode(inode, errno.ENODATA), name, ctx.uid)
 
-    @_boundary
-    async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
+    @_fuse_handler
+    async def listxattr(self, inode: InodeT, ctx: RequestContext) -> list[XAttrNameT]:
         if inode == STATS_INO and self.xattrs:
             return []
         return self.fs.listxattr(self._xattr_inode(inode), ctx.uid)
 
-    @_boundary
-    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
+    @_fuse_handler
+    async def setxattr(
+        self, inode: InodeT, name: XAttrNameT, value: bytes, ctx: RequestContext
+    ) -> None:
         node = self._xattr_inode(inode)
         self._check_writable()
         self.fs.setxattr(node, name, value, ctx.uid)
 
-    @_boundary
-    async def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:
+    @_fuse_handler
+    async def removexattr(self, inode: InodeT, name: XAttrNameT, ctx: RequestContext) -> None:
         node = self._xattr_inode(inode)
         self._check_writable()
         self.fs.removexattr(node, name, ctx.uid)
 
     # ------------------------------------------------------------------ misc
-    @_boundary
-    async def statfs(self, ctx: Any) -> Any:
+    @_fuse_handler
+    async def statfs(self, ctx: RequestContext) -> StatvfsData:
         blocks, free, files = self.fs.statfs_counts()
         s = pyfuse3.StatvfsData()
         s.f_bsize = s.f_frsize = self.fs.bs
@@ -482,10 +512,10 @@ class Operations(pyfuse3.Operations):
 
     def stats_snapshot(self) -> dict[str, float]:
         blocks, free, files = self.fs.statfs_counts()
-        stats.set("fs.inodes", files)
-        stats.set("fs.free_blocks", free)
-        stats.set("fs.open_handles", len(self.handles))
-        stats.set("fuse.killpriv_v2", int(request.killpriv_v2_negotiated()))
-        self.buffered.kernel.publish_stats()
+        stats.gauge("fs.inodes", files)
+        stats.gauge("fs.free_blocks", free)
+        stats.gauge("fs.open_handles", len(self.handles))
+        stats.gauge("fuse.killpriv_v2", int(request.killpriv_v2_negotiated()))
+        self.io.kernel.publish_stats()
         hang_detector.publish_stats()
         return stats.snapshot()

@@ -16,7 +16,8 @@ def add(name: str, n: float = 1) -> None:
     _counters[name] += n
 
 
-def set(name: str, value: float) -> None:
+def gauge(name: str, value: float) -> None:
+    """Set `name` to `value` (a level, not a count: `add` counts)."""
     _counters[name] = value
 
 

@@ -1,4 +1,5 @@
-"""Unit tests for diofs.locks: the two-state pagecache lock, the lock table, the fault marker.
+"""Unit tests for diofs.locks: the two-state pagecache lock, the in-core inode that holds it
+(diofs/incore.py), the fault marker.
 
 Pure trio, no mount, no real sleeps: steps are ordered with trio.testing.wait_all_tasks_blocked,
 and time only passes on the autojump MockClock (pytest-trio's `autojump_clock` fixture).
@@ -16,7 +17,10 @@ import trio
 import trio.testing
 
 from diofs import stats
-from diofs.locks import FaultMarker, LockStatistics, LockTable, PagecacheLock, State
+from diofs.format.metadata import Inode
+from diofs.incore import IncoreInode, IncoreInodes
+from diofs.kernel_cache import KernelCache
+from diofs.locks import FaultMarker, LockStatistics, PagecacheLock, State
 
 ADD, BLOCK = State.ADD, State.BLOCK
 
@@ -461,67 +465,82 @@ async def test_wait_stats(autojump_clock: trio.testing.MockClock) -> None:
     assert stats.get("locks.contended_now") == 0
 
 
-# -- lock table -------------------------------------------------------------------------
+# -- in-core inodes (diofs/incore.py): the one table of per-inode locks --------------------
 
 
-async def test_table_returns_one_lock_per_inode() -> None:
-    table = LockTable()
+class _FreedLog:
+    """Stands in for the Filesystem and the PageCache at teardown: records what it is told."""
+
+    def __init__(self) -> None:
+        self.freed: list[int] = []
+
+    def free_inode(self, inode: Inode) -> None:
+        self.freed.append(inode.ino)
+
+    def drop_inode(self, ino: int) -> None:
+        self.freed.append(-ino)
+
+
+def _incore_table() -> tuple[IncoreInodes, _FreedLog]:
+    log = _FreedLog()
+    return IncoreInodes(log, log, KernelCache()), log  # type: ignore[arg-type]
+
+
+async def test_one_incore_inode_and_one_lock_per_inode() -> None:
+    """Race 11: a lock referenced across a checkpoint, idle meanwhile, is still *the* lock of
+    its inode when another task asks for it."""
+    table, _ = _incore_table()
     a = table.get(1)
     assert table.get(1) is a
     assert table.get(2) is not a
-    assert a.ino == 1
-
-
-async def test_table_forgets_idle_locks() -> None:
-    table = LockTable()
-    async with table.get(1).add(5):
-        assert 1 in table
-        assert table.get(1).statistics().owners["add"] == {5: 1}
-    assert 1 not in table
-    assert len(table) == 0
-    async with table.pagecache_block(2, 5):
-        pass
-    assert len(table) == 0
-
-
-async def test_table_keeps_busy_locks_without_outside_references() -> None:
-    table = LockTable()
-    await table.get(1).acquire(BLOCK, 3)  # no reference kept by the caller
+    lock = a.pagecache
+    assert lock.ino == 1
+    async with lock.add(5):
+        assert table.get(1).pagecache.statistics().owners["add"] == {5: 1}
     gc.collect()
-    assert holds(table.get(1), 3, BLOCK)
-    table.get(1).release(BLOCK, 3)
-    gc.collect()
-    assert 1 not in table
-
-
-async def test_table_keeps_referenced_idle_lock_identity() -> None:
-    """`lock = table.get(ino)`, a checkpoint, then `acquire`: still the one lock of ino."""
-    table = LockTable()
-    lock = table.get(1)
-    async with table.get(1).add():
-        pass
-    assert table.get(1) is lock  # idle but referenced: not replaced
     await trio.lowlevel.checkpoint()
+    assert table.get(1).pagecache is lock
+    assert table.get(1).rwsem is a.rwsem
     async with trio.open_nursery() as n:
         h = await start(n, lock, BLOCK)
-        w = await start(n, table.get(1), ADD)
+        w = await start(n, table.get(1).pagecache, ADD)
         assert not w.acquired
         await finish(h)
         await finish(w)
 
 
-async def test_table_forgets_lock_after_cancelled_waiter() -> None:
-    table = LockTable()
+async def test_incore_io_idle_sees_holders_and_waiters() -> None:
+    ii = IncoreInode(1)
+    assert ii.io_idle()
+    async with ii.rwsem.hold(exclusive=False):
+        assert not ii.io_idle()
     async with trio.open_nursery() as n:
-        h = await start(n, table.get(1), ADD)
-        w = await start(n, table.get(1), BLOCK)
-        assert table.get(1).statistics().waiters["block"] == 1
-        w.cancel_scope.cancel()
-        await trio.testing.wait_all_tasks_blocked()
+        h = await start(n, ii.pagecache, ADD)
+        assert not ii.io_idle()
+        w = await start(n, ii.pagecache, BLOCK)
         await finish(h)
-        del h, w
-    gc.collect()
-    assert 1 not in table
+        assert not ii.io_idle()
+        await finish(w)
+    assert ii.io_idle()
+
+
+def test_incore_inode_torn_down_with_its_last_reference() -> None:
+    """evict_if_unused frees the inode, its pages and its in-core state only once it has no
+    name, no open handle and no kernel lookup."""
+    table, log = _incore_table()
+    inode = Inode(ino=7, mode=0o100644, nlink=1)
+    ii = table.get(7)
+    ii.lookups, ii.opens = 1, 1
+    table.evict_if_unused(inode)
+    inode.nlink = 0
+    table.evict_if_unused(inode)
+    ii.lookups = 0
+    table.evict_if_unused(inode)
+    assert log.freed == [] and 7 in table
+    ii.opens = 0
+    table.evict_if_unused(inode)
+    assert log.freed == [7, -7]
+    assert 7 not in table and len(table) == 0
 
 
 # -- fault marker -----------------------------------------------------------------------

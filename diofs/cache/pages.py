@@ -111,10 +111,10 @@ class PageCache:
         return self._wb_pages << self._shift
 
     def _gauge_used(self) -> None:
-        stats.set("cache.used_bytes", self._npages << self._shift)
+        stats.gauge("cache.used_bytes", self._npages << self._shift)
 
     def _gauge_dirty(self) -> None:
-        stats.set("cache.dirty_pages", len(self._dirty))
+        stats.gauge("cache.dirty_pages", len(self._dirty))
 
     # ---------------------------------------------------------------- lookups
 
@@ -310,7 +310,7 @@ class PageCache:
         if s is None:
             s = self._dirty_by_ino[ino] = set()
         s.add(index)
-        stats.set("cache.dirty_pages", len(self._dirty))
+        stats.gauge("cache.dirty_pages", len(self._dirty))
 
     def _mark_clean(self, ino: int, index: int, page: Page) -> None:
         page.dirty = False

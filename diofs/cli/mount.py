@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import ctypes
 import faulthandler
+import functools
 import logging
 import os
 import signal
@@ -47,15 +48,17 @@ import trio
 from diofs import bugs, daemon_status, hang_detector, image_lock, request, stats
 from diofs.backend import image_name, is_uri, open_backend
 from diofs.backend.nbd import NbdOptions
-from diofs.buffered import Buffered
+from diofs.buffered import Buffered, write_back_pages
 from diofs.cache import PageCache, Writeback
 from diofs.cli.common import ArgumentParser, parse_size, run_main, setup_logging, syslog_handler
 from diofs.dio import Direct
 from diofs.durability import Durability
 from diofs.errors import EXIT_ERROR, EXIT_MOUNT_FAILED, EXIT_MOUNTPOINT, DiofsError
 from diofs.fs import Filesystem
+from diofs.incore import IncoreInodes
+from diofs.iocontext import IoContext
 from diofs.kernel_cache import KernelCache
-from diofs.locks import FaultMarker, LockTable
+from diofs.locks import FaultMarker
 
 log = logging.getLogger(__name__)
 
@@ -217,31 +220,29 @@ class Daemon:
         from diofs.ops import Operations
 
         fs, o = self.fs, self.opts
-        self.durability = Durability(fs)
         self.cache = PageCache(fs.bs, o.cache_size)
-        self.buffered: Buffered
+        self.kernel = KernelCache()
+        inodes = IncoreInodes(fs, self.cache, self.kernel)
+        self.durability = Durability(fs, inodes)
         self.writeback = Writeback(
-            self.cache, self._write_back, age_s=o.writeback_age,
+            self.cache, functools.partial(write_back_pages, fs), age_s=o.writeback_age,
             on_error=self.durability.record_writeback_error,
         )
-        locks, marker = LockTable(), FaultMarker()
-        self.kernel = KernelCache()
-        self.buffered = Buffered(
-            fs, self.cache, self.writeback, locks, marker, self.durability, self.kernel,
-            fill_delay=o.fill_delay,
+        self.io = IoContext(
+            fs, self.cache, self.writeback, inodes, FaultMarker(), self.durability, self.kernel
         )
+        self.buffered = Buffered(self.io, fill_delay=o.fill_delay)
         self.direct = Direct(
-            self.buffered, dio_align=o.dio_align or fs.sb.dio_align,
-            locked_shootdown=o.shootdown == "locked", write_delay=o.dio_delay,
-            persistent_ctx=self.mlock,
+            self.io, dio_align=o.dio_align or fs.sb.dio_align,
+            locked_shootdown=o.shootdown == "locked", dio_delay=o.dio_delay,
+            mlock=self.mlock,
         )
         fs.data_delay = o.data_delay
         fs.discard_freed = o.discard
         self.ops = Operations(
-            fs, self.buffered, self.direct, self.durability, xattrs=o.xattr,
+            self.io, self.buffered, self.direct, xattrs=o.xattr,
             entry_timeout=o.entry_timeout, attr_timeout=o.attr_timeout,
         )
-        self.locks = locks
         fuse_opts = set(pyfuse3.default_options)
         fuse_opts.discard("default_permissions")
         fuse_opts |= {fsname_option(self.image), "subtype=diofs", "default_permissions", *o.fuse}
@@ -261,9 +262,6 @@ class Daemon:
         pyfuse3.init(self.ops, self.mnt, fuse_opts)
         self.status.publish(self.image, canonical_mnt)  # for umount.diofs
         self.kernel.start()
-
-    async def _write_back(self, ino: int, off: int, data: bytes) -> None:
-        await self.buffered.write_back_page_run(ino, off, data)
 
     async def _periodic_commit(self) -> None:
         while True:

@@ -57,9 +57,6 @@ class Inode:
     record: bytes | None = None  # cached serialisation, None when changed since
     xattrs: dict[bytes, bytes] | None = None  # name -> value (diofs.format.xattrs)
     xattr_record: bytes | None = None  # cached encoding of `xattrs`, like `record`
-    # run-time only (not on the image):
-    lookups: int = 0
-    opens: int = 0
 
     @property
     def is_dir(self) -> bool:

@@ -2,11 +2,11 @@
 
 Primitives (details and race scenarios: docs/concurrency.md):
     PagecacheLock   per inode, two shared states: ADD (fills) / BLOCK (direct writes,
-                    truncate, punch, zero range); phase-fair, never starves (two_state.py)
-    LockTable       per mount: ino -> PagecacheLock, created lazily, forgotten when idle
+                    truncate, punch, zero range); phase-fair, never starves (two_state.py);
+                    `IncoreInode.pagecache` (diofs/incore.py: one per inode while it exists)
     FaultMarker     per mount: (tid, ino) -> count; "this tid is inside its own DIO BLOCK
                     section of ino" (bcachefs faults_disabled_mapping; fault_marker.py)
-    RwSem           per inode (rwsem.py, owned by dio.py): the I/O rwsem of direct I/O,
+    RwSem           per inode (rwsem.py), `IncoreInode.rwsem`: the I/O rwsem of direct I/O,
                     truncate and fallocate, like Linux i_rwsem; always OUTSIDE PagecacheLock
     trio atomicity  code between two checkpoints runs alone; per-inode metadata and extent
                     state need no lock object, only "no await inside the critical step"
@@ -25,10 +25,10 @@ Lock ordering (outer first; each edge names where the nesting happens):
       ->image I/O               (read-modify-write of a partial page)
 
   [direct WRITE: no kernel lock is held for the daemon]
-  inode RwSem (locks/rwsem.py)  (dio.Direct._rwsem: shared, or exclusive if extending or
-                                 sub-block)
-    ->PagecacheLock BLOCK       (dio.Direct.write)
-      ->FaultMarker (tid, ino)  (dio.Direct.write: marked() inside BLOCK, rule M2)
+  inode RwSem (locks/rwsem.py)  (dio.Direct._write_locked: shared, or exclusive if
+                                 extending or sub-block)
+    ->PagecacheLock BLOCK       (dio.Direct._write_locked)
+      ->FaultMarker (tid, ino)  (dio.Direct._write_locked: marked() inside BLOCK, rule M2)
         ->page writeback wait   (Writeback.writeback_range: takes no diofs lock)
         ->inode metadata/extents
           ->image I/O           (fs.write_data)
@@ -147,10 +147,10 @@ chunks plus their fault READs, row 2), so waiters do not stall unrelated request
 fault READs read and answered: that mode is only safe while a worker is free, one more
 reason it is a demonstration, not a default.
 
-Exports: State, PagecacheLock, LockStatistics, LockTable, FaultMarker.
+Exports: State, PagecacheLock, LockStatistics, FaultMarker.
 """
 
 from diofs.locks.fault_marker import FaultMarker
-from diofs.locks.two_state import LockStatistics, LockTable, PagecacheLock, State
+from diofs.locks.two_state import LockStatistics, PagecacheLock, State
 
-__all__ = ["FaultMarker", "LockStatistics", "LockTable", "PagecacheLock", "State"]
+__all__ = ["FaultMarker", "LockStatistics", "PagecacheLock", "State"]

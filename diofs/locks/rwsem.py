@@ -60,12 +60,12 @@ class RwSem:
         self._writer = False
         self._notify()
 
-    def hold(self, *, exclusive: bool) -> _Hold:
+    def hold(self, *, exclusive: bool) -> _RwSemHold:
         """`async with sem.hold(exclusive=...)`."""
-        return _Hold(self, exclusive)
+        return _RwSemHold(self, exclusive)
 
 
-class _Hold:
+class _RwSemHold:
     __slots__ = ("_sem", "_exclusive")
 
     def __init__(self, sem: RwSem, exclusive: bool) -> None:

@@ -1,4 +1,5 @@
-"""The per-inode two-state pagecache lock (SPEC section 4) and the per-mount lock table.
+"""The per-inode two-state pagecache lock (SPEC section 4); each in-core inode has one
+(diofs/incore.py).
 
 A `PagecacheLock` has two states, `State.ADD` (page-cache fills, readahead, buffered inserts)
 and `State.BLOCK` (direct writes, truncate, hole punch, zero range). Any number of tasks may
@@ -62,15 +63,13 @@ from __future__ import annotations
 import contextlib
 import enum
 import types
-import weakref
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
 
 from diofs import stats
 
-__all__ = ["LockStatistics", "LockTable", "PagecacheLock", "State"]
+__all__ = ["LockStatistics", "PagecacheLock", "State"]
 
 
 class State(enum.Enum):
@@ -112,7 +111,7 @@ class _Waiter:
     owner: int
 
 
-class _Hold(contextlib.AbstractAsyncContextManager[None]):
+class _PagecacheHold(contextlib.AbstractAsyncContextManager[None]):
     """`async with lock.add(tid):` acquires on entry and releases on exit."""
 
     __slots__ = ("_lock", "_owner", "_state")
@@ -140,8 +139,6 @@ class PagecacheLock:
     All attributes are protected by trio's run-to-checkpoint atomicity (no lock object):
         `_state`, `_holders`, `_owners`: the held state, its holder count, per-tid counts.
         `_waiters`: per state, an insertion-ordered dict of `_Waiter` (FIFO, O(1) removal).
-        `_on_busy`: set by `LockTable`; called with True/False when the lock stops/starts
-            being idle, so that the table keeps a strong reference exactly while it is busy.
     """
 
     def __init__(self, ino: int) -> None:
@@ -150,8 +147,6 @@ class PagecacheLock:
         self._holders = 0
         self._owners: dict[State, dict[int, int]] = {State.ADD: {}, State.BLOCK: {}}
         self._waiters: dict[State, dict[_Waiter, None]] = {State.ADD: {}, State.BLOCK: {}}
-        self._on_busy: Callable[[PagecacheLock, bool], None] | None = None
-        self._busy = False
 
     def __repr__(self) -> str:
         st = self._state.value if self._state else "free"
@@ -185,7 +180,6 @@ class PagecacheLock:
         await trio.lowlevel.checkpoint_if_cancelled()
         if self._admissible(state):
             self._grant(state, owner)
-            self._update_busy()
             return
 
         waiter = _Waiter(trio.lowlevel.current_task(), owner)
@@ -194,7 +188,6 @@ class PagecacheLock:
             stats.add("locks.contended_now", 1)
         queue[waiter] = None
         stats.add("locks.waiters_now", 1)
-        self._update_busy()
         start = trio.current_time()
 
         def abort(_raise_cancel: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
@@ -231,7 +224,6 @@ class PagecacheLock:
             self._admit_all(current)
         elif not self._waiters[State.ADD] and not self._waiters[State.BLOCK]:
             stats.add("locks.contended_now", -1)
-        self._update_busy()
 
     # -- releasing -------------------------------------------------------------------------
 
@@ -259,17 +251,16 @@ class PagecacheLock:
                 self._admit_all(_other(state))
             elif self._waiters[state]:  # impossible by I3; kept so a bug cannot strand tasks
                 self._admit_all(state)
-        self._update_busy()
 
     # -- context managers (say the intent at the call site) --------------------------------
 
     def add(self, owner: int = 0) -> contextlib.AbstractAsyncContextManager[None]:
         """`async with lock.add(tid):` hold the ADD state (page-cache fills)."""
-        return _Hold(self, State.ADD, owner)
+        return _PagecacheHold(self, State.ADD, owner)
 
     def block(self, owner: int = 0) -> contextlib.AbstractAsyncContextManager[None]:
         """`async with lock.block(tid):` hold the BLOCK state (DIO write, truncate, punch)."""
-        return _Hold(self, State.BLOCK, owner)
+        return _PagecacheHold(self, State.BLOCK, owner)
 
     # -- queries ---------------------------------------------------------------------------
 
@@ -296,13 +287,6 @@ class PagecacheLock:
 
     # -- internals -------------------------------------------------------------------------
 
-    def _update_busy(self) -> None:
-        busy = not self.idle()
-        if busy != self._busy:
-            self._busy = busy
-            if self._on_busy is not None:
-                self._on_busy(self, busy)
-
     def _check_invariants(self) -> None:
         """Assert I1-I3 (tests call this after every step; cheap enough for debugging)."""
         if self._state is None:
@@ -316,46 +300,3 @@ class PagecacheLock:
             if self._waiters[self._state]:  # I3
                 assert self._waiters[_other(self._state)], self
         assert all(c > 0 for s in State for c in self._owners[s].values()), self
-
-
-class LockTable:
-    """The per-mount registry of `PagecacheLock`s: one per inode, created on first use.
-
-    `_all` maps ino -> lock weakly; `_busy` holds a strong reference to every lock that is
-    not idle (it has holders or waiters). So an idle lock is forgotten as soon as nobody
-    references it, yet `get()` can never hand out a second lock for the same inode: a lock
-    that somebody still references (for instance between `get()` and `acquire()`, across a
-    checkpoint) stays in `_all` and is returned again. Correctness never depends on the
-    garbage collector; only memory does.
-    """
-
-    def __init__(self) -> None:
-        self._all: weakref.WeakValueDictionary[int, PagecacheLock] = weakref.WeakValueDictionary()
-        self._busy: dict[int, PagecacheLock] = {}
-
-    def get(self, ino: int) -> PagecacheLock:
-        lock = self._all.get(ino)
-        if lock is None:
-            lock = PagecacheLock(ino)
-            lock._on_busy = self._set_busy
-            self._all[ino] = lock
-        return lock
-
-    def pagecache_block(
-        self, ino: int, owner: int = 0
-    ) -> contextlib.AbstractAsyncContextManager[None]:
-        """`async with table.pagecache_block(ino, tid):` (bch2_pagecache_block_get)."""
-        return self.get(ino).block(owner)
-
-    def __len__(self) -> int:
-        """Number of locks the table still knows (busy ones plus idle ones still referenced)."""
-        return len(self._all)
-
-    def __contains__(self, ino: object) -> bool:
-        return ino in self._all
-
-    def _set_busy(self, lock: PagecacheLock, busy: bool) -> None:
-        if busy:
-            self._busy[lock.ino] = lock
-        elif self._busy.get(lock.ino) is lock:
-            del self._busy[lock.ino]
