@@ -1,0 +1,193 @@
+"""Metadata format 2 (issue 13): journal commits and checkpoints on a real mount, format-1
+images, torn journal appends, and what a commit costs as the namespace grows.
+
+- The crash test on format 2: a create/write/rename/unlink/truncate/punch/fsync workload on a
+  crash-logged mount whose journal is tiny (so it wraps into many checkpoints), then 1000+
+  random cut points; every cut image loads, fsck's clean and holds every fsync'ed byte
+  (tests/test_crash_namespace.py has the tooling).
+- A format-1 image (tests/data/v1-image.gz, written by diofs at bb49366) is refused at mount
+  with one line naming `fsck.diofs --upgrade`; the upgrade keeps every file.
+- A torn journal append is not replayed (`--bug trust-torn-journal` replays it).
+- A commit writes O(what changed): the journal bytes per fsync do not grow with the files.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from diofs.backend.raw import RawImage
+from diofs.errors import EXIT_CORRUPT
+from diofs.format import image, journal
+from harness.mount import MountError, MountFactory, run_cli
+from tests.test_cli_errors import assert_one_line_error, try_mount
+from tests.test_crash_namespace import crash_check, expectations, pick_cuts, run_workload
+
+V1_IMAGE = Path(__file__).parent / "data" / "v1-image.gz"
+CUTS = 1000
+
+
+@pytest.mark.deadline(600)
+def test_random_cuts_across_checkpoints(mount_factory: MountFactory, tmp_path: Path) -> None:
+    seed = 20261206
+    stats: dict[str, float] = {}
+    _m, cl, result = run_workload(mount_factory, tmp_path, seed, steps=900, punch=5,
+                                  mkfs_args=("--journal-size", "64K"), stats=stats)
+    assert stats.get("meta.checkpoints", 0) >= 5, stats  # the journal wrapped many times
+    assert stats.get("meta.journal_bytes", 0) > 0, stats
+    exp = expectations(result, cl)
+    assert len(exp) >= 60
+    cuts = pick_cuts(cl, exp, CUTS, seed)
+    assert len(cuts) >= CUTS
+    failures, checked = crash_check(tmp_path, cl, exp, cuts, seed)
+    assert not failures, f"{len(failures)} problems over {len(cuts)} cuts:\n" + "\n".join(
+        failures[:30])
+    assert checked > 2000
+    print(f"{cl.info()}, {len(exp)} fsyncs, {len(cuts)} cuts, {checked} fsync checks, "
+          f"{stats.get('meta.checkpoints')} checkpoints")
+
+
+def _v1_image(tmp_path: Path) -> Path:
+    img = tmp_path / "v1.img"
+    with gzip.open(V1_IMAGE, "rb") as src, open(img, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    return img
+
+
+def test_format_1_image_is_refused_with_one_line(tmp_path: Path) -> None:
+    img = _v1_image(tmp_path)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    before = hashlib.sha256(img.read_bytes()).hexdigest()
+    proc = try_mount(img, mnt, foreground=True)
+    line = assert_one_line_error(proc, "mount.diofs", contains="fsck.diofs --upgrade")
+    assert proc.returncode == EXIT_CORRUPT, line
+    assert "version 1" in line
+    fsck = run_cli("fsck.diofs", img)
+    assert fsck.returncode == EXIT_CORRUPT
+    assert_one_line_error(fsck, "fsck.diofs", contains="--upgrade")
+    assert hashlib.sha256(img.read_bytes()).hexdigest() == before
+
+
+def test_upgrade_keeps_every_file(tmp_path: Path, mount_factory: MountFactory) -> None:
+    img = _v1_image(tmp_path)
+    proc = run_cli("fsck.diofs", img, "--upgrade")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "upgraded to format 2" in proc.stdout and "clean (5 inodes" in proc.stdout
+    again = run_cli("fsck.diofs", img, "--upgrade")  # format 2 already: only checks
+    assert again.returncode == 0 and "upgraded" not in again.stdout, again.stdout
+    m = mount_factory(image=img)
+    with open(m.path("a"), "rb") as f:
+        assert f.read() == bytes(range(256)) * 40
+    with open(m.path("d", "b"), "rb") as f:
+        assert f.read() == b"hello v1\n"
+    assert os.readlink(m.path("l")) == "d/b"
+    assert os.getxattr(m.path("a"), "user.k") == b"v"
+    with open(m.path("d", "new"), "wb") as f:  # the free space came from the extents
+        f.write(os.urandom(100_000))
+        os.fsync(f.fileno())
+    m.remount()
+    assert os.path.getsize(m.path("d", "new")) == 100_000
+    with open(m.path("a"), "rb") as f:
+        assert f.read() == bytes(range(256)) * 40
+
+
+def _one_transaction_then_kill(m_factory: MountFactory, bugs: list[str]) -> Path:
+    """An image whose journal holds one transaction of about 3 KiB after the checkpoint of
+    a clean unmount (file `f`); the daemon is killed after the fsync that wrote it."""
+    m = m_factory(opts={"commit_interval": 600}, bugs=bugs)
+    with open(m.path("f"), "wb") as f:
+        f.write(b"f" * 5000)
+    m.remount()
+    for i in range(12):
+        with open(m.path("n" * 100 + str(i)), "wb") as f:
+            f.write(b"x")
+    fd = os.open(m.path("f"), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    m.kill()
+    m.expect_dirty()
+    return m.image
+
+
+@pytest.mark.parametrize("bug_on", [False, True], ids=["default", "trust-torn-journal"])
+def test_torn_append_is_not_replayed(mount_factory: MountFactory, bug_on: bool) -> None:
+    """The transaction's header sector landed, the rest of its block did not (a power cut
+    in the middle of the append): the mount shows the commit before it. With the bug the
+    torn records are replayed, and the mount fails on the garbage."""
+    bugs = ["trust-torn-journal"] if bug_on else []
+    img = _one_transaction_then_kill(mount_factory, bugs)
+    backend = RawImage(str(img), writable=True)
+    try:
+        loaded = image.load(backend)
+        assert loaded.replayed == 1 and len(loaded.md.inodes) == 14
+        sb = loaded.sb
+        header = journal.Header.unpack(backend.read(sb.journal_offset, sb.block_size))
+        assert header is not None and header.payload_len > 2048
+        backend.write(sb.journal_offset + 512, bytes(loaded.journal_end - 512))
+        backend.flush()
+    finally:
+        backend.close()
+    m = mount_factory(image=img, bugs=bugs, mount=False)
+    m.expect_dirty()
+    if bug_on:
+        with pytest.raises(MountError, match="journal"):
+            m.start()
+        return
+    m.start()
+    assert sorted(os.listdir(m.mnt)) == ["f"]
+    with open(m.path("f"), "rb") as f:
+        assert f.read() == b"f" * 5000
+
+
+def _journal_bytes(m) -> float:  # type: ignore[no-untyped-def]
+    return m.stats().get("meta.journal_bytes", 0.0)
+
+
+def test_commit_cost_does_not_grow_with_files(mount_factory: MountFactory) -> None:
+    """fsync after a 4 KiB write writes one journal block at 200 files and at 5000 files, and
+    no checkpoint; its latency stays within 2x."""
+    m = mount_factory(size="256M", opts={"commit_interval": 600})
+
+    def fsync_cost() -> tuple[float, float]:
+        path = m.path("probe")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            before = _journal_bytes(m)
+            times = []
+            for _ in range(15):
+                t0 = time.perf_counter()
+                os.pwrite(fd, b"p" * 4096, 0)
+                os.fsync(fd)
+                times.append(time.perf_counter() - t0)
+            per_fsync = (_journal_bytes(m) - before) / 15
+        finally:
+            os.close(fd)
+        return sorted(times)[7], per_fsync
+
+    def create(n: int) -> None:
+        for i in range(n):
+            d = m.path(f"d{i // 1000}")
+            if i % 1000 == 0 and not os.path.isdir(d):
+                os.mkdir(d)
+            with open(os.path.join(d, f"x{i}"), "wb") as f:
+                f.write(b"m" * 100)
+
+    create(200)
+    fsync_cost()  # the first commit after the creates journals them all
+    t_small, bytes_small = fsync_cost()
+    create(5000)
+    fsync_cost()  # the first commit after the creates journals them all
+    checkpoints = m.stats().get("meta.checkpoints", 0)
+    t_big, bytes_big = fsync_cost()
+    assert bytes_small <= 4096 and bytes_big <= 4096, (bytes_small, bytes_big)
+    assert m.stats().get("meta.checkpoints", 0) == checkpoints
+    assert t_big < 2 * t_small + 0.002, (t_small, t_big)
