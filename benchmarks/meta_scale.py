@@ -2,6 +2,7 @@
 
 Rows by file count (fresh image of --image-size, files of 100 B in directories of 1000):
     creates_per_s     the bulk creation of the files (create + write 100 B + close each)
+    daemon_cpu_us_per_create   the daemon's CPU time over that creation, per file
     fsync_ms          p50 / max of REPS x (4 KiB pwrite at offset 0 of an existing small
                       file + fsync)
     create_fsync_ms   p50 / max of REPS x (create + write 100 B + fsync of a new file)
@@ -45,6 +46,15 @@ def _rss_mb(m: Mount) -> float:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     return 0.0
+
+
+def _cpu_s(m: Mount) -> float:
+    """The daemon's CPU time so far (user + system): a figure that contention on a shared
+    machine disturbs much less than wall time."""
+    assert m.daemon is not None
+    with open(f"/proc/{m.daemon.pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _timed(fn: Callable[[], object]) -> float:
@@ -133,7 +143,9 @@ def files_row(base: Path, n: int, image_size: str, reps: int) -> dict[str, Any]:
     try:
         row["mkfs_s"] = round(_mkfs(img, image_size), 3)
         m, _ = _mount(img, work, {})
+        cpu0 = _cpu_s(m)
         row["creates_per_s"] = round(_populate(m.mnt, n))
+        row["daemon_cpu_us_per_create"] = round((_cpu_s(m) - cpu0) / n * 1e6)
         os.sync()
         row["fsync_ms"] = _ms(_fsync_loop(m.path("d0000", "f0000000"), reps))
         row["create_fsync_ms"] = _ms(_create_fsync_loop(m.path("d0000"), reps))

@@ -191,3 +191,41 @@ def test_commit_cost_does_not_grow_with_files(mount_factory: MountFactory) -> No
     assert bytes_small <= 4096 and bytes_big <= 4096, (bytes_small, bytes_big)
     assert m.stats().get("meta.checkpoints", 0) == checkpoints
     assert t_big < 2 * t_small + 0.002, (t_small, t_big)
+
+
+def _list_while_changing(directory: str, n: int) -> tuple[list[str], set[str]]:
+    """List `directory` one small getdents page at a time while unlinking and creating other
+    names between pages; returns (names listed, names present all along)."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    listed: list[str] = []
+    removed: set[str] = set()
+    try:
+        with os.scandir(fd) as it:
+            for i, entry in enumerate(it):
+                listed.append(entry.name)
+                if i % 50 == 0 and i < n // 2:
+                    victim = f"f{(i * 7919) % n}"
+                    if victim not in removed:
+                        os.unlink(os.path.join(directory, victim))
+                        removed.add(victim)
+                    open(os.path.join(directory, f"new{i}"), "wb").close()
+    finally:
+        os.close(fd)
+    kept = {f"f{i}" for i in range(n)} - removed
+    return listed, kept
+
+
+def test_readdir_is_stable_under_creates_and_unlinks(mount_factory: MountFactory) -> None:
+    """A listing of a 3000-entry directory, with names unlinked and created between its
+    pages: no name listed twice, none that stayed is skipped (Entries.listing's cookies)."""
+    m = mount_factory(opts={"commit_interval": 600})
+    d = m.path("big")
+    os.mkdir(d)
+    n = 3000
+    for i in range(n):
+        open(os.path.join(d, f"f{i}"), "wb").close()
+    listed, kept = _list_while_changing(d, n)
+    assert len(listed) == len(set(listed)), "a name was listed twice"
+    assert kept <= set(listed), f"skipped: {sorted(kept - set(listed))[:5]}"
+    m.remount()
+    assert len(os.listdir(d)) == len(kept) + len([x for x in os.listdir(d) if x.startswith("new")])

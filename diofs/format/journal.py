@@ -160,9 +160,9 @@ def apply(md: Metadata, header: Header, body: bytes | memoryview) -> None:
                     raise ImageCorrupt(f"journal: entry {name[:40]!r} of missing directory "
                                        f"{dir_ino}")
                 if child:
-                    dict.__setitem__(d.entries, name, child)
+                    d.entries.load(name, child)
                 else:
-                    dict.pop(d.entries, name, None)
+                    d.entries.unload(name)
                 d.record = None
             elif kind == DROP:
                 (ino,) = _DROP.unpack_from(body, pos)

@@ -25,6 +25,8 @@ from __future__ import annotations
 import stat as S
 import struct
 import zlib
+from bisect import bisect_right
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from diofs.errors import ImageCorrupt
@@ -41,32 +43,100 @@ _UNWRITTEN = 1 << 63
 
 
 class Entries(dict[bytes, int]):
-    """A directory's entries, name -> ino (insertion ordered), with a log of the names set or
-    deleted since the last commit (`changes`: name -> ino, or 0 when deleted; the last change
-    of each name wins). Every change goes through `__setitem__`, `__delitem__` or `pop`."""
+    """A directory's entries, name -> ino, with two more things:
 
-    __slots__ = ("changes",)
+    - `changes`: the names set or deleted since the last commit (name -> ino, or 0 when
+      deleted; the last change of each name wins), which the journal writes
+      (diofs.format.journal) instead of the whole directory;
+    - readdir cookies (`listing`): each name gets a cookie when it is added, from a counter
+      that only grows, and keeps it until it is removed (replacing its ino keeps it). A
+      listing continues after a cookie by bisection, so a readdir page costs O(log n + page)
+      whatever the directory's size, and a name present for the whole listing is returned
+      exactly once however many names are created or removed meanwhile (new names come
+      later or not at all, as POSIX allows). Cookies live in memory only (a remount numbers
+      the names again; no listing survives a remount).
 
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)
+    Invariants: `_seq` has exactly the dict's names; `_cookies` is ascending and holds every
+    live cookie plus stale ones (removed names), `_names` beside it; stale entries are
+    dropped when they are more than half (`_compact`). Every change goes through
+    `__setitem__`, `__delitem__`, `pop` or `load` (which is not logged in `changes`)."""
+
+    __slots__ = ("_cookies", "_names", "_next", "_seq", "_stale", "changes")
+
+    def __init__(self, items: dict[bytes, int] | None = None) -> None:
+        super().__init__()
         self.changes: dict[bytes, int] = {}
+        self._seq: dict[bytes, int] = {}
+        self._cookies: list[int] = []
+        self._names: list[bytes] = []
+        self._next = 3  # 1 and 2 are left for "." and ".." should they ever be listed
+        self._stale = 0
+        for name, ino in (items or {}).items():
+            self[name] = ino
+
+    def _unsupported(self, *args: object, **kwargs: object) -> None:
+        raise TypeError("Entries changes go through [name] = ino, del and pop")
+
+    update = clear = setdefault = popitem = __ior__ = _unsupported  # type: ignore[assignment]
+
+    def _add_cookie(self, name: bytes) -> None:
+        if name not in self._seq:
+            self._seq[name] = self._next
+            self._cookies.append(self._next)
+            self._names.append(name)
+            self._next += 1
+
+    def _drop_cookie(self, name: bytes) -> None:
+        if self._seq.pop(name, None) is not None:
+            self._stale += 1
+            if self._stale > 64 and 2 * self._stale > len(self._cookies):
+                self._compact()
+
+    def _compact(self) -> None:
+        live = [(c, n) for c, n in zip(self._cookies, self._names, strict=True)
+                if self._seq.get(n) == c]
+        self._cookies = [c for c, _ in live]
+        self._names = [n for _, n in live]
+        self._stale = 0
+
+    def load(self, name: bytes, ino: int) -> None:
+        """Set without logging a change (loading a checkpoint, replaying the journal)."""
+        super().__setitem__(name, ino)
+        self._add_cookie(name)
+
+    def unload(self, name: bytes) -> None:
+        """Delete (if present) without logging a change (replaying the journal)."""
+        if super().pop(name, None) is not None:
+            self._drop_cookie(name)
 
     def __setitem__(self, name: bytes, ino: int) -> None:
-        super().__setitem__(name, ino)
+        self.load(name, ino)
         self.changes[name] = ino
 
     def __delitem__(self, name: bytes) -> None:
         super().__delitem__(name)
+        self._drop_cookie(name)
         self.changes[name] = 0
 
     def pop(self, name: bytes, *default: int) -> int:  # type: ignore[override]
         if name in self:
             self.changes[name] = 0
+            self._drop_cookie(name)
         return super().pop(name, *default)
 
     def take_changes(self) -> dict[bytes, int]:
         changes, self.changes = self.changes, {}
         return changes
+
+    def listing(self, after: int) -> Iterator[tuple[int, bytes, int]]:
+        """(cookie, name, ino) of the names whose cookie is above `after`, in cookie order.
+        The caller does not change the directory while it iterates."""
+        i = bisect_right(self._cookies, after)
+        cookies, names, seq = self._cookies, self._names, self._seq
+        for j in range(i, len(cookies)):
+            name = names[j]
+            if seq.get(name) == cookies[j]:
+                yield cookies[j], name, self[name]
 
 
 @dataclass(slots=True, eq=False)
@@ -170,7 +240,7 @@ def unpack_entries(payload: bytes) -> Entries:
         name = payload[p : p + nlen]
         if len(name) != nlen:
             raise ImageCorrupt("directory record is truncated")
-        dict.__setitem__(entries, name, child)  # loading is no change
+        entries.load(name, child)
         p += nlen
     return entries
 
