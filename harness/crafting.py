@@ -4,8 +4,10 @@ checkpoint (`rewrite_commit`) or as a journal transaction replayed at mount
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from diofs.backend import open_backend
 from diofs.format import image, journal, metadata
@@ -47,6 +49,44 @@ def append_transaction(
         header = (sb.fs_id, loaded.checkpoint.generation, loaded.generation + 1, md.next_ino)
         txn = journal.transaction(header, body, sb.block_size)
         image.append_transaction(backend, sb, loaded.journal_end, txn, True)
+    finally:
+        backend.close()
+
+
+def one_transaction_then_kill(factory: Any, bugs: list[str]) -> Path:
+    """An image whose journal holds one transaction of about 3 KiB (12 new files with long
+    names) after the checkpoint of a clean unmount (file `f`, 5000 bytes of b"f"); the daemon
+    is killed after the fsync that wrote it. `factory`: a harness.mount.MountFactory."""
+    m = factory(opts={"commit_interval": 600}, bugs=bugs)
+    with open(m.path("f"), "wb") as f:
+        f.write(b"f" * 5000)
+    m.remount()
+    for i in range(12):
+        with open(m.path("n" * 100 + str(i)), "wb") as f:
+            f.write(b"x")
+    fd = os.open(m.path("f"), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    m.kill()
+    m.expect_dirty()
+    return Path(m.image)
+
+
+def tear_first_append(img: Path) -> int:
+    """Zero the journal's first transaction after its first 512-byte sector, as a power cut
+    in the middle of the append leaves it (the header landed, the records did not). Returns
+    the transaction's payload length."""
+    backend = open_backend(str(img), writable=True)
+    try:
+        loaded = image.load(backend)
+        sb = loaded.sb
+        header = journal.Header.unpack(backend.read(sb.journal_offset, sb.block_size))
+        assert header is not None and loaded.replayed == 1, "expected one transaction"
+        backend.write(sb.journal_offset + 512, bytes(loaded.journal_end - 512))
+        backend.flush()
+        return header.payload_len
     finally:
         backend.close()
 

@@ -24,7 +24,8 @@ import pytest
 
 from diofs.backend.raw import RawImage
 from diofs.errors import EXIT_CORRUPT
-from diofs.format import image, journal
+from diofs.format import image
+from harness.crafting import one_transaction_then_kill, tear_first_append
 from harness.mount import MountError, MountFactory, run_cli
 from tests.test_cli_errors import assert_one_line_error, try_mount
 from tests.test_crash_namespace import crash_check, expectations, pick_cuts, run_workload
@@ -98,44 +99,19 @@ def test_upgrade_keeps_every_file(tmp_path: Path, mount_factory: MountFactory) -
         assert f.read() == bytes(range(256)) * 40
 
 
-def _one_transaction_then_kill(m_factory: MountFactory, bugs: list[str]) -> Path:
-    """An image whose journal holds one transaction of about 3 KiB after the checkpoint of
-    a clean unmount (file `f`); the daemon is killed after the fsync that wrote it."""
-    m = m_factory(opts={"commit_interval": 600}, bugs=bugs)
-    with open(m.path("f"), "wb") as f:
-        f.write(b"f" * 5000)
-    m.remount()
-    for i in range(12):
-        with open(m.path("n" * 100 + str(i)), "wb") as f:
-            f.write(b"x")
-    fd = os.open(m.path("f"), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    m.kill()
-    m.expect_dirty()
-    return m.image
-
-
 @pytest.mark.parametrize("bug_on", [False, True], ids=["default", "trust-torn-journal"])
 def test_torn_append_is_not_replayed(mount_factory: MountFactory, bug_on: bool) -> None:
     """The transaction's header sector landed, the rest of its block did not (a power cut
     in the middle of the append): the mount shows the commit before it. With the bug the
     torn records are replayed, and the mount fails on the garbage."""
     bugs = ["trust-torn-journal"] if bug_on else []
-    img = _one_transaction_then_kill(mount_factory, bugs)
-    backend = RawImage(str(img), writable=True)
+    img = one_transaction_then_kill(mount_factory, bugs)
+    backend = RawImage(str(img), writable=False)
     try:
-        loaded = image.load(backend)
-        assert loaded.replayed == 1 and len(loaded.md.inodes) == 14
-        sb = loaded.sb
-        header = journal.Header.unpack(backend.read(sb.journal_offset, sb.block_size))
-        assert header is not None and header.payload_len > 2048
-        backend.write(sb.journal_offset + 512, bytes(loaded.journal_end - 512))
-        backend.flush()
+        assert len(image.load(backend).md.inodes) == 14
     finally:
         backend.close()
+    assert tear_first_append(img) > 2048
     m = mount_factory(image=img, bugs=bugs, mount=False)
     m.expect_dirty()
     if bug_on:
