@@ -205,3 +205,60 @@ def test_readdir_is_stable_under_creates_and_unlinks(mount_factory: MountFactory
     assert kept <= set(listed), f"skipped: {sorted(kept - set(listed))[:5]}"
     m.remount()
     assert len(os.listdir(d)) == len(kept) + len([x for x in os.listdir(d) if x.startswith("new")])
+
+
+def _image_with_files(img: Path, n: int) -> None:
+    """An image of `n` empty files made off-line through Filesystem (no mount: fast)."""
+    import stat
+
+    import trio
+
+    from diofs.fs import Filesystem
+
+    with open(img, "wb") as f:
+        f.truncate(64 << 20)
+    backend = RawImage(str(img), writable=True)
+    try:
+        image.mkfs(backend, 64 << 20, 4096, 512)
+        fs = Filesystem.load(backend)
+        for i in range(n):
+            fs.make_inode(image.ROOT_INO, f"f{i}".encode(), stat.S_IFREG | 0o644, 0, 0)
+        trio.run(fs.commit)
+    finally:
+        backend.close()
+
+
+def test_fsck_shows_progress_on_a_terminal_only(tmp_path: Path) -> None:
+    import pty
+    import subprocess
+
+    from harness.mount import cli, cli_env
+
+    img = tmp_path / "img"
+    _image_with_files(img, 3000)
+    quiet = run_cli("fsck.diofs", img)
+    assert quiet.returncode == 0 and "%" not in quiet.stdout + quiet.stderr, quiet
+    assert quiet.stderr == ""
+    leader, follower = pty.openpty()
+    try:
+        proc = subprocess.run([*cli("fsck.diofs"), str(img)], stderr=follower,
+                              stdout=subprocess.PIPE, text=True, env=cli_env(), timeout=60,
+                              check=False)
+        os.close(follower)
+        follower = -1
+        shown = b""
+        while True:
+            try:
+                chunk = os.read(leader, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            shown += chunk
+    finally:
+        os.close(leader)
+        if follower >= 0:
+            os.close(follower)
+    assert proc.returncode == 0, proc.stdout
+    assert "clean (3001 inodes" in proc.stdout
+    assert b"fsck.diofs: inodes:" in shown and b"%" in shown, shown
