@@ -1,7 +1,7 @@
 """The in-memory filesystem: inodes, directories, extents, block allocation, image data I/O,
 and metadata commits. It knows nothing of FUSE, the page cache or its locks.
 
-Concurrency: all metadata (inodes, extent maps, bitmap) is changed by trio tasks between
+Concurrency: all metadata (inodes, extent maps, free space) is changed by trio tasks between
 checkpoints, so each synchronous method is atomic. Image I/O goes through `_io`, which may
 await a worker thread; every `await` inside a method here ends an atomic section, and the
 comment next to it says what may have changed. Callers (buffered.py, dio.py) hold the inode's

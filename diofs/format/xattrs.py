@@ -4,9 +4,10 @@ This is the one module that knows how xattrs are stored; the metadata blob
 (diofs.format.metadata) calls `encode_section` / `decode_section`, fsck calls `check`.
 
 In memory an inode's xattrs are `Inode.xattrs`, a dict name -> value (bytes, insertion
-ordered), or None when it has none. On the image they form one section after the bitmap of a
-"DIOFSmd2" metadata blob; a blob with no xattrs at all keeps the "DIOFSmd1" layout, so images
-that never had an xattr are unchanged and older diofs versions still read them.
+ordered), or None when it has none. On the image they form one section after the inodes of a
+"DIOFSmd2" metadata blob (a checkpoint); a blob with no xattrs at all keeps the "DIOFSmd1"
+layout. In a journal transaction each INODE record carries its inode's part of the section
+(`encode_inode` / `decode_inode`, diofs.format.journal).
 
 Section layout (little endian, inside the compressed blob):
 
