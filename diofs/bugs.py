@@ -39,6 +39,10 @@ class Bug(enum.Enum):
     # the loss, which a crashed server may have dropped (diofs/backend/nbd.py, epochs)
     NBD_TRUST_RECONNECT = "nbd-trust-reconnect"
 
+    # the mount replays a journal transaction whose header checks out without checking its
+    # records' checksum (format/image.py, replay): a torn append is replayed as garbage
+    TRUST_TORN_JOURNAL = "trust-torn-journal"
+
     __hash__ = object.__hash__  # members are singletons; asked on every request (hot path)
 
 

@@ -1,15 +1,18 @@
 """The in-memory filesystem: inodes, directories, extents, block allocation, image data I/O,
 and metadata commits. It knows nothing of FUSE, the page cache or its locks.
 
-Concurrency: all metadata (inodes, extent maps, bitmap) is changed by trio tasks between
+Concurrency: all metadata (inodes, extent maps, free space) is changed by trio tasks between
 checkpoints, so each synchronous method is atomic. Image I/O goes through `_io`, which may
 await a worker thread; every `await` inside a method here ends an atomic section, and the
 comment next to it says what may have changed. Callers (buffered.py, dio.py) hold the inode's
 locks (diofs.locks) that keep data ranges stable across those awaits.
 
-Block freeing: blocks that leave an extent map go to `pending_free`, still marked in use, and
-become free only after the next commit is durable. So the committed metadata never points at
-blocks that have since been reused by another file (a power cut cannot mix files' data).
+Block allocation, reservations and delayed frees: diofs.alloc (`self.alloc`).
+
+Commits (diofs.format.layout): `dirty(inode)` records the inode in `_changed`, `free_inode` in
+`_dropped`, and a directory's `Entries` logs its changed names; `commit` writes those as one
+journal transaction (O(what changed)), or a whole checkpoint when the journal is full, after a
+failed commit, and at unmount.
 
 Order of a data write into holes (SPEC 5, seed 003, in `write_data`):
     (1) allocate blocks as unwritten extents (they read as zeros)
@@ -31,14 +34,15 @@ from typing import TypeVar
 import trio
 
 from diofs import bugs, stats
+from diofs.alloc import Allocator
 from diofs.backend import Backend
 from diofs.bugs import Bug
 from diofs.errors import FsError
-from diofs.format import image, metadata, verify
+from diofs.format import image, journal, metadata, verify
 from diofs.format import xattrs as xattr_format
 from diofs.format.extents import Segment
-from diofs.format.layout import Superblock
-from diofs.format.metadata import Inode
+from diofs.format.layout import CommitSlot, Superblock
+from diofs.format.metadata import Entries, Inode
 
 log = logging.getLogger(__name__)
 
@@ -59,13 +63,16 @@ class Filesystem:
         self.generation = loaded.generation
         self.inodes: dict[int, Inode] = loaded.md.inodes
         self.next_ino = loaded.md.next_ino
-        self.bitmap = loaded.md.bitmap
-        self.free_blocks = self.bitmap.count(0, self.sb.data_start)
-        self.pending_free: list[tuple[int, int]] = []
-        # Delayed allocation: file blocks (ino -> set) that dirty cached pages will need at
-        # writeback, reserved at write() time so that ENOSPC is reported there, not later.
-        self.reserved: dict[int, set[int]] = {}
-        self.reserved_count = 0
+        self.alloc = Allocator(
+            self.sb.total_blocks, self.sb.data_start, verify.used_runs(loaded.md)
+        )
+        # the journal (module docstring): the checkpoint the journal follows, where the next
+        # transaction goes, what changed since the last commit
+        self.checkpoint: CommitSlot | None = loaded.checkpoint
+        self.journal_end = loaded.journal_end
+        self._changed: dict[int, Inode] = {}
+        self._dropped: set[int] = set()
+        self._need_checkpoint = False
         self.meta_dirty = False
         # Bumped whenever extents or i_size change: fdatasync and O_DSYNC need a commit only
         # if this moved past what the last commit covered (timestamps alone do not count).
@@ -76,7 +83,6 @@ class Filesystem:
         # commit covered (flush skips when nothing new was written).
         self.image_writes = 0
         self.flushed_writes = 0
-        self._rover = self.sb.data_start
         self.io_limiter = trio.CapacityLimiter(4)
         # image I/O up to this size runs inline (see _io); an NBD backend says 0
         self.inline_io_bytes: int = getattr(backend, "inline_io_bytes", INLINE_IO_BYTES)
@@ -99,9 +105,11 @@ class Filesystem:
         return fs
 
     def dirty(self, inode: Inode, *, layout: bool = False) -> None:
-        """Record that `inode` changed: it is re-serialised at the next commit. `layout`:
-        its extents or size changed (data reads depend on it)."""
+        """Record that `inode` changed: it is journaled at the next commit (and re-serialised
+        at the next checkpoint). `layout`: its extents or size changed (data reads depend
+        on it)."""
         inode.record = None
+        self._changed[inode.ino] = inode
         self.meta_dirty = True
         if layout:
             self.layout_seq += 1
@@ -111,31 +119,62 @@ class Filesystem:
         return self.committed_layout_seq >= self.layout_seq
 
     async def commit(self) -> None:
-        """Make the current metadata durable (shadow-paged commit, see format/layout.py)."""
+        """Make the current metadata durable: one journal transaction of what changed, or a
+        checkpoint (module docstring; the protocol is in format/layout.py)."""
         async with self.commit_lock:
-            # Atomic snapshot: blocks freed so far are free in this commit; blocks freed
-            # during the awaits below wait for the next one.
-            freed, self.pending_free = self.pending_free, []
-            bitmap = self.bitmap
-            for phys, count in freed:
-                bitmap[phys : phys + count] = bytes(count)
-            md = metadata.Metadata(self.next_ino, self.inodes, bitmap)
-            blob = metadata.encode(md)
-            for phys, count in freed:  # still in use in memory until the commit is durable
-                bitmap[phys : phys + count] = b"\x01" * count
+            # Atomic snapshot: blocks freed so far are free once this commit is durable;
+            # blocks freed during the awaits below wait for the next one.
+            freed = self.alloc.take_pending()
+            changed, self._changed = self._changed, {}
+            dropped, self._dropped = self._dropped, set()
+            dir_changes = [
+                (inode.ino, inode.entries.take_changes())
+                for inode in changed.values()
+                if inode.entries is not None and inode.entries.changes
+            ]
             self.meta_dirty = False
             layout_seq = self.layout_seq
             generation = self.generation + 1
             writes = self.image_writes
+            flush_data = writes > self.flushed_writes
+            bs = self.sb.block_size
+            txn: bytes | None = None
+            raw = b""
+            if not self._need_checkpoint and self.checkpoint is not None:
+                body = journal.payload(changed.values(), dir_changes, dropped)
+                if self.journal_end + journal.padded_len(len(body), bs) <= self.sb.journal_bytes:
+                    header = (self.sb.fs_id, self.checkpoint.generation, generation, self.next_ino)
+                    txn = journal.transaction(header, body, bs)
+            if txn is None:
+                raw = metadata.encode_raw(metadata.Metadata(self.next_ino, self.inodes))
+            self._need_checkpoint = False
             try:
-                await trio.to_thread.run_sync(
-                    image.write_commit, self.backend, self.sb, generation, blob
-                )
+                if txn is not None:
+                    await trio.to_thread.run_sync(
+                        image.append_transaction, self.backend, self.sb, self.journal_end, txn,
+                        flush_data,
+                    )
+                else:
+                    region = 0 if self.checkpoint is None else 1 - self.checkpoint.region
+                    slot = await trio.to_thread.run_sync(
+                        self._write_checkpoint, raw, generation, region
+                    )
             except BaseException:
-                self.pending_free[:0] = freed
+                self.alloc.commit_failed(freed)
+                # what changed before the snapshot is in no journal record now: only a
+                # checkpoint covers it
+                self._need_checkpoint = True
                 self.meta_dirty = True
                 raise
             self.generation = generation
+            if txn is not None:
+                self.journal_end += len(txn)
+                stats.add("meta.journal_bytes", len(txn))
+            else:
+                self.checkpoint = slot
+                self.journal_end = 0
+                stats.add("meta.checkpoints")
+                stats.gauge("meta.blob_bytes", slot.blob_len)
             discard = getattr(self.backend, "discard", None) if self.discard_freed else None
             if discard is not None and freed:
                 # the durable commit no longer points at them and, still marked used in
@@ -143,11 +182,13 @@ class Filesystem:
                 await trio.to_thread.run_sync(self._discard, discard, freed, self.bs)
             self.flushed_writes = max(self.flushed_writes, writes)  # the commit flushed them
             self.committed_layout_seq = max(self.committed_layout_seq, layout_seq)
-            for phys, count in freed:
-                bitmap[phys : phys + count] = bytes(count)
-                self.free_blocks += count
+            self.alloc.release_committed(freed)
             stats.add("meta.commits")
-            stats.gauge("meta.blob_bytes", len(blob))
+
+    def _write_checkpoint(self, raw: bytes, generation: int, region: int) -> CommitSlot:
+        """Compress and write a checkpoint (a worker thread: zlib releases the GIL)."""
+        blob = metadata.compress(raw)
+        return image.write_commit(self.backend, self.sb, generation, blob, region=region)
 
     @staticmethod
     def _discard(discard: Callable[[int, int], None], freed: list[tuple[int, int]],
@@ -231,7 +272,7 @@ class Filesystem:
             rdev=rdev, target=target,
         )
         if S.S_ISDIR(mode):
-            inode.entries = {}
+            inode.entries = Entries()
             inode.nlink = 2
             d.nlink += 1
         if S.S_ISLNK(mode):
@@ -445,70 +486,47 @@ class Filesystem:
         self.unreserve(inode.ino, 0, 1 << 62)
         self._free_runs(inode.extents.remove(0, inode.extents.end_block()))
         self.inodes.pop(inode.ino, None)
+        self._changed.pop(inode.ino, None)
+        self._dropped.add(inode.ino)
         self.meta_dirty = True
         self.layout_seq += 1
 
     def _free_runs(self, runs: list[tuple[int, int]]) -> None:
         if runs:
-            self.pending_free.extend(runs)
+            self.alloc.free_later(runs)
             self.meta_dirty = True
 
     # ------------------------------------------------------------------ allocation
+    # (diofs.alloc; these keep the names the I/O paths call)
+    @property
+    def free_blocks(self) -> int:
+        return self.alloc.free_blocks
+
     @property
     def available_blocks(self) -> int:
-        return self.free_blocks - self.reserved_count
+        return self.alloc.available_blocks
+
+    @property
+    def pending_free(self) -> list[tuple[int, int]]:
+        return self.alloc.pending_free
+
+    @property
+    def reserved(self) -> dict[int, set[int]]:
+        return self.alloc.reserved
 
     def reserve(self, inode: Inode, fblock: int) -> None:
         """Reserve a block for a dirty cached page over a hole (delayed allocation)."""
-        r = self.reserved.get(inode.ino)
-        if (r is not None and fblock in r) or inode.extents.lookup(fblock, 1)[0].phys is not None:
+        if inode.extents.lookup(fblock, 1)[0].phys is not None:
             return
-        if self.available_blocks < 1:
-            raise FsError(errno.ENOSPC)
-        self.reserved.setdefault(inode.ino, set()).add(fblock)
-        self.reserved_count += 1
+        self.alloc.reserve(inode.ino, fblock)
 
     def unreserve(self, ino: int, first: int, count: int) -> int:
         """Release reservations of file blocks [first, first + count); returns how many."""
-        r = self.reserved.get(ino)
-        if not r:
-            self.reserved.pop(ino, None)
-            return 0
-        if count >= len(r):
-            gone = {b for b in r if first <= b < first + count}
-        else:
-            gone = {b for b in range(first, first + count) if b in r}
-        r -= gone
-        if not r:
-            del self.reserved[ino]
-        self.reserved_count -= len(gone)
-        return len(gone)
+        return self.alloc.unreserve(ino, first, count)
 
     def allocate(self, count: int, goal: int | None = None) -> list[tuple[int, int]]:
         """`count` blocks as runs (phys, n), next-fit from `goal`. Raises ENOSPC."""
-        if count > self.available_blocks:
-            raise FsError(errno.ENOSPC)
-        bm = self.bitmap
-        start = self.sb.data_start
-        pos = goal if goal is not None and start <= goal < len(bm) else self._rover
-        runs: list[tuple[int, int]] = []
-        wrapped = False
-        while count:
-            i = bm.find(0, pos)
-            if i < 0:
-                if wrapped:  # free_blocks said there was room: the bitmap disagrees
-                    raise FsError(errno.ENOSPC)
-                wrapped, pos = True, start
-                continue
-            j = bm.find(1, i)
-            n = min(count, (j if j >= 0 else len(bm)) - i)
-            bm[i : i + n] = b"\x01" * n
-            runs.append((i, n))
-            count -= n
-            pos = i + n
-        self._rover = pos
-        self.free_blocks -= sum(n for _, n in runs)
-        return runs
+        return self.alloc.allocate(count, goal)
 
     def map_for_write(self, inode: Inode, first: int, nblocks: int) -> list[Segment]:
         """Allocate holes in [first, first + nblocks) as unwritten extents; return the
@@ -707,7 +725,7 @@ class Filesystem:
     def statfs_counts(self) -> tuple[int, int, int]:
         """(data blocks, free blocks, inodes in use). Free counts blocks waiting for the
         next commit (pending_free) and excludes reservations."""
-        pending = sum(n for _, n in self.pending_free)
+        pending = self.alloc.pending_blocks
         return self.sb.data_blocks, self.available_blocks + pending, len(self.inodes)
 
     async def retry_on_enospc(self, fn: Callable[[], T]) -> T:
@@ -722,6 +740,9 @@ class Filesystem:
         return fn()
 
     def unmount_cleanup(self) -> None:
+        """Before the final commit: free the orphans; that commit is a checkpoint, so the next
+        mount replays no journal."""
         for inode in [n for n in self.inodes.values() if n.nlink == 0]:
             self.free_inode(inode)
+        self._need_checkpoint = True
 

@@ -316,10 +316,9 @@ class Operations(pyfuse3.Operations):
     @_fuse_handler
     async def readdir(self, fh: FileHandleT, start_id: int, token: ReaddirToken) -> None:
         d = self.fs.get_dir(fh)
-        # Cookies are positions in the (insertion-ordered) entry dict. Entries removed
-        # during a listing may shift later ones back by one: a name can be listed twice
-        # but never skipped, which POSIX allows.
-        for pos, (name, ino) in enumerate(list(d.children.items())[start_id:], start_id + 1):
+        # Cookies are the entries' own (format/metadata.py, Entries.listing): a page costs
+        # O(log n + page), and a name present for the whole listing is listed exactly once.
+        for pos, name, ino in d.children.listing(start_id):
             child = self.fs.inodes.get(ino)
             if child is None:
                 continue

@@ -2,7 +2,8 @@
 images whose metadata area is damaged.
 
 Each case writes a real image through a real mount, then rewrites its metadata as a new commit
-with valid checksums (a crafted image, or a bug in some other writer). The mount must refuse it
+with valid checksums (a crafted image, or a bug in some other writer): a new checkpoint, or
+(the journal-* cases) a journal transaction that the mount replays. The mount must refuse it
 with one line (exit 3) and leave every byte of the image as it was; fsck.diofs must report the
 problem (exit 4). With `--bug trust-checksums` the same image mounts, and the file whose
 extent was moved onto the superblock reads the superblock back.
@@ -23,7 +24,7 @@ from diofs.errors import EXIT_CORRUPT, EXIT_DAMAGED
 from diofs.format import image as image_fmt
 from diofs.format import metadata
 from diofs.format.layout import MAGIC, Superblock
-from harness.crafting import file_inode, move_extent, rewrite_commit
+from harness.crafting import append_transaction, file_inode, move_extent, rewrite_commit
 from harness.mount import MountFactory, run_argv, run_cli, run_tool
 from tests.test_cli_errors import (
     assert_one_line_error,
@@ -53,15 +54,19 @@ def _dangling_entry(md: metadata.Metadata, sb: Superblock) -> None:
     md.next_ino += 8
 
 
-def _used_block_marked_free(md: metadata.Metadata, sb: Superblock) -> None:
-    (e,) = list(file_inode(md, b"b").extents)
-    md.bitmap[e.phys] = 0
+def _in_journal(mutate: Callable[..., None]) -> Callable[[Path], None]:
+    return lambda img: append_transaction(img, mutate)
 
 
-CASES = {
+def _in_checkpoint(mutate: Callable[..., None]) -> Callable[[Path], None]:
+    return lambda img: rewrite_commit(img, mutate)
+
+
+_MUTATIONS = {
     "extent-on-superblock": (_move_extent(lambda md, sb: 0), "outside the data area"),
     "extent-on-commit-slots": (_move_extent(lambda md, sb: 1), "outside the data area"),
     "extent-on-metadata": (_move_extent(lambda md, sb: sb.meta_start), "outside the data area"),
+    "extent-on-journal": (_move_extent(lambda md, sb: sb.journal_start), "outside the data area"),
     "extent-past-end": (_move_extent(lambda md, sb: sb.total_blocks - 1), "outside the data"),
     "extent-on-other-file": (
         _move_extent(lambda md, sb: next(iter(file_inode(md, b"b").extents)).phys),
@@ -69,8 +74,15 @@ CASES = {
     ),
     "impossible-size": (_impossible_size, "impossible size"),
     "dangling-entry": (_dangling_entry, "missing inode"),
-    "used-block-marked-free": (_used_block_marked_free, "used block"),
 }
+CASES: dict[str, tuple[Callable[[Path], None], str]] = {
+    name: (_in_checkpoint(mutate), problem) for name, (mutate, problem) in _MUTATIONS.items()
+}
+CASES.update({
+    f"journal-{name}": (_in_journal(_MUTATIONS[name][0]), _MUTATIONS[name][1])
+    for name in ("extent-on-superblock", "extent-on-other-file", "impossible-size",
+                 "dangling-entry")
+})
 
 
 @pytest.fixture
@@ -92,8 +104,8 @@ def _digest(img: Path) -> str:
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_crafted_image_is_refused(written_image: Path, mnt: Path, case: str) -> None:
-    mutate, problem = CASES[case]
-    rewrite_commit(written_image, mutate)
+    craft, problem = CASES[case]
+    craft(written_image)
     before = _digest(written_image)
     proc = try_mount(written_image, mnt, foreground=True)
     line = assert_one_line_error(proc, "mount.diofs", contains="run fsck.diofs")
@@ -109,7 +121,7 @@ def test_trust_checksums_reads_the_superblock(
     written_image: Path, mount_factory: MountFactory
 ) -> None:
     """The test can fail: without the checks, file a's extent on block 0 reads the superblock."""
-    rewrite_commit(written_image, CASES["extent-on-superblock"][0])
+    CASES["extent-on-superblock"][0](written_image)
     m = mount_factory(image=written_image, bugs=["trust-checksums"])
     m.expect_dirty()
     with open(m.path("a"), "rb") as f:
@@ -135,7 +147,7 @@ def _damaged_variants(base: bytes, sb: Superblock, seed: int = 1203) -> dict[str
     regions = [sb.region_offset(0), sb.region_offset(1)]
     for name, off in [("superblock", 0), ("slot-0", sb.slot_offset(0)),
                       ("slot-1", sb.slot_offset(1)), ("region-0", regions[0]),
-                      ("region-1", regions[1])]:
+                      ("region-1", regions[1]), ("journal", sb.journal_offset)]:
         img = bytearray(base)
         start = off - off % bs
         img[start : start + bs] = bytes(bs)

@@ -35,7 +35,7 @@ from diofs.backend.raw import RawImage
 from diofs.cli import fsck as fsck_mod
 from diofs.format import image
 from diofs.fs import Filesystem
-from harness.io import aligned
+from harness.io import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, aligned, fallocate
 from harness.mount import MountFactory, run_cli, run_in_child
 
 KiB = 1 << 10
@@ -89,8 +89,10 @@ def load_offline(path: str) -> Offline:
 # The workload (runs in a child process against the mount)
 
 
-def workload(mnt: str, log: str, seed: int, steps: int) -> dict[str, Any]:
+def workload(mnt: str, log: str, seed: int, steps: int, punch: int = 0) -> dict[str, Any]:
     """Random namespace + data operations; returns the fsync events and the change events.
+    `punch`: the weight of hole punches (0 keeps the sequence of the tests written before
+    punches were added).
 
     Every event carries `pos`, the crash-log size just before the operation began (changes)
     or just after it returned (fsyncs). Inode numbers are the daemon's (st_ino).
@@ -116,11 +118,13 @@ def workload(mnt: str, log: str, seed: int, steps: int) -> dict[str, Any]:
         return rng.randbytes(n)
 
     for _ in range(steps):
-        op = rng.choices(
-            ["create", "write", "dwrite", "append", "truncate", "rename", "unlink", "fsync",
-             "mkdir", "orphan"],
-            weights=[12, 14, 5, 6, 4, 7, 5, 22, 1, 2],
-        )[0]
+        ops = ["create", "write", "dwrite", "append", "truncate", "rename", "unlink", "fsync",
+               "mkdir", "orphan"]
+        weights = [12, 14, 5, 6, 4, 7, 5, 22, 1, 2]
+        if punch:
+            ops.append("punch")
+            weights.append(punch)
+        op = rng.choices(ops, weights=weights)[0]
         if orphans and rng.random() < 0.1:  # last close of an unlinked file frees it
             os.close(orphans.pop(0))
         live = sorted(files)
@@ -178,6 +182,16 @@ def workload(mnt: str, log: str, seed: int, steps: int) -> dict[str, Any]:
             size = os.stat(p(rel)).st_size
             change([ino], [])
             os.truncate(p(rel), rng.choice([0, size // 2, size + 5000]))
+        elif op == "punch":
+            size = os.stat(p(rel)).st_size
+            start = rng.randrange(0, size + 1)
+            length = rng.choice([1, 4096, 10000, 65536])
+            change([ino], [])
+            fd = os.open(p(rel), os.O_RDWR)
+            try:
+                fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, start, length)
+            finally:
+                os.close(fd)
         elif op == "rename":
             counter += 1
             if rng.random() < 0.3 and len(live) > 1:
@@ -272,13 +286,21 @@ def check_cut(off: Offline, cut: int, exp: list[dict[str, Any]]) -> list[str]:
     return bad
 
 
-def run_workload(factory: MountFactory, tmp_path: Path, seed: int, steps: int):
+def run_workload(factory: MountFactory, tmp_path: Path, seed: int, steps: int, *,
+                 punch: int = 0, mkfs_args: tuple[str, ...] = (),
+                 stats: dict[str, float] | None = None):
+    """Run the workload on a crash-logged mount; `stats` (if given) gets the daemon's
+    counters from before the unmount."""
     log = str(tmp_path / "crash.log")
     m = factory(size="48M", opts={"backend": "crash", "crash_log": log,
-                                  "commit_interval": 0.05, "writeback_age": 0.3})
-    result = run_in_child(workload, str(m.mnt), log, seed, steps, timeout=90, mounts=[m])
+                                  "commit_interval": 0.05, "writeback_age": 0.3},
+                mkfs_args=mkfs_args)
+    result = run_in_child(workload, str(m.mnt), log, seed, steps, punch, timeout=120,
+                          mounts=[m])
     # the log as it is at the end of the workload: what unmount adds is not a crash
     cl = crash.load_log(log)
+    if stats is not None:
+        stats.update(m.stats())
     m.unmount()
     return m, cl, result
 

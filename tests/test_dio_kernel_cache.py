@@ -328,8 +328,8 @@ OPEN_RACE_TIMEOUT_S = 20.0  # the good run takes about 2 s; with the bug it hang
 
 # the bug case's hang stacks differ on backend=nbd (reads await the NBD thread): docs/nbd.md
 # "Known problems"
-@pytest.mark.parametrize("bug_on", [
-    False, pytest.param(True, marks=pytest.mark.file_image)], ids=["default", "open-drop-at-answer"])
+@pytest.mark.parametrize("bug_on", [False, pytest.param(True, marks=pytest.mark.file_image)],
+                         ids=["default", "open-drop-at-answer"])
 def test_direct_open_while_reading_into_mapping(mount_factory: MountFactory, bug_on: bool) -> None:
     """An O_DIRECT open answered without keep_cache makes the kernel drop the whole file
     after our answer (fuse_open -> invalidate_inode_pages2), laundering the mapped page a

@@ -200,20 +200,20 @@ def test_blob_round_trip_md1_without_xattrs_md2_with() -> None:
     trips names and values, and an ino without an inode is reported, not loaded."""
     root = metadata.Inode(1, stat.S_IFDIR | 0o755, nlink=2, entries={b"f": 2})
     f = metadata.Inode(2, stat.S_IFREG | 0o644)
-    md = metadata.Metadata(3, {1: root, 2: f}, bytearray(64))
+    md = metadata.Metadata(3, {1: root, 2: f})
     plain = zlib.decompress(metadata.encode(md))
     assert plain[:8] == b"DIOFSmd1"
     f.xattrs = {b"user.a": b"1", b"security.b": bytes(300)}
     f.record = None
     raw = zlib.decompress(metadata.encode(md))
     assert raw[:8] == b"DIOFSmd2" and raw[8 : len(plain)] == plain[8:]
-    back = metadata.decode(metadata.encode(md), 64)
+    back = metadata.decode(metadata.encode(md))
     assert back.inodes[2].xattrs == f.xattrs and back.inodes[1].xattrs is None
     assert back.lost_xattrs == []
     # a section naming inode 9, which the blob does not hold
     raw2 = raw[: len(plain)] + struct.pack("<I", 1) + struct.pack("<QI", 9, 1)
     raw2 += struct.pack("<BI", 6, 1) + b"user.z" + b"z"
-    lost = metadata.decode(zlib.compress(raw2), 64).lost_xattrs
+    lost = metadata.decode(zlib.compress(raw2)).lost_xattrs
     assert lost == ["xattrs of inode 9, which does not exist"]
 
 

@@ -1,7 +1,8 @@
-"""fsck.diofs IMAGE [--repair] [--force]: check an image; exit 0 when clean, 4 on damage, 3 if
-it cannot be read at all, 7 if the image is in use. Read-only unless --repair (which rebuilds
-the bitmap, fixes link counts, drops dangling entries and frees unreachable inodes, then
-commits).
+"""fsck.diofs IMAGE [--repair] [--force] [--upgrade]: check an image; exit 0 when clean, 4 on
+damage, 3 if it cannot be read at all, 7 if the image is in use. Read-only unless --repair
+(which fixes link counts, drops dangling entries and frees unreachable inodes, then writes a
+checkpoint) or --upgrade (which converts a format-1 image to format 2 in place,
+diofs.format.upgrade, then checks it). On a terminal it shows its progress on stderr.
 
 A mounted image is locked by its daemon (diofs.image_lock) until its final commit is durable;
 fsck refuses it (exit 7, one line), as e2fsck refuses a mounted filesystem: its last commit may
@@ -10,33 +11,71 @@ be seconds old, and a repair would be overwritten by, or corrupt, the daemon's n
 on a locked image. A check holds the lock shared (checks may run side by side, a mount waits),
 a repair exclusively.
 
-Checks: superblock and commit checksums (diofs.format.layout), the metadata blob, the checks
+Checks: superblock and commit checksums (diofs.format.layout), the checkpoint blob, every
+journal transaction of its epoch (checksums, records naming existing directories), the checks
 a mount makes before it uses a commit (diofs.format.verify: file types, sizes, entry names),
 every directory entry points at an inode, link counts match the entries, every inode is reachable
 from the root (except orphans: nlink 0 and no entry, freed at the next mount), extents lie in
 the data area, do not overlap (within or across files), blocks past EOF are only unwritten
-(SPEC 5: a block turns written together with the i_size that covers it), the bitmap marks
-exactly the metadata area plus the blocks extents use, and extended attributes are well formed
+(SPEC 5: a block turns written together with the i_size that covers it), and extended
+attributes are well formed
 (names in a supported namespace, user.* only on files and directories, sizes within the limits
-of diofs.format.xattrs) and belong to an existing inode (--repair drops the bad ones).
+of diofs.format.xattrs) and belong to an existing inode (--repair drops the bad ones). Free
+space is not on the image in format 2 (diofs.alloc rebuilds it from the extents), so the
+overlap check is the whole free-space check. Cost: O(inodes + entries + extents log extents),
+whatever the image size.
 """
 
 from __future__ import annotations
 
 import os
 import stat as S
+import sys
+import time
 from collections import Counter
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
 
 from diofs import image_lock
 from diofs.backend import open_backend
 from diofs.cli.common import ArgumentParser, run_main
 from diofs.errors import EXIT_DAMAGED
-from diofs.format import image, metadata, verify
+from diofs.format import image, metadata, upgrade, verify
 from diofs.format import xattrs as xattr_format
 from diofs.format.image import ROOT_INO
 
+T = TypeVar("T")
 
-def check(loaded: image.Loaded, *, repair: bool) -> list[str]:
+
+class Progress:
+    """A percentage on stderr, rewritten in place at most every 0.2 s, when stderr is a
+    terminal; nothing otherwise (scripts, tests, logs)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self._shown = 0.0
+
+    def over(self, what: str, items: Iterable[T], total: int) -> Iterator[T]:
+        if not self.enabled or total < 1000:
+            yield from items
+            return
+        for i, item in enumerate(items):
+            if i % 256 == 0 and time.monotonic() - self._shown > 0.2:
+                self._shown = time.monotonic()
+                sys.stderr.write(f"\rfsck.diofs: {what}: {100 * i // total:3d}%")
+                sys.stderr.flush()
+            yield item
+        self.done()
+
+    def done(self) -> None:
+        if self.enabled and self._shown:
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
+            self._shown = 0.0
+
+
+def check(loaded: image.Loaded, *, repair: bool, progress: Progress | None = None) -> list[str]:
+    progress = progress or Progress(False)
     sb, md = loaded.sb, loaded.md
     inodes = md.inodes
     problems = verify.inode_problems(md)
@@ -44,8 +83,9 @@ def check(loaded: image.Loaded, *, repair: bool) -> list[str]:
         return problems
     for dir_ino, name, ino in list(verify.dangling_entries(md)):
         problems.append(f"directory {dir_ino}: entry {name!r} points at missing inode {ino}")
-        if repair:
-            (inodes[dir_ino].entries or {}).pop(name)
+        entries = inodes[dir_ino].entries
+        if repair and entries is not None:
+            entries.pop(name)
             inodes[dir_ino].record = None
     refs: Counter[int] = Counter()
     subdirs: Counter[int] = Counter()
@@ -83,26 +123,11 @@ def check(loaded: image.Loaded, *, repair: bool) -> list[str]:
             if repair:
                 inode.nlink = want
                 inode.record = None
-    for inode in inodes.values():
+    for inode in progress.over("inodes", list(inodes.values()), len(inodes)):
         problems += _check_written_within_size(inode, sb.block_size, repair=repair)
         problems += xattr_format.check(inode, repair=repair)
     problems += md.lost_xattrs  # not loaded: a repair's commit drops them
     problems += verify.extent_problems(md, sb)
-    used = bytearray(sb.total_blocks)
-    used[: sb.data_start] = b"\x01" * sb.data_start
-    for inode in inodes.values():
-        for e in inode.extents:
-            if sb.data_start <= e.phys and e.phys + e.count <= sb.total_blocks:
-                used[e.phys : e.phys + e.count] = b"\x01" * e.count
-    if used != md.bitmap:
-        leaked = sum(1 for a, b in zip(md.bitmap, used, strict=True) if a and not b)
-        missing = sum(1 for a, b in zip(md.bitmap, used, strict=True) if b and not a)
-        problems.append(
-            f"free-space bitmap is wrong: {leaked} blocks marked used but unreferenced, "
-            f"{missing} used blocks marked free"
-        )
-        if repair:
-            md.bitmap[:] = used
     return problems
 
 
@@ -134,19 +159,26 @@ def fsck(argv: list[str]) -> int:
     p.add_argument("--repair", action="store_true", help="fix what can be fixed")
     p.add_argument("--force", action="store_true",
                    help="check a locked (mounted) image anyway, read-only: its last commit")
+    p.add_argument("--upgrade", action="store_true",
+                   help="convert a format-1 image to format 2 in place, then check it")
     p.add_argument("--debug", action="store_true")
     a = p.parse_args(argv)
-    backend = open_backend(a.image, writable=a.repair)  # first: its one-line errors
+    writable = a.repair or a.upgrade
+    backend = open_backend(a.image, writable=writable)  # first: its one-line errors
     lock: int | None = None
+    progress = Progress(sys.stderr.isatty())
     try:
-        lock, stale = _lock(a.image, repair=a.repair, force=a.force)
+        lock, stale = _lock(a.image, repair=writable, force=a.force)
+        if a.upgrade and upgrade.format_version(backend) == 1:
+            print(f"fsck.diofs: {a.image}: {upgrade.upgrade(backend)}")
         loaded = image.load(backend)  # ImageCorrupt -> one line, exit 3
-        problems = check(loaded, repair=a.repair)
+        problems = check(loaded, repair=a.repair, progress=progress)
         for line in problems:
             print(f"fsck.diofs: {a.image}: {line}")
         if problems and a.repair:
             blob = metadata.encode(loaded.md)
-            image.write_commit(backend, loaded.sb, loaded.generation + 1, blob)
+            region = None if loaded.checkpoint is None else 1 - loaded.checkpoint.region
+            image.write_commit(backend, loaded.sb, loaded.generation + 1, blob, region=region)
             print(f"fsck.diofs: {a.image}: repaired {len(problems)} problem(s)")
             return 0
     finally:
@@ -156,7 +188,9 @@ def fsck(argv: list[str]) -> int:
     if problems:
         return EXIT_DAMAGED
     n = len(loaded.md.inodes)
-    print(f"fsck.diofs: {a.image}: clean ({n} inodes, generation {loaded.generation}){stale}")
+    journal = f"; {loaded.replayed} journal transactions" if loaded.replayed else ""
+    print(f"fsck.diofs: {a.image}: clean ({n} inodes, generation {loaded.generation}{journal})"
+          f"{stale}")
     return 0
 
 

@@ -1,4 +1,6 @@
-"""mkfs.diofs IMAGE --size SIZE [--block-size N] [--dio-align N]: write an empty filesystem.
+"""mkfs.diofs IMAGE --size SIZE [--block-size N] [--dio-align N] [--journal-size SIZE]: write an
+empty filesystem (format 2, diofs/format/layout.py). Its cost does not grow with SIZE: it
+writes the superblock, the commit slots, the first checkpoint and zeroes the journal.
 
 IMAGE is a file (created, or resized to SIZE), a block device or an NBD URI
 (nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH). A device or an export has a size of
@@ -37,8 +39,11 @@ def mkfs(argv: list[str]) -> int:
                    "the device's or the export's)")
     p.add_argument("--block-size", type=int, default=4096, help="filesystem block size")
     p.add_argument("--dio-align", type=int, default=512, help="O_DIRECT alignment (512..4096)")
+    p.add_argument("--journal-size", help="metadata journal size (default: SIZE / 256 within "
+                   "1M..64M); a full journal makes the next commit a checkpoint")
     p.add_argument("--debug", action="store_true")
     a = p.parse_args(argv)
+    a.journal_bytes = parse_size(a.journal_size) if a.journal_size else None
     if not _power_of_two(a.block_size) or not 4096 <= a.block_size <= 65536:
         raise DiofsError(f"bad --block-size {a.block_size} (a power of two, 4096..65536)")
     if not _power_of_two(a.dio_align) or not 512 <= a.dio_align <= min(4096, a.block_size):
@@ -67,7 +72,7 @@ def mkfs(argv: list[str]) -> int:
             os.ftruncate(fd, size)
         backend = open_backend(a.image)
         try:
-            sb = _write(backend, size, a.block_size, a.dio_align)
+            sb = _write(backend, size, a)
         finally:
             backend.close()
     finally:
@@ -91,7 +96,7 @@ def _mkfs_device(a: argparse.Namespace) -> int:
             size -= size % a.block_size
             if size <= 0:
                 raise DiofsError(f"{a.image} is smaller than one block")
-            sb = _write(backend, size, a.block_size, a.dio_align)
+            sb = _write(backend, size, a)
         finally:
             backend.close()
     finally:
@@ -100,9 +105,9 @@ def _mkfs_device(a: argparse.Namespace) -> int:
     return 0
 
 
-def _write(backend: Backend, size: int, block_size: int, dio_align: int) -> Superblock:
+def _write(backend: Backend, size: int, a: argparse.Namespace) -> Superblock:
     try:
-        return image.mkfs(backend, size, block_size, dio_align)
+        return image.mkfs(backend, size, a.block_size, a.dio_align, a.journal_bytes)
     except ValueError as exc:
         raise DiofsError(str(exc)) from None
 
@@ -110,7 +115,8 @@ def _write(backend: Backend, size: int, block_size: int, dio_align: int) -> Supe
 def _report(name: str, size: int, sb: Superblock) -> None:
     print(
         f"mkfs.diofs: {name}: {size >> 20} MiB, block size {sb.block_size}, "
-        f"dio alignment {sb.dio_align}, {sb.data_blocks} data blocks"
+        f"dio alignment {sb.dio_align}, {sb.data_blocks} data blocks, "
+        f"journal {sb.journal_bytes >> 10} KiB"
     )
 
 

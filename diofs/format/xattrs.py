@@ -4,9 +4,10 @@ This is the one module that knows how xattrs are stored; the metadata blob
 (diofs.format.metadata) calls `encode_section` / `decode_section`, fsck calls `check`.
 
 In memory an inode's xattrs are `Inode.xattrs`, a dict name -> value (bytes, insertion
-ordered), or None when it has none. On the image they form one section after the bitmap of a
-"DIOFSmd2" metadata blob; a blob with no xattrs at all keeps the "DIOFSmd1" layout, so images
-that never had an xattr are unchanged and older diofs versions still read them.
+ordered), or None when it has none. On the image they form one section after the inodes of a
+"DIOFSmd2" metadata blob (a checkpoint); a blob with no xattrs at all keeps the "DIOFSmd1"
+layout. In a journal transaction each INODE record carries its inode's part of the section
+(`encode_inode` / `decode_inode`, diofs.format.journal).
 
 Section layout (little endian, inside the compressed blob):
 
@@ -68,6 +69,32 @@ def _encode_inode(inode: Inode) -> bytes:
     return b"".join(parts)
 
 
+def encode_inode(inode: Inode) -> bytes:
+    """One inode's part of the section (b"" when it has no xattrs), cached like
+    `encode_section` caches it; the journal (diofs.format.journal) writes it per inode."""
+    if not inode.xattrs:
+        return b""
+    if inode.xattr_record is None:
+        inode.xattr_record = _encode_inode(inode)
+    return inode.xattr_record
+
+
+def decode_inode(raw: bytes | memoryview, pos: int) -> tuple[int, dict[bytes, bytes], int]:
+    """The part at `pos`: (ino, xattrs, end position). struct.error when it is short."""
+    ino, n = _INODE.unpack_from(raw, pos)
+    pos += _INODE.size
+    xattrs: dict[bytes, bytes] = {}
+    for _ in range(n):
+        nlen, vlen = _ENTRY.unpack_from(raw, pos)
+        pos += _ENTRY.size
+        name, value = bytes(raw[pos : pos + nlen]), bytes(raw[pos + nlen : pos + nlen + vlen])
+        if len(name) != nlen or len(value) != vlen:
+            raise ImageCorrupt("metadata is truncated (xattrs)")
+        pos += nlen + vlen
+        xattrs[name] = value
+    return ino, xattrs, pos
+
+
 def encode_section(inodes: Iterable[Inode]) -> bytes:
     """The xattr section of the blob, b"" when no inode has xattrs (then the blob stays md1).
     Each inode's part is cached in `Inode.xattr_record`; whoever changes `Inode.xattrs` sets
@@ -92,17 +119,7 @@ def decode_section(raw: bytes, pos: int, inodes: dict[int, Inode]) -> tuple[int,
     pos += _COUNT.size
     for _ in range(count):
         start = pos
-        ino, n = _INODE.unpack_from(raw, pos)
-        pos += _INODE.size
-        xattrs: dict[bytes, bytes] = {}
-        for _ in range(n):
-            nlen, vlen = _ENTRY.unpack_from(raw, pos)
-            pos += _ENTRY.size
-            name, value = raw[pos : pos + nlen], raw[pos + nlen : pos + nlen + vlen]
-            if len(name) != nlen or len(value) != vlen:
-                raise ImageCorrupt("metadata blob is truncated (xattrs)")
-            pos += nlen + vlen
-            xattrs[name] = value
+        ino, xattrs, pos = decode_inode(raw, pos)
         inode = inodes.get(ino)
         if inode is None:
             lost.append(f"xattrs of inode {ino}, which does not exist")
