@@ -46,7 +46,7 @@ import pyfuse3
 from diofs.errors import EXIT_MOUNT_FAILED, DiofsError
 
 #: The value of pyfuse3.DIOFS_PATCH_VERSION this module is written against.
-PATCH_VERSION = 4
+PATCH_VERSION = 5
 
 #: In `Request.flags` when the kernel asks diofs to kill suid/sgid (FUSE_HANDLE_KILLPRIV_V2,
 #: negotiated by `pyfuse3.set_handle_killpriv_v2`): a WRITE, a SETATTR (truncate, chown) or
@@ -98,6 +98,7 @@ def check_binding() -> None:
         and hasattr(pyfuse3, "set_eager_receive")
         and hasattr(pyfuse3, "ReplyFromThread")
         and hasattr(pyfuse3, "set_write_views")
+        and hasattr(pyfuse3, "set_checkpoint_interval")
         and hasattr(pyfuse3, "set_handle_killpriv_v2")
         and hasattr(pyfuse3.Operations, "fallocate")
     )
