@@ -15,9 +15,9 @@ write (fs.overwrite_inline). No await happens between the check and the end of t
 other request runs in between (trio): taking and dropping the locks around it would change
 nothing, and the writeback and shootdowns would find no pages. Counted as dio.fast_writes (its
 gain: the fast-path row of docs/bench.md's table of changes). A lone O_DSYNC write on the fast
-path (durability.lone_sync_write: no other sync write in the daemon, metadata committed) is
-written with RWF_DSYNC, a flush of its own range, instead of the group flush of the whole image
-in a worker thread (seed 001: still durable before the reply).
+path (durability.lone_sync_write: no other sync write in the daemon nor request queued in the
+kernel, metadata committed) is written with RWF_DSYNC, a flush of its own range, instead of the
+group flush of the whole image in a worker thread (seed 001: still durable before the reply).
 
 Direct read: alignment, rwsem shared, write back and wait for dirty pages of the range, read.
 """

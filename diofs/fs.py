@@ -571,9 +571,15 @@ class Filesystem:
             return memoryview(b"")
         bs = self.bs
         first = off // bs
-        segs = inode.extents.lookup(first, (end - 1) // bs - first + 1)
+        nblocks = (end - 1) // bs - first + 1
         view = memoryview(bytearray(end - off) if into is None else into)[: end - off]
-        for seg in segs:
+        phys = inode.extents.written_phys(first, nblocks)
+        if phys is not None:  # one written extent (most direct reads): no segment list
+            await self._io(
+                self.backend.readinto, phys * bs + (off - first * bs), view, nbytes=end - off
+            )
+            return view
+        for seg in inode.extents.lookup(first, nblocks):
             if not seg.readable:
                 if into is not None:
                     s = max(off, seg.start * bs)

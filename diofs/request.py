@@ -25,6 +25,9 @@ Where each field comes from (notes/fuse-facts.md):
   (FUSE_HANDLE_KILLPRIV_V2, which libfuse 3.14 cannot negotiate: the binding adds it to the
   INIT reply itself, `pyfuse3.set_handle_killpriv_v2`). For setattr and open the context is
   set only when the bit is.
+- `requests_queued()` polls the daemon's /dev/fuse descriptor (libfuse opened it; the binding
+  does not export it, so it is found once in /proc/self/fd): whether the kernel has another
+  request waiting for the daemon right now.
 - The patched binding also offers `pyfuse3.set_auto_inval_data(False)`, which the mount calls
   before `pyfuse3.init`: with FUSE_CAP_AUTO_INVAL_DATA, an mtime change seen in GETATTR makes
   the kernel drop the whole file's cache, which lost data under threaded mmap + O_DIRECT
@@ -34,6 +37,8 @@ Where each field comes from (notes/fuse-facts.md):
 from __future__ import annotations
 
 import errno
+import os
+import select
 from dataclasses import dataclass
 
 import pyfuse3
@@ -41,7 +46,7 @@ import pyfuse3
 from diofs.errors import EXIT_MOUNT_FAILED, DiofsError
 
 #: The value of pyfuse3.DIOFS_PATCH_VERSION this module is written against.
-PATCH_VERSION = 4
+PATCH_VERSION = 5
 
 #: In `Request.flags` when the kernel asks diofs to kill suid/sgid (FUSE_HANDLE_KILLPRIV_V2,
 #: negotiated by `pyfuse3.set_handle_killpriv_v2`): a WRITE, a SETATTR (truncate, chown) or
@@ -93,6 +98,7 @@ def check_binding() -> None:
         and hasattr(pyfuse3, "set_eager_receive")
         and hasattr(pyfuse3, "ReplyFromThread")
         and hasattr(pyfuse3, "set_write_views")
+        and hasattr(pyfuse3, "set_checkpoint_interval")
         and hasattr(pyfuse3, "set_handle_killpriv_v2")
         and hasattr(pyfuse3.Operations, "fallocate")
     )
@@ -129,3 +135,36 @@ def invalidate_kernel_range(ino: int, start: int, end: int) -> None:
     except OSError as exc:
         if exc.errno != errno.ENOENT:
             raise
+
+
+_fuse_poll: select.poll | None = None
+_fuse_poll_looked = False
+
+
+def _find_fuse_fd() -> int | None:
+    """The daemon's /dev/fuse descriptor, or None (not a mounted daemon: unit tests)."""
+    try:
+        names = os.listdir("/proc/self/fd")
+    except OSError:
+        return None
+    for name in names:
+        try:
+            if os.readlink(f"/proc/self/fd/{name}") == "/dev/fuse":
+                return int(name)
+        except OSError:
+            continue
+    return None
+
+
+def requests_queued() -> bool:
+    """Whether the kernel has another request queued for the daemon right now: a zero-timeout
+    poll(2) of /dev/fuse (about 1 us). False without a /dev/fuse descriptor. Looked up on the
+    first call, which the daemon makes only once mounted (a sync WRITE)."""
+    global _fuse_poll, _fuse_poll_looked
+    if not _fuse_poll_looked:
+        _fuse_poll_looked = True
+        fd = _find_fuse_fd()
+        if fd is not None:
+            _fuse_poll = select.poll()
+            _fuse_poll.register(fd, select.POLLIN)
+    return _fuse_poll is not None and bool(_fuse_poll.poll(0))

@@ -262,13 +262,16 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TinyMount]:
 
 # --------------------------------------------------------------------------- part 1: API
 def test_binding_has_diofs_api() -> None:
-    assert pyfuse3.DIOFS_PATCH_VERSION == 4
+    assert pyfuse3.DIOFS_PATCH_VERSION == 5
     assert pyfuse3.request_context.get() == (0, 0)
     assert callable(pyfuse3.invalidate_inode_range)
     assert callable(pyfuse3.set_auto_inval_data)
     assert callable(pyfuse3.set_async_dio)
     assert callable(pyfuse3.set_eager_receive)
     assert callable(pyfuse3.set_write_views)
+    assert callable(pyfuse3.set_checkpoint_interval)
+    with pytest.raises(ValueError):
+        pyfuse3.set_checkpoint_interval(0)
     assert callable(pyfuse3.set_handle_killpriv_v2)
     assert pyfuse3.handle_killpriv_v2_negotiated() is False  # no mount in this process
     assert pyfuse3.KILL_SUIDGID == 1 << 32
