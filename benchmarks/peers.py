@@ -1,7 +1,10 @@
 """The peers: build or find them, mount them, measure their daemon, unmount them.
 
-Peers (``PEER_NAMES``, in report order):
+Peers (``PEER_NAMES``, in report order; ``ALL_PEERS`` adds diofs-nbd, which runs only when
+asked for: ``--backend nbd`` or ``--peers diofs-nbd``):
   diofs   ``python mount.py IMG MNT --foreground --log FILE`` on an image made by mkfs.diofs
+  diofs-nbd  the same, but the image is served by nbdkit's file plugin on a unix socket in the
+          peer's dir (same disk) and mounted by its URI (docs/nbd.md): the NBD backend
   pypeer  pyfuse3 3.5.0 ``examples/passthroughfs.py``, variant without O_DIRECT on backing opens
   cpeer   libfuse 3.14 ``example/passthrough_ll.c``, same variant, compiled with gcc
   local   a plain directory on the ext4 file system of the work dir (the limit)
@@ -35,10 +38,12 @@ import time
 from pathlib import Path
 
 from harness import watchdog
+from harness.nbdserver import NbdServer
 
 REPO = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("DIOFS_BENCH_CACHE", Path.home() / ".cache" / "diofs-bench"))
-PEER_NAMES = ("diofs", "pypeer", "cpeer", "local")
+PEER_NAMES = ("diofs", "pypeer", "cpeer", "local")  # the default set
+ALL_PEERS = ("diofs", "diofs-nbd", "pypeer", "cpeer", "local")  # every peer, in report order
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 # passthrough_ll keeps an O_PATH fd open per inode the kernel knows: the tree jobs (two copies
 # of /usr/include and a .git) pass 20,000, and at EMFILE its flush fails with EBADF
@@ -50,11 +55,18 @@ PYFUSE3_SDIST_DIRS = (Path("/tmp/sdist/pyfuse3-3.5.0"), CACHE / "sdist" / "pyfus
 VARIANT = "variant: no O_DIRECT on backing open"
 LABELS = {
     "diofs": "diofs",
+    "diofs-nbd": "diofs over NBD (nbdkit file plugin on the same disk, unix socket)",
     "pypeer": f"Python peer ({VARIANT})",
     "cpeer": f"C peer ({VARIANT})",
     "local": "local disk (ext4)",
 }
-SHORT = {"diofs": "diofs", "pypeer": "Python peer*", "cpeer": "C peer*", "local": "local disk"}
+SHORT = {
+    "diofs": "diofs",
+    "diofs-nbd": "diofs NBD",
+    "pypeer": "Python peer*",
+    "cpeer": "C peer*",
+    "local": "local disk",
+}
 
 
 class PeerUnavailable(Exception):
@@ -452,12 +464,16 @@ class DiofsPeer(FusePeer):
         if not self.image.exists():
             raise PeerUnavailable(f"diofs: mkfs made no image ({' '.join(argv)})")
 
+    def source(self) -> str:
+        """What mount.py mounts: the image file."""
+        return str(self.image)
+
     def argv(self) -> list[str]:
         return [
             self.python,
             *self.wrapper,
             str(REPO / "mount.py"),
-            str(self.image),
+            self.source(),
             str(self.mnt),
             "--foreground",
             "--log",
@@ -474,6 +490,55 @@ class DiofsPeer(FusePeer):
         return out + "\n--- diofs.log:\n" + "\n".join(lines[-n:])
 
 
+class DiofsNbdPeer(DiofsPeer):
+    """diofs with its image served by nbdkit (file plugin, unix socket in the peer's dir).
+
+    The server lives as long as the mount: started by ``mount``, ended by pid in ``unmount``
+    (also on a failed mount), so a remount after a failed run restarts both."""
+
+    name = "diofs-nbd"
+
+    def __init__(
+        self, workdir: Path, image_size: str = "1G", extra_args: list[str] | None = None
+    ) -> None:
+        super().__init__(workdir, image_size, extra_args)
+        self.server: NbdServer | None = None
+
+    def prepare(self) -> None:
+        if shutil.which("nbdkit") is None:
+            raise PeerUnavailable("diofs-nbd: nbdkit is not installed (scripts/setup)")
+        super().prepare()
+
+    def source(self) -> str:
+        assert self.server is not None
+        return self.server.uri
+
+    def mount(self) -> None:
+        if self.server is None:
+            self.server = NbdServer(self.root, ["file", f"file={self.image}"])
+            try:
+                self.server.start()
+            except RuntimeError as exc:
+                self.server = None
+                raise PeerUnavailable(f"diofs-nbd: {exc}") from None
+        try:
+            super().mount()
+        except BaseException:
+            self._stop_server()
+            raise
+
+    def unmount(self, deadline_s: float = 20.0) -> None:
+        try:
+            super().unmount(deadline_s)
+        finally:
+            self._stop_server()
+
+    def _stop_server(self) -> None:
+        server, self.server = self.server, None
+        if server is not None:
+            server.stop()
+
+
 def make_peer(
     name: str, workdir: Path, diofs_image_size: str = "1G", diofs_args: list[str] | None = None
 ) -> Peer:
@@ -485,7 +550,9 @@ def make_peer(
         return PyPeer(workdir)
     if name == "diofs":
         return DiofsPeer(workdir, diofs_image_size, diofs_args)
-    raise ValueError(f"unknown peer {name!r}; known: {', '.join(PEER_NAMES)}")
+    if name == "diofs-nbd":
+        return DiofsNbdPeer(workdir, diofs_image_size, diofs_args)
+    raise ValueError(f"unknown peer {name!r}; known: {', '.join(ALL_PEERS)}")
 
 
 def cleanup_workdir(workdir: Path) -> None:
