@@ -17,7 +17,7 @@ from pathlib import Path
 
 from benchmarks import daemon_profile, report, treecopy
 from benchmarks.jobs import JOBS, TREE_JOBS, parse_size, select_jobs
-from benchmarks.peers import ALL_PEERS, PEER_NAMES
+from benchmarks.peers import ALL_PEERS, NBD_SERVERS, PEER_NAMES
 from benchmarks.runner import Options, run_bench
 
 
@@ -40,6 +40,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="nbd: diofs on its image file beside diofs on the same kind of image served by "
         "nbdkit (peer diofs-nbd), the fio jobs by default, with the ratio nbd/raw per job "
         "(docs/nbd.md)",
+    )
+    ap.add_argument(
+        "--nbd-server",
+        choices=NBD_SERVERS,
+        default="nbdkit",
+        help="the NBD server of the diofs-nbd peer: nbdkit (file plugin, default), qemu-nbd "
+        "(qcow2, cache=writeback) or nbd-server",
     )
     ap.add_argument(
         "--jobs", default=None, help="comma-separated job names (default: all; see --list-jobs)"
@@ -140,6 +147,7 @@ def options_from_args(a: argparse.Namespace) -> Options:
         keep_workdir=a.keep_workdir,
         diofs_image_size=a.diofs_image_size,
         diofs_args=shlex.split(a.diofs_opts),
+        nbd_server=a.nbd_server,
         plots=not a.no_plots,
         tree_src=a.tree_src,
     )

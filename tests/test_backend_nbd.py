@@ -895,6 +895,13 @@ def test_bench_backend_nbd_options_and_report():
     with pytest.raises(SystemExit):
         options_from_args(parse_args(["--backend", "nbd", "--peers", "diofs"]))
     assert options_from_args(parse_args([])).peers == ["diofs", "pypeer", "cpeer", "local"]
+    o = options_from_args(parse_args(["--backend", "nbd", "--nbd-server", "qemu-nbd"]))
+    assert o.nbd_server == "qemu-nbd"
+    from benchmarks.peers import make_peer
+
+    for server in ("nbdkit", "qemu-nbd", "nbd-server"):
+        peer = make_peer("diofs-nbd", Path("/nonexistent"), nbd_server=server)
+        assert server.split("-")[0] in peer.label, peer.label
     runs = [{"job": "randread-4k-psync", "peer": p, "rep": 0, "ok": True, "iops": v,
              "runtime_s": 1.0} for p, v in (("diofs", 1000.0), ("diofs-nbd", 250.0))]
     results = {"config": {"peers": ["diofs", "diofs-nbd"], "size_bytes": 1 << 20,
