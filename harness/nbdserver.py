@@ -23,6 +23,8 @@ listens on the network. If the test process dies, nbdkit ends by `--exit-with-pa
 and the reaper by PR_SET_PDEATHSIG (the reaper then kills its descendants).
 
 `advertised(uri)` says what a server offers, as libnbd sees it (docs/nbd.md's table).
+`file_server(workdir, image)` serves a raw image file with the server DIOFS_TEST_NBD_SERVER
+names (nbdkit by default, qemu-nbd, nbd-server), for running whole suites on another server.
 """
 
 from __future__ import annotations
@@ -321,3 +323,19 @@ class NbdServer(_Server):
         with open(self.log, "ab") as log:  # --exit-with-parent does what preexec_fn would
             return subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=log,
                                     stderr=subprocess.STDOUT)
+
+
+NBD_TEST_SERVERS = ("nbdkit", "qemu-nbd", "nbd-server")
+
+
+def file_server(workdir: Path, image: Path) -> NbdServer | QemuNbdServer | NbdServerDaemon:
+    """A server (not started) of the raw image file `image`: nbdkit's file plugin, or the server
+    that DIOFS_TEST_NBD_SERVER names (qemu-nbd with --format=raw and multi-conn, nbd-server)."""
+    kind = os.environ.get("DIOFS_TEST_NBD_SERVER", "nbdkit")
+    if kind == "qemu-nbd":
+        return QemuNbdServer(workdir, image, fmt="raw", shared=8)
+    if kind == "nbd-server":
+        return NbdServerDaemon(workdir, image)
+    if kind != "nbdkit":
+        raise ValueError(f"DIOFS_TEST_NBD_SERVER={kind!r}: not one of {NBD_TEST_SERVERS}")
+    return NbdServer(workdir, ["file", f"file={image}"])
