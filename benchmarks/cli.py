@@ -17,7 +17,7 @@ from pathlib import Path
 
 from benchmarks import daemon_profile, report, treecopy
 from benchmarks.jobs import JOBS, TREE_JOBS, parse_size, select_jobs
-from benchmarks.peers import PEER_NAMES
+from benchmarks.peers import ALL_PEERS, NBD_SERVERS, PEER_NAMES
 from benchmarks.runner import Options, run_bench
 
 
@@ -29,8 +29,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument(
         "--peers",
-        default=",".join(PEER_NAMES),
-        help=f"comma-separated subset of {','.join(PEER_NAMES)} (default: all)",
+        default=None,
+        help=f"comma-separated subset of {','.join(ALL_PEERS)} (default: "
+        f"{','.join(PEER_NAMES)}; with --backend nbd: diofs,diofs-nbd)",
+    )
+    ap.add_argument(
+        "--backend",
+        choices=("raw", "nbd"),
+        default="raw",
+        help="nbd: diofs on its image file beside diofs on the same kind of image served by "
+        "nbdkit (peer diofs-nbd), the fio jobs by default, with the ratio nbd/raw per job "
+        "(docs/nbd.md)",
+    )
+    ap.add_argument(
+        "--nbd-server",
+        choices=NBD_SERVERS,
+        default="nbdkit",
+        help="the NBD server of the diofs-nbd peer: nbdkit (file plugin, default), qemu-nbd "
+        "(qcow2, cache=writeback) or nbd-server",
     )
     ap.add_argument(
         "--jobs", default=None, help="comma-separated job names (default: all; see --list-jobs)"
@@ -101,16 +117,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def options_from_args(a: argparse.Namespace) -> Options:
     q = a.quick
-    peers = [p.strip() for p in a.peers.split(",") if p.strip()]
-    bad = [p for p in peers if p not in PEER_NAMES]
+    nbd = a.backend == "nbd"
+    default_peers = "diofs,diofs-nbd" if nbd else ",".join(PEER_NAMES)
+    peers = [p.strip() for p in (a.peers or default_peers).split(",") if p.strip()]
+    bad = [p for p in peers if p not in ALL_PEERS]
     if bad:
-        raise SystemExit(f"bench: unknown peer(s) {bad}; known: {', '.join(PEER_NAMES)}")
+        raise SystemExit(f"bench: unknown peer(s) {bad}; known: {', '.join(ALL_PEERS)}")
+    if nbd and "diofs-nbd" not in peers:
+        raise SystemExit("bench: --backend nbd needs the peer diofs-nbd in --peers")
     if a.tree_only and a.jobs:
         raise SystemExit("bench: --tree-only and --jobs exclude each other")
     try:
         jobs = list(TREE_JOBS) if a.tree_only else select_jobs(a.jobs)
     except ValueError as exc:
         raise SystemExit(f"bench: {exc}") from None
+    if nbd and not a.jobs and not a.tree_only:
+        jobs = [j for j in jobs if j.kind == "fio"]  # what issue 16 compares
     if any(j.kind == "tree" for j in jobs) and not a.tree_src.is_dir():
         raise SystemExit(f"bench: --tree-src {a.tree_src} is not a directory")
     return Options(
@@ -125,6 +147,7 @@ def options_from_args(a: argparse.Namespace) -> Options:
         keep_workdir=a.keep_workdir,
         diofs_image_size=a.diofs_image_size,
         diofs_args=shlex.split(a.diofs_opts),
+        nbd_server=a.nbd_server,
         plots=not a.no_plots,
         tree_src=a.tree_src,
     )

@@ -1,7 +1,11 @@
 """The peers: build or find them, mount them, measure their daemon, unmount them.
 
-Peers (``PEER_NAMES``, in report order):
+Peers (``PEER_NAMES``, in report order; ``ALL_PEERS`` adds diofs-nbd, which runs only when
+asked for: ``--backend nbd`` or ``--peers diofs-nbd``):
   diofs   ``python mount.py IMG MNT --foreground --log FILE`` on an image made by mkfs.diofs
+  diofs-nbd  the same, but the image is served over NBD on a unix socket in the peer's dir
+          (same disk) and mounted by its URI (docs/nbd.md): nbdkit's file plugin, or with
+          ``--nbd-server`` qemu-nbd (qcow2) or nbd-server
   pypeer  pyfuse3 3.5.0 ``examples/passthroughfs.py``, variant without O_DIRECT on backing opens
   cpeer   libfuse 3.14 ``example/passthrough_ll.c``, same variant, compiled with gcc
   local   a plain directory on the ext4 file system of the work dir (the limit)
@@ -35,10 +39,14 @@ import time
 from pathlib import Path
 
 from harness import watchdog
+from harness.nbdserver import NbdServer, NbdServerDaemon, QemuNbdServer
+
+_NbdServer = NbdServer | QemuNbdServer | NbdServerDaemon
 
 REPO = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("DIOFS_BENCH_CACHE", Path.home() / ".cache" / "diofs-bench"))
-PEER_NAMES = ("diofs", "pypeer", "cpeer", "local")
+PEER_NAMES = ("diofs", "pypeer", "cpeer", "local")  # the default set
+ALL_PEERS = ("diofs", "diofs-nbd", "pypeer", "cpeer", "local")  # every peer, in report order
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 # passthrough_ll keeps an O_PATH fd open per inode the kernel knows: the tree jobs (two copies
 # of /usr/include and a .git) pass 20,000, and at EMFILE its flush fails with EBADF
@@ -50,11 +58,18 @@ PYFUSE3_SDIST_DIRS = (Path("/tmp/sdist/pyfuse3-3.5.0"), CACHE / "sdist" / "pyfus
 VARIANT = "variant: no O_DIRECT on backing open"
 LABELS = {
     "diofs": "diofs",
+    "diofs-nbd": "diofs over NBD (nbdkit file plugin on the same disk, unix socket)",
     "pypeer": f"Python peer ({VARIANT})",
     "cpeer": f"C peer ({VARIANT})",
     "local": "local disk (ext4)",
 }
-SHORT = {"diofs": "diofs", "pypeer": "Python peer*", "cpeer": "C peer*", "local": "local disk"}
+SHORT = {
+    "diofs": "diofs",
+    "diofs-nbd": "diofs NBD",
+    "pypeer": "Python peer*",
+    "cpeer": "C peer*",
+    "local": "local disk",
+}
 
 
 class PeerUnavailable(Exception):
@@ -452,12 +467,16 @@ class DiofsPeer(FusePeer):
         if not self.image.exists():
             raise PeerUnavailable(f"diofs: mkfs made no image ({' '.join(argv)})")
 
+    def source(self) -> str:
+        """What mount.py mounts: the image file."""
+        return str(self.image)
+
     def argv(self) -> list[str]:
         return [
             self.python,
             *self.wrapper,
             str(REPO / "mount.py"),
-            str(self.image),
+            self.source(),
             str(self.mnt),
             "--foreground",
             "--log",
@@ -474,8 +493,103 @@ class DiofsPeer(FusePeer):
         return out + "\n--- diofs.log:\n" + "\n".join(lines[-n:])
 
 
+NBD_SERVERS = ("nbdkit", "qemu-nbd", "nbd-server")
+NBD_SERVER_LABELS = {
+    "nbdkit": "nbdkit file plugin",
+    "qemu-nbd": "qemu-nbd, qcow2, cache=writeback",
+    "nbd-server": "nbd-server, flush fua trim",
+}
+
+
+class DiofsNbdPeer(DiofsPeer):
+    """diofs with its image served over NBD on a unix socket in the peer's dir, on the same
+    disk: nbdkit's file plugin (default), qemu-nbd over a qcow2 (--shared=5: multi-conn) or
+    nbd-server (harness/nbdserver.py).
+
+    The server lives as long as the mount: started by ``mount``, ended by pid in ``unmount``
+    (also on a failed mount), so a remount after a failed run restarts both."""
+
+    name = "diofs-nbd"
+
+    def __init__(
+        self,
+        workdir: Path,
+        image_size: str = "1G",
+        extra_args: list[str] | None = None,
+        server: str = "nbdkit",
+    ) -> None:
+        super().__init__(workdir, image_size, extra_args)
+        if server not in NBD_SERVERS:
+            raise ValueError(f"unknown NBD server {server!r}; known: {', '.join(NBD_SERVERS)}")
+        self.server_kind = server
+        self.server: _NbdServer | None = None
+
+    @property
+    def label(self) -> str:
+        return f"diofs over NBD ({NBD_SERVER_LABELS[self.server_kind]}, same disk, unix socket)"
+
+    def prepare(self) -> None:
+        tools = {"qemu-nbd": ["qemu-nbd", "qemu-img"]}.get(self.server_kind, [self.server_kind])
+        for tool in tools:
+            if shutil.which(tool) is None:
+                raise PeerUnavailable(f"diofs-nbd: {tool} is not installed (scripts/setup)")
+        super().prepare()  # mkfs of the raw image file
+        if self.server_kind == "qemu-nbd":
+            qcow2 = self.image.with_suffix(".qcow2")
+            r = subprocess.run(
+                ["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(self.image), str(qcow2)],
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
+            if r.returncode != 0:
+                raise PeerUnavailable(f"diofs-nbd: qemu-img convert failed: {r.stderr.strip()}")
+            self.image.unlink()
+            self.image = qcow2
+
+    def source(self) -> str:
+        assert self.server is not None
+        return self.server.uri
+
+    def _new_server(self) -> _NbdServer:
+        if self.server_kind == "qemu-nbd":
+            return QemuNbdServer(self.root, self.image, cache="writeback", shared=5)
+        if self.server_kind == "nbd-server":
+            return NbdServerDaemon(self.root, self.image)
+        return NbdServer(self.root, ["file", f"file={self.image}"])
+
+    def mount(self) -> None:
+        if self.server is None:
+            server = self._new_server()
+            try:
+                server.start()
+            except RuntimeError as exc:
+                raise PeerUnavailable(f"diofs-nbd: {exc}") from None
+            self.server = server
+        try:
+            super().mount()
+        except BaseException:
+            self._stop_server()
+            raise
+
+    def unmount(self, deadline_s: float = 20.0) -> None:
+        try:
+            super().unmount(deadline_s)
+        finally:
+            self._stop_server()
+
+    def _stop_server(self) -> None:
+        server, self.server = self.server, None
+        if server is not None:
+            server.stop()
+
+
 def make_peer(
-    name: str, workdir: Path, diofs_image_size: str = "1G", diofs_args: list[str] | None = None
+    name: str,
+    workdir: Path,
+    diofs_image_size: str = "1G",
+    diofs_args: list[str] | None = None,
+    nbd_server: str = "nbdkit",
 ) -> Peer:
     if name == "local":
         return LocalPeer(workdir)
@@ -485,7 +599,9 @@ def make_peer(
         return PyPeer(workdir)
     if name == "diofs":
         return DiofsPeer(workdir, diofs_image_size, diofs_args)
-    raise ValueError(f"unknown peer {name!r}; known: {', '.join(PEER_NAMES)}")
+    if name == "diofs-nbd":
+        return DiofsNbdPeer(workdir, diofs_image_size, diofs_args, nbd_server)
+    raise ValueError(f"unknown peer {name!r}; known: {', '.join(ALL_PEERS)}")
 
 
 def cleanup_workdir(workdir: Path) -> None:

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.jobs import JOBS_BY_NAME, Job, primary
-from benchmarks.peers import PEER_NAMES, REPO, SHORT, venv_python
+from benchmarks.peers import ALL_PEERS, REPO, SHORT, venv_python
 
 
 def _cmd(argv: list[str]) -> str | None:
@@ -144,7 +144,7 @@ def _cell(metric: str, s: dict[str, Any] | None) -> str:
 def markdown(results: dict[str, Any]) -> str:
     """The results.md document: facts, primary table with ratios, latency, CPU, errors."""
     cfg, mach = results["config"], results["machine"]
-    peers = [p for p in PEER_NAMES if p in cfg["peers"]]
+    peers = [p for p in ALL_PEERS if p in cfg["peers"]]
     summ = summarize(results)
     lines = [
         f"# diofs benchmark, {results.get('started', '?')}",
@@ -172,7 +172,9 @@ def markdown(results: dict[str, Any]) -> str:
         "",
     ]
     ratio_cols = [
-        (a, b) for a, b in (("diofs", "pypeer"), ("diofs", "local")) if a in peers and b in peers
+        (a, b)
+        for a, b in (("diofs-nbd", "diofs"), ("diofs", "pypeer"), ("diofs", "local"))
+        if a in peers and b in peers
     ]
     head = [
         "job",
@@ -348,12 +350,18 @@ def plot(results: dict[str, Any], out: Path) -> str:
     except ImportError:
         return "plots skipped: matplotlib is not importable (.venv/bin/pip install matplotlib)"
     summ = summarize(results)
-    peers = [p for p in PEER_NAMES if p in results["config"]["peers"]]
+    peers = [p for p in ALL_PEERS if p in results["config"]["peers"]]
     jobs = [JOBS_BY_NAME[jd["name"]] for jd in results["jobs"]]
     ncol = min(4, len(jobs))
     nrow = (len(jobs) + ncol - 1) // ncol
     fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 3.2 * nrow), squeeze=False)
-    colors = {"diofs": "tab:red", "pypeer": "tab:blue", "cpeer": "tab:green", "local": "tab:gray"}
+    colors = {
+        "diofs": "tab:red",
+        "diofs-nbd": "tab:orange",
+        "pypeer": "tab:blue",
+        "cpeer": "tab:green",
+        "local": "tab:gray",
+    }
     for ax, job in zip(axes.flat, jobs, strict=False):
         per = summ[job.name]
         xs, meds, lo, hi, cols = [], [], [], [], []

@@ -69,6 +69,7 @@ class Options:
     keep_workdir: bool = False
     diofs_image_size: str = "1G"
     diofs_args: list[str] = dataclasses.field(default_factory=list)
+    nbd_server: str = "nbdkit"  # the server of the diofs-nbd peer (peers.NBD_SERVERS)
     plots: bool = True
     quiet: bool = False
     tree_src: Path = treecopy.DEFAULT_SRC
@@ -235,7 +236,7 @@ def diofs_stats(peer: Peer) -> dict[str, Any] | None:
 
     Read in a child with a deadline: a getxattr on a hung mount would block this process.
     """
-    if peer.name != "diofs":
+    if not peer.name.startswith("diofs"):
         return None
     try:
         out = run_child([venv_python(), "-c", _GET_STATS, str(peer.data_dir)], 15, peer)
@@ -307,6 +308,7 @@ def run_bench(opts: Options) -> dict[str, Any]:
             "meta_files": opts.meta_files,
             "tree_src": None,
             "diofs_args": opts.diofs_args,
+            "nbd_server": opts.nbd_server,
             "workdir": str(workdir),
         },
         "peers": {},
@@ -335,7 +337,9 @@ def run_bench(opts: Options) -> dict[str, Any]:
             except OSError:
                 _say(opts, "warning: fusectl is not available: hung mounts cannot be aborted")
         for name in opts.peers:
-            peer = make_peer(name, workdir, opts.diofs_image_size, opts.diofs_args)
+            peer = make_peer(
+                name, workdir, opts.diofs_image_size, opts.diofs_args, opts.nbd_server
+            )
             info: dict[str, Any] = {
                 "label": peer.label,
                 "available": True,

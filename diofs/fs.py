@@ -35,7 +35,7 @@ import trio
 
 from diofs import bugs, stats
 from diofs.alloc import Allocator
-from diofs.backend import Backend
+from diofs.backend import Backend, write_zeroes
 from diofs.bugs import Bug
 from diofs.errors import FsError
 from diofs.format import image, journal, metadata, verify
@@ -685,7 +685,8 @@ class Filesystem:
         self.dirty(inode, layout=True)
 
     async def zero_range_on_image(self, inode: Inode, start: int, end: int) -> None:
-        """Write zeros over the written blocks of [start, end) (for partial blocks)."""
+        """Write zeros over the written blocks of [start, end) (for partial blocks):
+        NBD_CMD_WRITE_ZEROES where the backend offers it (backend.write_zeroes)."""
         bs = self.bs
         if end <= start:
             return
@@ -694,7 +695,8 @@ class Filesystem:
                 continue
             s, e = max(start, seg.start * bs), min(end, (seg.start + seg.count) * bs)
             img = seg.block * bs + (s - seg.start * bs)
-            await self._write_image(img, bytes(e - s))
+            await self._io(write_zeroes, self.backend, img, e - s, nbytes=e - s)
+            self.image_writes += 1  # after the write returned (see _write_image)
 
     async def punch(self, inode: Inode, start: int, end: int) -> None:
         """Deallocate whole blocks of [start, end), zero the partial ones."""
@@ -705,7 +707,7 @@ class Filesystem:
             self._free_runs(inode.extents.remove(first, last - first))
         if start % bs:
             await self.zero_range_on_image(inode, start, min(end, first * bs))
-        if end % bs:
+        if end % bs and not (start % bs and end <= first * bs):  # inside one block: done above
             await self.zero_range_on_image(inode, max(start, last * bs), end)
         inode.ctime_ns = inode.mtime_ns = time.time_ns()
         self.dirty(inode, layout=True)

@@ -1,7 +1,8 @@
-"""The image on a block device (loop) or an NBD export (issue 16), with a real nbdkit.
+"""The image on a block device (loop) or an NBD export (issue 16), on real NBD servers.
 
-Every server is an nbdkit on a unix socket in the test's tmp dir (harness/nbdserver.py), killed
-by pid at teardown; every loop device is detached at teardown.
+Every server (nbdkit; qemu-nbd and nbd-server for the "other servers" section) listens on a
+unix socket in the test's tmp dir (harness/nbdserver.py) and is killed by pid at teardown;
+every loop device is detached at teardown.
 
 - the backend: round trips, FUA, concurrent callers, URI errors, a server that cannot flush
   (refused; `nbd_unsafe` accepts it), server errors (error filter) as EIO;
@@ -12,6 +13,12 @@ by pid at teardown; every loop device is detached at teardown.
   (`--bug nbd-inline-io`: it does);
 - mounts: mkfs / mount / fsck on a URI; the server killed mid-fio: callers get EIO within the
   timeout, no hang, restart, remount, fsck clean, every acknowledged fsync present;
+- write-zeroes: the partial blocks of truncate / punch go out as NBD_CMD_WRITE_ZEROES when the
+  server offers it (counted by nbdkit's log filter), as plain writes when it does not;
+- other servers: qemu-nbd over qcow2 (cache=none with multi-conn, cache=writeback without)
+  and nbd-server: what they advertise, mkfs / mount / a mixed workload (buffered, O_DIRECT,
+  O_DSYNC, fsync, truncate, punch, unlink) / fsck / remount-verify; the server killed
+  mid-fsync: EIO within nbd_timeout, restart, fsck clean, every acknowledged fsync present;
 - a loop device as IMAGE: size from BLKGETSIZE64, mkfs, mount, fsck.
 """
 
@@ -33,12 +40,29 @@ from pathlib import Path
 import pytest
 
 from diofs import bugs
-from diofs.backend import Backend, open_backend
+from diofs.backend import Backend, open_backend, write_zeroes
 from diofs.backend.nbd import NbdOptions, is_uri, parse_uri
 from diofs.backend.raw import RawImage
 from diofs.errors import DiofsError
+from harness.io import (
+    FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_PUNCH_HOLE,
+    aligned,
+    fallocate,
+    pattern,
+    read_file,
+    write_file,
+)
 from harness.mount import MountFactory, run_cli, run_tool
-from harness.nbdserver import NbdServer, nbdkit_missing
+from harness.nbdserver import (
+    NbdServer,
+    NbdServerDaemon,
+    QemuNbdServer,
+    advertised,
+    nbd_server_missing,
+    nbdkit_missing,
+    qemu_nbd_missing,
+)
 
 pytestmark = pytest.mark.skipif(nbdkit_missing() is not None, reason=str(nbdkit_missing()))
 
@@ -47,9 +71,9 @@ BS = 4096
 
 
 @pytest.fixture
-def servers(tmp_path: Path) -> Iterator[list[NbdServer]]:
+def servers(tmp_path: Path) -> Iterator[list]:
     """Servers a test starts; all are killed by pid at teardown."""
-    started: list[NbdServer] = []
+    started: list = []
     yield started
     for s in started:
         s.stop(kill=True)
@@ -279,6 +303,85 @@ def test_writes_a_crashed_server_lost_fail_the_next_flush(servers, tmp_path, tru
             b.flush()  # reported once
     finally:
         b.close()
+
+
+# ---------------------------------------------------------------------- write-zeroes
+
+
+def nbd_requests(log: Path, kind: str) -> list[tuple[int, int]]:
+    """(offset, count) of every `kind` request (Zero, Write, Trim, ...) in an nbdkit log
+    filter's file."""
+    out = []
+    for line in log.read_text().splitlines():
+        f = line.split()
+        if len(f) > 4 and f[3] == kind and f[2].startswith("connection="):
+            kv = dict(x.split("=", 1) for x in f[4:] if "=" in x)
+            out.append((int(kv["offset"], 16), int(kv["count"], 16)))
+    return out
+
+
+@pytest.mark.parametrize("offered", [True, False], ids=["zero", "nozero-filter"])
+def test_write_zeroes_uses_nbd_cmd_write_zeroes_where_offered(servers, tmp_path, offered):
+    log = tmp_path / "requests.log"
+    filters = ("log",) if offered else ("log", "nozero")  # nozero: the server offers none
+    s = serve(servers, tmp_path, "memory", "8M", f"logfile={log}",
+              *(() if offered else ("zeromode=none",)), filters=filters)
+    b = open_backend(s.uri)
+    try:
+        assert b.can_zero is offered
+        b.write(0, b"x" * 3 * BS)
+        write_zeroes(b, 100, 3000)  # a partial block
+        write_zeroes(b, BS + 5, 2 * BS - 10)  # across a block boundary
+        b.flush()
+        want = b"x" * 100 + bytes(3000) + b"x" * (BS + 5 - 3100) + bytes(2 * BS - 10) + b"x" * 5
+        assert b.read(0, 3 * BS) == want
+    finally:
+        b.close()
+    s.stop()
+    zeroes, writes = nbd_requests(log, "Zero"), nbd_requests(log, "Write")
+    if offered:
+        assert zeroes == [(100, 3000), (BS + 5, 2 * BS - 10)] and writes == [(0, 3 * BS)]
+    else:
+        assert zeroes == [] and writes == [(0, 3 * BS), (100, 3000), (BS + 5, 2 * BS - 10)]
+
+
+def test_raw_write_zeroes_is_a_write(tmp_path):
+    img = tmp_path / "f"
+    img.write_bytes(b"y" * (3 << 20))
+    raw = RawImage(str(img))
+    try:
+        write_zeroes(raw, 10, (2 << 20) + 7)  # more than one chunk
+        with pytest.raises(ValueError):
+            raw.write_zeroes((3 << 20) - 1, 2)
+    finally:
+        raw.close()
+    assert img.read_bytes() == b"y" * 10 + bytes((2 << 20) + 7) + b"y" * ((1 << 20) - 17)
+
+
+def test_truncate_and_punch_zero_partial_blocks_with_write_zeroes(mount_factory, tmp_path):
+    log = tmp_path / "requests.log"
+    m = nbd_mount(mount_factory, filters=("log",), args=(f"logfile={log}",))
+    path = m.path("f")
+    data = pattern(4 * BS, seed=7)
+    write_file(path, data, fsync=True)
+    before = len(nbd_requests(log, "Zero"))
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.truncate(path, 4 * BS - 1000)  # zeroes the last 1000 bytes of block 3 on the image
+        fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, BS + 100, 500)  # in block 1
+        fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 2 * BS - 300, 600)  # 1 | 2
+        os.fsync(fd)
+        os.truncate(path, 4 * BS)  # the zeroed tail is back inside i_size: read from the image
+    finally:
+        os.close(fd)
+    zeroes = [n for _, n in nbd_requests(log, "Zero")[before:]]
+    assert sorted(zeroes) == [300, 300, 500, 1000], zeroes  # nothing else zeroes on the image
+    want = bytearray(data)
+    want[4 * BS - 1000 :] = bytes(1000)
+    want[BS + 100 : BS + 600] = bytes(500)
+    want[2 * BS - 300 : 2 * BS + 300] = bytes(600)
+    m.remount()  # the bytes below come from the image, not from a cache
+    assert read_file(path) == bytes(want)
 
 
 # ---------------------------------------------------------------------- mounts on NBD
@@ -543,6 +646,197 @@ def test_server_killed_mid_fio(mount_factory, tmp_path, restart):
     print(f"[{restart}] {n} acknowledged fsyncs present after remount")
 
 
+# ---------------------------------------------------------------------- other servers
+
+# qemu-nbd over qcow2: cache=none with --shared=8 (multi-conn: diofs's pool of 4), and
+# cache=writeback with --shared=1 (no multi-conn: one connection); nbd-server on a raw file.
+OTHER_SERVERS = ["qemu-nbd-qcow2-none", "qemu-nbd-qcow2-writeback", "nbd-server"]
+
+
+def other_server(servers: list, kind: str, tmp_path: Path, size: int = 64 * MiB):
+    if kind.startswith("qemu-nbd"):
+        why = qemu_nbd_missing()
+        if why:
+            pytest.skip(why)
+        img = tmp_path / "export.qcow2"
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), str(size)],
+                       check=True)
+        cache = kind.rsplit("-", 1)[1]
+        s = QemuNbdServer(tmp_path, img, cache=cache, shared=8 if cache == "none" else 1)
+    else:
+        why = nbd_server_missing()
+        if why:
+            pytest.skip(why)
+        img = tmp_path / "export.img"
+        img.write_bytes(b"")
+        os.truncate(img, size)
+        s = NbdServerDaemon(tmp_path, img)
+    servers.append(s)
+    return s.start()
+
+
+def other_server_mount(mount_factory: MountFactory, s, opts: dict | None = None):
+    """A mount of the URI of `s` (mkfs'd already); fsck at teardown goes through `s`."""
+    m = mount_factory(image=s.workdir / "unused", mount=False, opts=opts)
+    m.nbd = s
+    m.image = s.uri  # Mount.fsck runs fsck.diofs on it: the URI, not a file
+    m.start()
+    return m
+
+
+def mixed_workload(mnt: Path) -> dict[str, bytes]:
+    """Buffered, O_DIRECT and O_DSYNC writes with fsyncs over a few files, a truncate, a punch
+    and an unlink; returns {name: content} that a remount must show."""
+    want: dict[str, bytes] = {}
+    buffered = pattern(3 * MiB + 123, seed=1)
+    write_file(mnt / "buffered", buffered, fsync=True)
+    want["buffered"] = buffered
+    direct = bytearray(pattern(2 * MiB, seed=2))
+    fd = os.open(mnt / "direct", os.O_RDWR | os.O_CREAT | os.O_DIRECT)
+    try:
+        with aligned(256 << 10) as buf:
+            for off in range(0, len(direct), 256 << 10):
+                buf[:] = direct[off : off + (256 << 10)]
+                assert os.pwrite(fd, buf, off) == 256 << 10
+            buf[: 64 << 10] = pattern(64 << 10, seed=3)
+            os.pwrite(fd, memoryview(buf)[: 64 << 10], 512 << 10)  # an overwrite
+            direct[512 << 10 : 576 << 10] = buf[: 64 << 10]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    want["direct"] = bytes(direct)
+    fd = os.open(mnt / "dsync", os.O_RDWR | os.O_CREAT | os.O_DIRECT | os.O_DSYNC)
+    try:
+        with aligned(BS) as buf:
+            for i in range(16):  # durable on return: FUA writes (or write + flush)
+                buf[:] = pattern(BS, seed=100 + i)
+                os.pwrite(fd, buf, i * BS)
+        want["dsync"] = b"".join(pattern(BS, seed=100 + i) for i in range(16))
+    finally:
+        os.close(fd)
+    mixed = bytearray(pattern(MiB, seed=4))  # buffered, then direct over part of it
+    write_file(mnt / "mixed", bytes(mixed))
+    fd = os.open(mnt / "mixed", os.O_RDWR | os.O_DIRECT)
+    try:
+        with aligned(128 << 10, pattern(128 << 10, seed=5)) as buf:
+            os.pwrite(fd, buf, 256 << 10)
+            mixed[256 << 10 : 384 << 10] = buf[:]
+        fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 100, 3 * BS)  # partial ends
+        mixed[100 : 100 + 3 * BS] = bytes(3 * BS)
+        os.truncate(mnt / "mixed", len(mixed) - 777)
+        del mixed[len(mixed) - 777 :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    want["mixed"] = bytes(mixed)
+    (mnt / "dir").mkdir()
+    for i in range(8):
+        write_file(mnt / "dir" / f"small{i}", pattern(100 + 1000 * i, seed=10 + i), fsync=True)
+        want[f"dir/small{i}"] = pattern(100 + 1000 * i, seed=10 + i)
+    write_file(mnt / "gone", pattern(4 * MiB, seed=9), fsync=True)
+    os.unlink(mnt / "gone")  # freed blocks: trimmed after the commit (-o discard)
+    dfd = os.open(mnt / "dir", os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+    return want
+
+
+@pytest.mark.deadline(240)
+@pytest.mark.parametrize("kind", OTHER_SERVERS)
+def test_other_server_mkfs_mount_workload_fsck_remount(kind, servers, mount_factory, tmp_path):
+    s = other_server(servers, kind, tmp_path)
+    adv = advertised(s.uri)
+    print(f"{kind} advertises {adv}")
+    assert adv["flush"] and adv["fua"] and adv["trim"] and adv["zero"], adv
+    assert adv["multi_conn"] is (kind != "qemu-nbd-qcow2-writeback"), adv
+    run_tool("mkfs.diofs", s.uri, check=True)
+    m = other_server_mount(mount_factory, s, {"discard": True})
+    t0 = time.monotonic()
+    want = mixed_workload(m.mnt)
+    took = time.monotonic() - t0
+    m.unmount()
+    out = run_tool("fsck.diofs", s.uri, check=True).stdout
+    assert "clean" in out, out
+    s.restart()  # what the remount reads comes from the server's storage
+    m.start()
+    for name, data in want.items():
+        assert read_file(m.mnt / name) == data, name
+    assert not os.path.exists(m.mnt / "gone")
+    print(f"{kind}: workload {took:.2f} s; fsck: {out.strip()}")
+    m.unmount()
+    if isinstance(s, QemuNbdServer):
+        s.stop()
+        chk = subprocess.run(["qemu-img", "check", str(s.image)], capture_output=True,
+                             text=True, check=False)
+        assert chk.returncode == 0, chk.stdout + chk.stderr  # the qcow2 itself is sound
+        s.start()  # teardown's fsck goes through it
+
+
+def test_qemu_nbd_taking_fewer_clients_than_the_pool_gets_a_smaller_pool(servers, tmp_path,
+                                                                         caplog):
+    # qemu-nbd --shared=2 advertises multi-conn but leaves a third client's handshake
+    # unanswered: the pool must shrink to 2, not wait nbd_timeout and fail the mount
+    if qemu_nbd_missing():
+        pytest.skip(str(qemu_nbd_missing()))
+    img = tmp_path / "export.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), "8M"], check=True)
+    s = QemuNbdServer(tmp_path, img, shared=2)
+    servers.append(s)
+    s.start()
+    t0 = time.monotonic()
+    b = open_backend(s.uri, nbd_options=NbdOptions(timeout=10))
+    try:
+        took = time.monotonic() - t0
+        assert b.multi_conn and len(b._slots) == 2, b._slots
+        assert took < 5, took
+        assert "accepted 2 of 4 connections" in caplog.text
+        b.write(0, b"s" * BS)
+        b.flush()
+        assert b.read(0, BS) == b"s" * BS
+    finally:
+        b.close()
+
+
+@pytest.mark.deadline(180)
+@pytest.mark.parametrize("kind", ["qemu-nbd-qcow2-writeback", "nbd-server"])
+def test_other_server_killed_mid_fsync(kind, servers, mount_factory, tmp_path):
+    timeout = 3.0
+    s = other_server(servers, kind, tmp_path)
+    run_tool("mkfs.diofs", s.uri, check=True)
+    m = other_server_mount(mount_factory, s, {"nbd_timeout": timeout, "nbd_retry": 0.2,
+                                              "writeback_age": 0.5, "commit_interval": 1})
+    m.expect_log(r"NBD|failed|EIO|Input/output error|may be lost")
+    acks = tmp_path / "acks.jsonl"
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(m.mnt), str(acks),
+                               str(time.time() + 60)], stdout=subprocess.PIPE, text=True)
+    try:
+        time.sleep(2)
+        assert writer.poll() is None
+        s.stop(kill=True)  # every process of the server, SIGKILL
+        t_kill = time.monotonic()
+        time.sleep(timeout + 1)  # the writer's fsync in flight has had its EIO by now
+        s.start()
+        w_out, _ = writer.communicate(timeout=timeout + 30)
+        t_done = time.monotonic() - t_kill
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+            writer.wait()
+    result = json.loads(w_out.strip().splitlines()[-1])
+    assert result["errno"] in (errno.EIO, errno.ENOTCONN), result
+    assert result["took"] < timeout + 2, result
+    m.unmount_with(["fusermount3", "-u", str(m.mnt)])  # reconnected: the final commit works
+    fsck = run_tool("fsck.diofs", s.uri)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+    m.start()
+    n = check_acked(acks)
+    assert n > 5, n
+    print(f"{kind}: writer error {result}, done {t_done:.1f}s after the kill; "
+          f"{n} acknowledged fsyncs present after remount")
+
+
 # ---------------------------------------------------------------------- a loop device
 
 
@@ -584,3 +878,35 @@ def test_loop_device_as_image(loop_device, mount_factory):
     assert Path(m.path("f")).read_bytes() == data
     m.unmount()
     assert "clean" in run_tool("fsck.diofs", loop_device, check=True).stdout
+
+
+# ---------------------------------------------------------------------- scripts/bench --backend nbd
+
+
+def test_bench_backend_nbd_options_and_report():
+    from benchmarks import report
+    from benchmarks.cli import options_from_args, parse_args
+
+    o = options_from_args(parse_args(["--backend", "nbd"]))
+    assert o.peers == ["diofs", "diofs-nbd"] and o.jobs and all(j.kind == "fio" for j in o.jobs)
+    o = options_from_args(parse_args(["--backend", "nbd", "--peers", "diofs-nbd,local",
+                                      "--jobs", "randread-4k-psync"]))
+    assert o.peers == ["diofs-nbd", "local"] and [j.name for j in o.jobs] == ["randread-4k-psync"]
+    with pytest.raises(SystemExit):
+        options_from_args(parse_args(["--backend", "nbd", "--peers", "diofs"]))
+    assert options_from_args(parse_args([])).peers == ["diofs", "pypeer", "cpeer", "local"]
+    o = options_from_args(parse_args(["--backend", "nbd", "--nbd-server", "qemu-nbd"]))
+    assert o.nbd_server == "qemu-nbd"
+    from benchmarks.peers import make_peer
+
+    for server in ("nbdkit", "qemu-nbd", "nbd-server"):
+        peer = make_peer("diofs-nbd", Path("/nonexistent"), nbd_server=server)
+        assert server.split("-")[0] in peer.label, peer.label
+    runs = [{"job": "randread-4k-psync", "peer": p, "rep": 0, "ok": True, "iops": v,
+             "runtime_s": 1.0} for p, v in (("diofs", 1000.0), ("diofs-nbd", 250.0))]
+    results = {"config": {"peers": ["diofs", "diofs-nbd"], "size_bytes": 1 << 20,
+                          "runtime_s": 1, "repeat": 1, "meta_files": 1},
+               "machine": {}, "peers": {}, "runs": runs,
+               "jobs": [{"name": "randread-4k-psync"}]}
+    md = report.markdown(results)
+    assert "| diofs NBD / diofs |" in md and "| 0.25 |" in md, md

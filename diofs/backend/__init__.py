@@ -28,6 +28,11 @@ Contract shared by all kinds:
     - `write_durable()` is a write that is durable when it returns (RWF_DSYNC: a flush of
       that range only, as the kernel's O_DSYNC write path does); it says nothing about
       other writes.
+    - optional `write_zeroes(off, n)`: a `write` of n zero bytes that sends no zero bytes
+      where the image can do better (NBD_CMD_WRITE_ZEROES on a server that offers it); same
+      range rule, same durability as `write` (a flush covers it). Callers use the function
+      `write_zeroes(backend, off, n)`, which falls back to a plain write for a backend
+      without it (crash and fault: their log and their injected errors see a write).
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ from diofs.errors import DiofsError
 if TYPE_CHECKING:
     from diofs.backend.nbd import NbdOptions
 
-__all__ = ["KINDS", "Backend", "image_name", "is_uri", "open_backend"]
+__all__ = ["KINDS", "Backend", "image_name", "is_uri", "open_backend", "write_zeroes"]
 
 KINDS = ("raw", "crash", "fault")
 
@@ -77,6 +82,16 @@ class Backend(Protocol):
     def close(self) -> None:
         """Release the image; idempotent. No call may be in progress."""
         ...
+
+
+def write_zeroes(backend: Backend, off: int, n: int) -> None:
+    """Write n zero bytes at `off`: the backend's own `write_zeroes` if it has one, else a
+    plain write (module docstring)."""
+    fn = getattr(backend, "write_zeroes", None)
+    if fn is not None:
+        fn(off, n)
+    else:
+        backend.write(off, bytes(n))
 
 
 def is_uri(image: str) -> bool:

@@ -14,7 +14,9 @@ How the trio loop never blocks on the network:
       and writes are served meanwhile (measured in tests/test_backend_nbd.py).
     - several requests in flight: a pool of up to `connections` libnbd handles (4, one per
       worker thread; 1 if the server does not advertise multi-conn, since then a read on one
-      connection need not see a write completed on another). A call takes a handle from the
+      connection need not see a write completed on another; fewer if the server takes fewer
+      clients than it would need: connections after the first that do not connect within
+      _EXTRA_CONNECT_S are left out, with a warning). A call takes a handle from the
       pool, issues one aio_pread / aio_pwrite / aio_flush on it and drives that handle's
       state machine with nbd.poll() until the command completes or its deadline passes;
       libnbd releases the GIL while it waits. Each handle is used by one thread at a time, so
@@ -31,6 +33,9 @@ Durability (the Backend contract of diofs/backend/__init__.py):
     - discard() = NBD_CMD_TRIM (if offered) of blocks a durable commit freed
       (fs.Filesystem.commit, with -o discard), so that thin-provisioned storage gets them
       back.
+    - write_zeroes() = NBD_CMD_WRITE_ZEROES if the server offers it (the partial blocks of a
+      truncate, punch or zero range: no zero bytes on the wire, and the server may keep them
+      sparse), else a write of zeros. A write like any other for flush and the epochs.
 
 Faults:
     - every call has a deadline of `timeout` seconds (-o nbd_timeout, default 30): waiting for
@@ -78,7 +83,8 @@ log = logging.getLogger(__name__)
 
 SCHEMES = ("nbd", "nbd+unix")
 _POLL_SLICE_S = 0.5  # a wait re-checks its deadline at least this often
-_TRIM_MAX = 1 << 30  # NBD lengths are 32-bit
+_EXTRA_CONNECT_S = 2.0  # the pool's connections after the first must connect within this
+_TRIM_MAX = 1 << 30  # NBD lengths are 32-bit (trim and write-zeroes requests)
 
 
 def is_uri(image: str) -> bool:
@@ -167,19 +173,28 @@ class NbdBackend:
         self.can_fua = bool(h.can_fua())
         self.multi_conn = bool(h.can_multi_conn())
         self.can_trim = bool(h.can_trim())
+        self.can_zero = bool(h.can_zero())
         if writable and h.is_read_only():
             raise DiofsError(f"NBD export {uri} is read-only")
         if writable and not self.can_flush and not self.opts.unsafe:
             raise DiofsError(f"NBD server {uri} cannot flush: crash consistency needs "
                              f"NBD_CMD_FLUSH (mount with -o nbd_unsafe to accept that)")
         n = max(1, self.opts.connections) if self.multi_conn else 1
-        self._slots = [first] + [_Slot() for _ in range(n - 1)]
-        try:
-            for slot in self._slots[1:]:  # all now: see the module docstring (epochs)
-                slot.h = self._connect(time.monotonic() + self.opts.timeout)
-        except OSError as exc:
-            self.close()
-            raise DiofsError(f"cannot connect to NBD server {uri}: {exc.strerror}") from None
+        self._slots = [first]
+        # all now: see the module docstring (epochs). A server may advertise multi-conn and
+        # still take fewer clients (qemu-nbd --shared=2 leaves the third one's handshake
+        # unanswered): the pool is then as large as the server allows.
+        until = time.monotonic() + min(self.opts.timeout, _EXTRA_CONNECT_S)
+        while len(self._slots) < n:
+            slot = _Slot()
+            try:
+                slot.h = self._connect(until)
+            except OSError:
+                log.warning("NBD server %s accepted %d of %d connections within %gs: using %d "
+                            "(qemu-nbd: raise --shared)", uri, len(self._slots), n,
+                            min(self.opts.timeout, _EXTRA_CONNECT_S), len(self._slots))
+                break
+            self._slots.append(slot)
         self._pool: queue.LifoQueue[_Slot] = queue.LifoQueue()
         for slot in reversed(self._slots):
             self._pool.put(slot)
@@ -223,6 +238,25 @@ class NbdBackend:
         flags = nbd.CMD_FLAG_FUA if fua else 0
         self._call("write", lambda h: h.aio_pwrite(nbd.Buffer.from_buffer(mv), off,
                                                    flags=flags), write=not fua)
+
+    def write_zeroes(self, off: int, n: int) -> None:
+        """NBD_CMD_WRITE_ZEROES of `[off, off + n)` if the server offers it, else a write of
+        zeros (module docstring)."""
+        check_range(off, n, self._size)
+        if not self.writable:
+            raise OSError(errno.EROFS, f"image {self.uri} is open read-only")
+        if not self.can_zero:
+            self._write(off, bytes(n), fua=False)
+            return
+        while n > 0:
+            step = min(n, _TRIM_MAX)
+
+            def zero(h: Any, o: int = off, c: int = step) -> int:
+                return int(h.aio_zero(c, o))
+
+            self._call("write-zeroes", zero, write=True)
+            off += step
+            n -= step
 
     def discard(self, off: int, n: int) -> None:
         """NBD_CMD_TRIM of a range that holds nothing (blocks a durable commit freed), if the

@@ -31,6 +31,7 @@ import struct
 
 __all__ = ["RawImage", "block_device_size", "check_range"]
 
+_ZERO_CHUNK = 1 << 20  # write_zeroes writes from a zero buffer of at most this size
 BLKGETSIZE64 = 0x80081272  # _IOR(0x12, 114, size_t): a block device's size in bytes
 
 
@@ -99,6 +100,18 @@ class RawImage:
 
     def write_durable(self, off: int, data: bytes | bytearray | memoryview) -> None:
         self._write(off, data, os.RWF_DSYNC)
+
+    def write_zeroes(self, off: int, n: int) -> None:
+        """A plain write of zeros (diofs zeroes only partial blocks, < one block each: a
+        pwrite from a zero buffer is as cheap as fallocate(FALLOC_FL_ZERO_RANGE) there, and
+        works the same on a file and a block device)."""
+        check_range(off, n, self._size)
+        zero = bytes(min(n, _ZERO_CHUNK))
+        while n > 0:
+            step = min(n, _ZERO_CHUNK)
+            self._write(off, memoryview(zero)[:step], 0)
+            off += step
+            n -= step
 
     def _write(self, off: int, data: bytes | bytearray | memoryview, flags: int) -> None:
         mv = memoryview(data)
