@@ -20,6 +20,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from diofs.format.journal import HEADER_BYTES  # noqa: E402
 from harness.crafting import one_transaction_then_kill, tear_first_append  # noqa: E402
 from harness.mount import MountError  # noqa: E402
 
@@ -31,7 +32,9 @@ BAD_KEY = "torn_mount_refused"
 def run(factory: Any, bug_on: bool) -> dict[str, Any]:
     bugs = [BUG] if bug_on else []
     img = one_transaction_then_kill(factory, bugs)
-    out: dict[str, Any] = {"payload_bytes_torn": tear_first_append(img) - 448,
+    # the tear keeps the first 512-byte sector: the header and the payload's first bytes
+    torn = tear_first_append(img) - (512 - HEADER_BYTES)
+    out: dict[str, Any] = {"payload_bytes_torn": torn,
                            "torn_mount_refused": 0, "files_after_mount": 0}
     m = factory(image=img, bugs=bugs, mount=False)
     m.expect_dirty()
