@@ -112,6 +112,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="py-spy: sample every thread, not only the one holding the GIL",
     )
+    ap.add_argument(
+        "--profile-native",
+        action="store_true",
+        help="py-spy: also sample native frames (the binding's Cython and C code)",
+    )
     return ap.parse_args(argv)
 
 
@@ -173,7 +178,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     opts = options_from_args(a)
     if a.profile:
-        return daemon_profile.run_profile(a.profile, opts, a.profiler, not a.profile_all_threads)
+        return daemon_profile.run_profile(
+            a.profile, opts, a.profiler, not a.profile_all_threads, a.profile_native
+        )
     if any(j.kind == "fio" for j in opts.jobs) and shutil.which("fio") is None:
         print("bench: fio is not installed", file=sys.stderr)
         return 2

@@ -72,7 +72,11 @@ def _print_table(title: str, rows: list[tuple[str, int]], total: int) -> None:
 
 
 def run_profile(
-    job_name: str, opts: Options, profiler: str = "py-spy", gil_only: bool = True
+    job_name: str,
+    opts: Options,
+    profiler: str = "py-spy",
+    gil_only: bool = True,
+    native: bool = False,
 ) -> int:
     """Run ``job_name`` once on diofs under ``profiler``; print the top functions. Exit code."""
     job = JOBS_BY_NAME.get(job_name)
@@ -123,6 +127,7 @@ def run_profile(
                     "--rate",
                     "200",
                     *(["--gil"] if gil_only else []),
+                    *(["--native"] if native else []),
                 ],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
