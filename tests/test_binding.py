@@ -349,6 +349,25 @@ def test_diofs_operations_set_the_switches() -> None:
     assert Operations.enable_write_views is True
 
 
+def test_diofs_operations_set_mount_dependent_switches_per_instance(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`-o async_dio=off` and `--bug no-killpriv-v2` land on the instance pyfuse3 reads."""
+    from types import SimpleNamespace
+
+    from diofs import bugs
+    from diofs.ops import Operations
+
+    io = SimpleNamespace(fs=None)
+    ops = Operations(io, None, None, entry_timeout=1, attr_timeout=1)  # type: ignore[arg-type]
+    assert ops.enable_async_dio is True and ops.enable_handle_killpriv_v2 is True
+    monkeypatch.setattr(bugs, "_enabled", {bugs.Bug.NO_KILLPRIV_V2})
+    ops = Operations(
+        io, None, None, entry_timeout=1, attr_timeout=1, async_dio=False  # type: ignore[arg-type]
+    )
+    assert ops.enable_async_dio is False and ops.enable_handle_killpriv_v2 is False
+
+
 def test_check_binding_accepts_installed_pyfuse3() -> None:
     from diofs import request
 
