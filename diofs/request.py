@@ -1,7 +1,8 @@
 """Who made the current FUSE request, with which flags; the kernel-cache invalidation hook.
 
-This is the one module that reads the diofs extensions of the patched pyfuse3 binding
-(patches/pyfuse3-3.5.0-diofs.patch, installed by scripts/setup). Everything else asks here.
+This is the one module that reads the additions of the patched pyfuse3 binding (the series
+patches/pyfuse3/series, installed by scripts/setup), except the init-time switches, which are
+attributes of `diofs.ops.Operations`. Everything else asks here.
 
 Where each field comes from (notes/fuse-facts.md):
 - `Request.tid` is `fuse_req_ctx(req)->pid`, which is the **thread id** of the calling
@@ -23,21 +24,20 @@ Where each field comes from (notes/fuse-facts.md):
 - The binding's request_context also carries KILL_SUIDGID (bit 32 of the flags) on the
   WRITE, SETATTR and OPEN requests in which the kernel leaves killing suid/sgid to diofs
   (FUSE_HANDLE_KILLPRIV_V2, which libfuse 3.14 cannot negotiate: the binding adds it to the
-  INIT reply itself, `pyfuse3.set_handle_killpriv_v2`). For setattr and open the context is
-  set only when the bit is.
+  INIT reply itself when `Operations.enable_handle_killpriv_v2` is set). For setattr and open
+  the context is set only when the bit is.
 - `requests_queued()` polls the daemon's /dev/fuse descriptor (libfuse opened it; the binding
-  does not export it, so it is found once in /proc/self/fd): whether the kernel has another
-  request waiting for the daemon right now.
-- The patched binding also offers `pyfuse3.set_auto_inval_data(False)`, which the mount calls
-  before `pyfuse3.init`: with FUSE_CAP_AUTO_INVAL_DATA, an mtime change seen in GETATTR makes
-  the kernel drop the whole file's cache, which lost data under threaded mmap + O_DIRECT
-  (row 9). diofs is the only writer of its image and invalidates explicitly instead.
+  exports it as `pyfuse3.get_session_fd()`): whether the kernel has another request waiting
+  for the daemon right now.
+- The patched binding also reads `Operations.enable_auto_inval_data`, which diofs sets to
+  False: with FUSE_CAP_AUTO_INVAL_DATA, an mtime change seen in GETATTR makes the kernel drop
+  the whole file's cache, which lost data under threaded mmap + O_DIRECT (row 9). diofs is
+  the only writer of its image and invalidates explicitly instead.
 """
 
 from __future__ import annotations
 
 import errno
-import os
 import select
 from dataclasses import dataclass
 
@@ -45,11 +45,19 @@ import pyfuse3
 
 from diofs.errors import EXIT_MOUNT_FAILED, DiofsError
 
-#: The value of pyfuse3.DIOFS_PATCH_VERSION this module is written against.
-PATCH_VERSION = 5
+#: What diofs needs of the patched binding, one name per patch of patches/pyfuse3/series
+#: (module attributes, then `pyfuse3.Operations` attributes): check_binding() looks for each.
+_BINDING_NAMES = (
+    "request_context", "invalidate_inode_range", "ReplyFromThread", "KILL_SUIDGID",
+    "handle_killpriv_v2_negotiated", "get_session_fd",
+)
+_OPERATIONS_NAMES = (
+    "fallocate", "enable_auto_inval_data", "enable_async_dio", "enable_write_views",
+    "enable_eager_receive", "checkpoint_interval", "enable_handle_killpriv_v2",
+)
 
 #: In `Request.flags` when the kernel asks diofs to kill suid/sgid (FUSE_HANDLE_KILLPRIV_V2,
-#: negotiated by `pyfuse3.set_handle_killpriv_v2`): a WRITE, a SETATTR (truncate, chown) or
+#: negotiated with `Operations.enable_handle_killpriv_v2`): a WRITE, a SETATTR (truncate, chown) or
 #: an OPEN with O_TRUNC by a caller without CAP_FSETID. Above the 32 open-flag bits.
 KILL_SUIDGID: int = getattr(pyfuse3, "KILL_SUIDGID", 1 << 32)
 
@@ -82,29 +90,17 @@ def current() -> Request:
 
 def killpriv_v2_negotiated() -> bool:
     """Whether the INIT reply carried FUSE_HANDLE_KILLPRIV_V2 (the kernel offered it and the
-    mount asked for it with `pyfuse3.set_handle_killpriv_v2(True)` before `pyfuse3.init`)."""
+    mount's Operations had `enable_handle_killpriv_v2` set at `pyfuse3.init`)."""
     return bool(pyfuse3.handle_killpriv_v2_negotiated())
 
 
 def check_binding() -> None:
-    """Raise DiofsError (exit code EXIT_MOUNT_FAILED) unless pyfuse3 carries the diofs patch."""
-    version = getattr(pyfuse3, "DIOFS_PATCH_VERSION", None)
-    ok = (
-        isinstance(version, int)
-        and version >= PATCH_VERSION
-        and hasattr(pyfuse3, "request_context")
-        and hasattr(pyfuse3, "invalidate_inode_range")
-        and hasattr(pyfuse3, "set_auto_inval_data")
-        and hasattr(pyfuse3, "set_eager_receive")
-        and hasattr(pyfuse3, "ReplyFromThread")
-        and hasattr(pyfuse3, "set_write_views")
-        and hasattr(pyfuse3, "set_checkpoint_interval")
-        and hasattr(pyfuse3, "set_handle_killpriv_v2")
-        and hasattr(pyfuse3.Operations, "fallocate")
-    )
-    if not ok:
+    """Raise DiofsError (exit code EXIT_MOUNT_FAILED) unless pyfuse3 carries the patch series."""
+    missing = [n for n in _BINDING_NAMES if not hasattr(pyfuse3, n)]
+    missing += [f"Operations.{n}" for n in _OPERATIONS_NAMES if not hasattr(pyfuse3.Operations, n)]
+    if missing:
         raise DiofsError(
-            "pyfuse3 lacks the diofs patch (request identity, fallocate); run scripts/setup",
+            f"pyfuse3 lacks patches/pyfuse3 (no {', '.join(missing)}); run scripts/setup",
             EXIT_MOUNT_FAILED,
         )
 
@@ -142,18 +138,11 @@ _fuse_poll_looked = False
 
 
 def _find_fuse_fd() -> int | None:
-    """The daemon's /dev/fuse descriptor, or None (not a mounted daemon: unit tests)."""
+    """The daemon's /dev/fuse descriptor, or None (no session: unit tests)."""
     try:
-        names = os.listdir("/proc/self/fd")
-    except OSError:
+        return int(pyfuse3.get_session_fd())
+    except RuntimeError:  # pyfuse3.init not called
         return None
-    for name in names:
-        try:
-            if os.readlink(f"/proc/self/fd/{name}") == "/dev/fuse":
-                return int(name)
-        except OSError:
-            continue
-    return None
 
 
 def requests_queued() -> bool:

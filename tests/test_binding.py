@@ -1,17 +1,28 @@
-"""The installed pyfuse3 carries the diofs patch, and the patch does what diofs relies on.
+"""The installed pyfuse3 carries the patch series patches/pyfuse3/series, and each patch does
+what diofs relies on.
 
 Part 1 checks the API is there (no mount). Part 2 is the proof: it mounts a tiny in-memory
 pyfuse3 filesystem defined in this file (run as `python tests/test_binding.py --daemon ...`
-in a child process), drives it from this process, and compares what the daemon recorded per
-request with what the test did:
-  - READ/WRITE from two threads carry each thread's native id and O_DIRECT in the flags;
-  - pwritev(..., RWF_DSYNC) shows O_DSYNC in that WRITE's flags (and a plain write does not);
-  - fallocate(2) reaches Operations.fallocate with the caller's mode/offset/length;
-  - requests without a context (LOOKUP, GETATTR) see the default (0, 0), never a stale value;
-  - invalidate_inode_range (via diofs.request) drops only the given range from the kernel cache;
-  - set_auto_inval_data(False) stops the kernel from dropping the cache on an mtime change;
-  - set_handle_killpriv_v2(True) removes the GETXATTR(security.capability) before every WRITE
-    and passes the kernel's kill-suid/sgid requests up as pyfuse3.KILL_SUIDGID.
+in a child process, with the Operations attributes to set given as JSON), drives it from this
+process, and compares what the daemon recorded per request with what the test did. At least
+one test per patch, on a mount with the switch set (`tiny`: the switches as diofs sets them)
+and, where cheap, one that shows the default keeps stock behaviour (`stock`: no attribute set):
+  - 0001 request-context: READ/WRITE from two threads carry each thread's native id and
+    O_DIRECT in the flags; pwritev(..., RWF_DSYNC) shows O_DSYNC in that WRITE's flags (and a
+    plain write does not); requests without a context (LOOKUP, GETATTR) see (0, 0);
+  - 0002 fallocate: fallocate(2) reaches Operations.fallocate with mode/offset/length;
+  - 0003 invalidate-inode-range: (via diofs.request) drops only the given range;
+  - 0004 auto-inval-data: enable_auto_inval_data = False stops the kernel from dropping the
+    cache on an mtime change; unset, it drops it;
+  - 0005 async-dio: unset, one O_DIRECT read reaches the daemon as parallel READs;
+    enable_async_dio = False sends them one at a time;
+  - 0006 reply-from-thread: a read that returns ReplyFromThread(data) delivers data;
+  - 0007 write-views: enable_write_views = True passes WRITE data as a memoryview; unset, bytes;
+  - 0008 eager-receive: the fd is non-blocking with enable_eager_receive (blocking unset), and
+    with checkpoint_interval a handler that waits for a later request still gets it;
+  - 0009 handle-killpriv-v2: removes the GETXATTR(security.capability) before every WRITE and
+    passes the kernel's kill-suid/sgid requests up as pyfuse3.KILL_SUIDGID;
+  - 0010 session-fd: get_session_fd() is the daemon's /dev/fuse (diofs.request polls it).
 
 The daemon writes one JSON line per request to a report file before replying. Every mount has
 a hard deadline (harness/watchdog.py): past it the FUSE connection is aborted through fusectl
@@ -53,7 +64,17 @@ INO_G = 3  # attr_timeout=0 and a new mtime on every GETATTR (auto_inval_data)
 INO_H = 4  # filled with b"A"; the control file replaces it with b"B" (range invalidation)
 INO_CTL = 5  # control file: a WRITE of b"INVAL ino start end" runs invalidate_kernel_range
 INO_K = 6  # mode 0666: written, truncated and opened with O_TRUNC by an unprivileged uid
-FILES = {b"f": INO_F, b"g": INO_G, b"h": INO_H, b"ctl": INO_CTL, b"k": INO_K}
+INO_D = 7  # DIO_SIZE bytes; each READ records how many READs of it are in flight, then sleeps
+INO_R = 8  # filled with b"R", read with ReplyFromThread
+INO_W = 9  # its READ waits until the control file gets b"SET"
+FILES = {b"f": INO_F, b"g": INO_G, b"h": INO_H, b"ctl": INO_CTL, b"k": INO_K, b"d": INO_D,
+         b"r": INO_R, b"w": INO_W}
+DIO_SIZE = 4 << 20
+
+#: The switches as diofs sets them (diofs/ops.py, class Operations) except async_dio and
+#: killpriv, which have mounts of their own; `tiny` runs with these.
+DIOFS_LIKE = {"enable_auto_inval_data": False, "enable_write_views": True,
+              "enable_eager_receive": True, "checkpoint_interval": 8}
 
 
 # --------------------------------------------------------------------------- the daemon
@@ -62,8 +83,12 @@ class TinyFs(pyfuse3.Operations):
 
     def __init__(self, report: Path) -> None:
         super().__init__()
-        self.data = {ino: bytearray(FILE_SIZE) for ino in (INO_F, INO_G, INO_H, INO_K)}
+        self.data = {ino: bytearray(FILE_SIZE) for ino in (INO_F, INO_G, INO_H, INO_K, INO_W)}
         self.data[INO_H][:] = b"A" * FILE_SIZE
+        self.data[INO_D] = bytearray(b"D" * DIO_SIZE)
+        self.data[INO_R] = bytearray(b"R" * FILE_SIZE)
+        self.d_inflight = 0
+        self.w_event: Any = None  # trio.Event, made in the trio run
         self.g_ticks = 0
         self.report = open(report, "a", buffering=1)  # noqa: SIM115 (lives as long as the fs)
 
@@ -119,13 +144,33 @@ class TinyFs(pyfuse3.Operations):
         raise pyfuse3.FUSEError(errno.ENODATA)
 
     async def read(self, fh, off, size):  # type: ignore[no-untyped-def]
+        import trio
+
+        data = bytes(self.data[fh][off : off + size])
+        if fh == INO_D:
+            self.d_inflight += 1
+            self._record("read", fh, off=off, size=size, inflight=self.d_inflight)
+            await trio.sleep(0.05)
+            self.d_inflight -= 1
+            return data
         self._record("read", fh, off=off, size=size)
-        return bytes(self.data[fh][off : off + size])
+        if fh == INO_R:
+            return pyfuse3.ReplyFromThread(data)
+        if fh == INO_W:
+            await self._w_event().wait()
+        return data
+
+    def _w_event(self) -> Any:
+        import trio
+
+        if self.w_event is None:
+            self.w_event = trio.Event()
+        return self.w_event
 
     async def write(self, fh, off, buf):  # type: ignore[no-untyped-def]
-        self._record("write", fh, off=off, size=len(buf))
+        self._record("write", fh, off=off, size=len(buf), buf_type=type(buf).__name__)
         if fh == INO_CTL:
-            await self._control(buf)
+            await self._control(bytes(buf))
         else:
             self.data[fh][off : off + len(buf)] = buf
         return len(buf)
@@ -135,6 +180,14 @@ class TinyFs(pyfuse3.Operations):
 
         from diofs import request
 
+        if cmd == b"SET":
+            self._w_event().set()
+            return
+        if cmd == b"FD":
+            fd = pyfuse3.get_session_fd()
+            self._record("fd", 0, fd=fd, target=os.readlink(f"/proc/self/fd/{fd}"),
+                         blocking=os.get_blocking(fd), queued=request.requests_queued())
+            return
         verb, ino, start, end = cmd.split()
         assert verb == b"INVAL"
         if int(ino) == INO_H:
@@ -163,13 +216,15 @@ class TinyFs(pyfuse3.Operations):
         self._record("release", fh)
 
 
-def daemon_main(mnt: str, report: str, auto_inval: bool, killpriv: bool) -> None:
+def daemon_main(mnt: str, report: str, attrs: dict[str, Any]) -> None:
     import trio
 
-    pyfuse3.set_auto_inval_data(auto_inval)
-    pyfuse3.set_handle_killpriv_v2(killpriv)
+    fs = TinyFs(Path(report))
+    for name, value in attrs.items():  # on the instance, as diofs does: pyfuse3 reads it there
+        assert hasattr(pyfuse3.Operations, name), name
+        setattr(fs, name, value)
     opts = set(pyfuse3.default_options) | {"fsname=tinyfs", "allow_other"}
-    pyfuse3.init(TinyFs(Path(report)), mnt, opts)
+    pyfuse3.init(fs, mnt, opts)
     try:
         trio.run(pyfuse3.main)
     finally:
@@ -186,8 +241,8 @@ def _fuse_missing() -> str | None:
 
 
 def _api_missing() -> str | None:
-    if getattr(pyfuse3, "DIOFS_PATCH_VERSION", None) is None:
-        return "pyfuse3 is stock (run scripts/setup)"
+    if not hasattr(pyfuse3, "get_session_fd"):
+        return "pyfuse3 lacks patches/pyfuse3 (run scripts/setup)"
     return None
 
 
@@ -217,12 +272,12 @@ class TinyMount:
 
 
 @contextlib.contextmanager
-def tiny_mount(tmp: Path, auto_inval: bool, killpriv: bool = False) -> Iterator[TinyMount]:
+def tiny_mount(tmp: Path, **attrs: Any) -> Iterator[TinyMount]:
+    """Mount TinyFs with the given pyfuse3.Operations attributes set on its instance."""
     mnt, report, log = tmp / "mnt", tmp / "report.jsonl", tmp / "daemon.log"
     mnt.mkdir()
     report.touch()
-    argv = [sys.executable, __file__, "--daemon", str(mnt), str(report), str(int(auto_inval)),
-            str(int(killpriv))]
+    argv = [sys.executable, __file__, "--daemon", str(mnt), str(report), json.dumps(attrs)]
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
     with open(log, "wb") as logf:
         child = subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT, env=env)
@@ -255,28 +310,62 @@ def tiny_mount(tmp: Path, auto_inval: bool, killpriv: bool = False) -> Iterator[
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TinyMount]:
-    """One TinyFs mount with auto_inval_data off, shared by the tests of this module."""
-    with tiny_mount(tmp_path_factory.mktemp("tiny"), auto_inval=False) as m:
+    """One TinyFs mount with the switches as diofs sets them, shared by this module's tests."""
+    with tiny_mount(tmp_path_factory.mktemp("tiny"), **DIOFS_LIKE) as m:
+        yield m
+
+
+@pytest.fixture(scope="module")
+def stock(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TinyMount]:
+    """One TinyFs mount with no switch set: the defaults must behave like stock pyfuse3."""
+    with tiny_mount(tmp_path_factory.mktemp("stock")) as m:
         yield m
 
 
 # --------------------------------------------------------------------------- part 1: API
-def test_binding_has_diofs_api() -> None:
-    assert pyfuse3.DIOFS_PATCH_VERSION == 5
+def test_binding_has_the_series_api() -> None:
     assert pyfuse3.request_context.get() == (0, 0)
     assert callable(pyfuse3.invalidate_inode_range)
-    assert callable(pyfuse3.set_auto_inval_data)
-    assert callable(pyfuse3.set_async_dio)
-    assert callable(pyfuse3.set_eager_receive)
-    assert callable(pyfuse3.set_write_views)
-    assert callable(pyfuse3.set_checkpoint_interval)
-    with pytest.raises(ValueError):
-        pyfuse3.set_checkpoint_interval(0)
-    assert callable(pyfuse3.set_handle_killpriv_v2)
     assert pyfuse3.handle_killpriv_v2_negotiated() is False  # no mount in this process
     assert pyfuse3.KILL_SUIDGID == 1 << 32
     assert pyfuse3.ReplyFromThread(b"x").data == b"x"
     assert callable(pyfuse3.Operations.fallocate)
+    with pytest.raises(RuntimeError):
+        pyfuse3.get_session_fd()  # no init() in this process
+
+
+def test_operations_switches_default_to_stock_behaviour() -> None:
+    ops = pyfuse3.Operations
+    assert ops.enable_auto_inval_data is True and ops.enable_async_dio is True
+    assert ops.enable_write_views is False and ops.enable_eager_receive is False
+    assert ops.checkpoint_interval == 1 and ops.enable_handle_killpriv_v2 is False
+
+
+def test_diofs_operations_set_the_switches() -> None:
+    from diofs.ops import Operations
+
+    assert Operations.enable_auto_inval_data is False
+    assert Operations.enable_eager_receive is True and Operations.checkpoint_interval == 8
+    assert Operations.enable_write_views is True
+
+
+def test_diofs_operations_set_mount_dependent_switches_per_instance(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`-o async_dio=off` and `--bug no-killpriv-v2` land on the instance pyfuse3 reads."""
+    from types import SimpleNamespace
+
+    from diofs import bugs
+    from diofs.ops import Operations
+
+    io = SimpleNamespace(fs=None)
+    ops = Operations(io, None, None, entry_timeout=1, attr_timeout=1)  # type: ignore[arg-type]
+    assert ops.enable_async_dio is True and ops.enable_handle_killpriv_v2 is True
+    monkeypatch.setattr(bugs, "_enabled", {bugs.Bug.NO_KILLPRIV_V2})
+    ops = Operations(
+        io, None, None, entry_timeout=1, attr_timeout=1, async_dio=False  # type: ignore[arg-type]
+    )
+    assert ops.enable_async_dio is False and ops.enable_handle_killpriv_v2 is False
 
 
 def test_check_binding_accepts_installed_pyfuse3() -> None:
@@ -423,11 +512,163 @@ def test_auto_inval_data_off_keeps_cache_on_mtime_change(tiny: TinyMount) -> Non
 
 
 @needs_mount
-def test_auto_inval_data_on_drops_cache_on_mtime_change(tmp_path: Path) -> None:
+def test_auto_inval_data_unset_drops_cache_on_mtime_change(stock: TinyMount) -> None:
     """Control for the test above: with libfuse's default the same reads go to the daemon."""
-    with tiny_mount(tmp_path, auto_inval=True) as m:
-        first, second = _reads_after_mtime_change(m)
+    first, second = _reads_after_mtime_change(stock)
     assert first >= 1 and second > first
+
+
+# --------------------------------------------------------------------------- ASYNC_DIO
+def _direct_read_inflight(m: TinyMount) -> list[int]:
+    """One DIO_SIZE O_DIRECT read of "d": how many READs were in flight as each arrived."""
+    before = len(m.records("read", INO_D))
+    fd = os.open(m.path("d"), os.O_RDONLY | os.O_DIRECT)
+    try:
+        buf = aligned(DIO_SIZE)
+        assert os.preadv(fd, [buf], 0) == DIO_SIZE
+        assert buf[:] == b"D" * DIO_SIZE
+    finally:
+        os.close(fd)
+    recs = m.records("read", INO_D)[before:]
+    assert sum(r["size"] for r in recs) == DIO_SIZE and len(recs) >= 2, recs
+    return [r["inflight"] for r in recs]
+
+
+@needs_mount
+def test_async_dio_unset_sends_one_direct_read_as_parallel_requests(stock: TinyMount) -> None:
+    assert max(_direct_read_inflight(stock)) > 1
+
+
+@needs_mount
+def test_async_dio_off_sends_direct_read_requests_one_by_one(tmp_path: Path) -> None:
+    with tiny_mount(tmp_path, enable_async_dio=False) as m:
+        inflight = _direct_read_inflight(m)
+    assert set(inflight) == {1}, inflight
+
+
+# --------------------------------------------------------------------------- ReplyFromThread
+@needs_mount
+@pytest.mark.parametrize("direct", [False, True], ids=["buffered", "direct"])
+def test_reply_from_thread_delivers_the_data(tiny: TinyMount, direct: bool) -> None:
+    fd = os.open(tiny.path("r"), os.O_RDONLY | (os.O_DIRECT if direct else 0))
+    try:
+        buf = aligned(4 * PAGE)
+        assert os.preadv(fd, [buf], 8 * PAGE) == 4 * PAGE
+    finally:
+        os.close(fd)
+    assert buf[:] == b"R" * (4 * PAGE)
+    assert tiny.records("read", INO_R)
+
+
+# --------------------------------------------------------------------------- write views
+def _write_and_read_back(m: TinyMount, off: int) -> str:
+    data = bytes(range(256)) * (PAGE // 256)
+    fd = os.open(m.path("f"), os.O_RDWR | os.O_DIRECT)
+    try:
+        assert os.pwritev(fd, [aligned(data=data)], off) == PAGE
+        back = aligned(PAGE)
+        assert os.preadv(fd, [back], off) == PAGE
+    finally:
+        os.close(fd)
+    assert back[:] == data
+    recs = [r for r in m.records("write", INO_F) if r["off"] == off]
+    assert len(recs) == 1, recs
+    return str(recs[0]["buf_type"])
+
+
+@needs_mount
+def test_write_views_pass_a_memoryview(tiny: TinyMount) -> None:
+    assert _write_and_read_back(tiny, 40 * PAGE) == "memoryview"
+
+
+@needs_mount
+def test_write_views_unset_pass_bytes(stock: TinyMount) -> None:
+    assert _write_and_read_back(stock, 40 * PAGE) == "bytes"
+
+
+# --------------------------------------------------------------------------- eager receive
+def _session_fd_record(m: TinyMount) -> dict[str, Any]:
+    ctl = os.open(m.path("ctl"), os.O_WRONLY)
+    try:
+        os.write(ctl, b"FD")
+    finally:
+        os.close(ctl)
+    return m.records("fd")[-1]
+
+
+@needs_mount
+def test_eager_receive_makes_the_session_fd_non_blocking(tiny: TinyMount, stock: TinyMount) -> None:
+    assert _session_fd_record(tiny)["blocking"] is False
+    assert _session_fd_record(stock)["blocking"] is True
+
+
+@needs_mount
+def test_eager_receive_serves_a_request_a_waiting_handler_needs(tiny: TinyMount) -> None:
+    """A READ of "w" waits in its handler until a later WRITE to ctl arrives: another worker
+    must read that WRITE although the first one took its request without waiting."""
+    result: list[bytes] = []
+
+    def reader() -> None:
+        fd = os.open(tiny.path("w"), os.O_RDONLY | os.O_DIRECT)
+        try:
+            buf = aligned(PAGE)
+            os.preadv(fd, [buf], 0)
+            result.append(buf[:])
+        finally:
+            os.close(fd)
+
+    t = threading.Thread(target=reader)
+    t.start()
+    t_end = time.monotonic() + 20
+    while not tiny.records("read", INO_W):
+        assert time.monotonic() < t_end, "READ of w never arrived"
+        time.sleep(0.01)
+    ctl = os.open(tiny.path("ctl"), os.O_WRONLY)
+    try:
+        os.write(ctl, b"SET")
+    finally:
+        os.close(ctl)
+    t.join(timeout=20)
+    assert not t.is_alive()
+    assert result == [bytes(PAGE)]
+
+
+@needs_mount
+def test_eager_receive_concurrent_direct_io_keeps_data(tiny: TinyMount) -> None:
+    """Eight threads of O_DIRECT write + read on one file (requests queue up: the eager path
+    with its skipped checkpoints): every thread reads back its own data."""
+    errors: list[BaseException] = []
+
+    def worker(i: int) -> None:
+        try:
+            fd = os.open(tiny.path("f"), os.O_RDWR | os.O_DIRECT)
+            try:
+                for rnd in range(20):
+                    off = (64 + i * 4 + rnd % 4) * PAGE
+                    data = bytes([i * 20 + rnd]) * PAGE
+                    assert os.pwritev(fd, [aligned(data=data)], off) == PAGE
+                    back = aligned(PAGE)
+                    assert os.preadv(fd, [back], off) == PAGE
+                    assert back[:] == data, (i, rnd)
+            finally:
+                os.close(fd)
+        except BaseException as exc:  # reported by the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert not errors, errors
+
+
+# --------------------------------------------------------------------------- session fd
+@needs_mount
+def test_get_session_fd_is_the_daemons_dev_fuse(tiny: TinyMount) -> None:
+    rec = _session_fd_record(tiny)
+    assert rec["target"] == "/dev/fuse"
+    assert rec["queued"] in (True, False)  # requests_queued() polled it (a RELEASE may be queued)
 
 
 # --------------------------------------------------------------------------- KILLPRIV_V2
@@ -447,7 +688,8 @@ def test_killpriv_v2_removes_the_getxattr_before_every_write(
 ) -> None:
     """The custom I/O adds FUSE_HANDLE_KILLPRIV_V2 to the INIT reply: the kernel stops asking
     for security.capability before each WRITE. Without it (libfuse's reply): one per WRITE."""
-    with tiny_mount(tmp_path, auto_inval=False, killpriv=killpriv) as m:
+    attrs = {"enable_handle_killpriv_v2": True} if killpriv else {}  # unset: the default
+    with tiny_mount(tmp_path, **attrs) as m:
         _write_n(m.path("f"), 100)
         writes = m.records("write", INO_F)
         getxattr = m.records("getxattr", INO_F)
@@ -479,7 +721,7 @@ def test_kill_suidgid_flag_reaches_write_setattr_and_open(tmp_path: Path) -> Non
     """An unprivileged WRITE, truncate and open(O_TRUNC) carry pyfuse3.KILL_SUIDGID in the
     request flags (libfuse 3.14 passes none of the kernel's bits up); root's do not."""
     kill = pyfuse3.KILL_SUIDGID
-    with tiny_mount(tmp_path, auto_inval=False, killpriv=True) as m:
+    with tiny_mount(tmp_path, enable_handle_killpriv_v2=True) as m:
         pid = os.fork()
         if pid == 0:
             try:
@@ -502,5 +744,5 @@ def test_kill_suidgid_flag_reaches_write_setattr_and_open(tmp_path: Path) -> Non
     assert user["write"][0]["flags"] & ~kill & os.O_ACCMODE == os.O_RDWR  # fi->flags kept
 
 
-if __name__ == "__main__" and len(sys.argv) == 6 and sys.argv[1] == "--daemon":
-    daemon_main(sys.argv[2], sys.argv[3], sys.argv[4] == "1", sys.argv[5] == "1")
+if __name__ == "__main__" and len(sys.argv) == 5 and sys.argv[1] == "--daemon":
+    daemon_main(sys.argv[2], sys.argv[3], json.loads(sys.argv[4]))

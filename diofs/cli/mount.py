@@ -249,29 +249,14 @@ class Daemon:
         fs.discard_freed = o.discard
         self.ops = Operations(
             self.io, self.buffered, self.direct, xattrs=o.xattr,
-            entry_timeout=o.entry_timeout, attr_timeout=o.attr_timeout,
+            entry_timeout=o.entry_timeout, attr_timeout=o.attr_timeout, async_dio=o.async_dio,
         )
         fuse_opts = set(pyfuse3.default_options)
         fuse_opts.discard("default_permissions")
         fuse_opts |= {fsname_option(self.image), "subtype=diofs", "default_permissions", *o.fuse}
         canonical_mnt = os.path.realpath(self.mnt)  # now: once mounted, this would stat us
-        # diofs is the only writer of its image: drop the kernel's whole-file invalidation on
-        # mtime change, which loses data under threaded mmap + O_DIRECT (fuse-facts row 9).
-        pyfuse3.set_auto_inval_data(False)
-        pyfuse3.set_async_dio(o.async_dio)
-        # read the next queued request at once instead of after an epoll round trip
-        pyfuse3.set_eager_receive(True)
-        # and pass a trio checkpoint only before every 8th request (binding patch 5): a
-        # handler that answered without suspending let nobody run, and one that suspends
-        # yields anyway. 4 KiB direct QD16, daemon CPU per request: read 24.8 -> 19.8 us,
-        # write 39.6 -> 26.2 us (docs/bench.md, "Per-request CPU")
-        pyfuse3.set_checkpoint_interval(8)
-        # WRITE data as a view of the request buffer, not a copy: every write path copies
-        # what it keeps (cache pages) or writes it to the image before the handler returns
-        pyfuse3.set_write_views(True)
-        # SB_NOSEC: no GETXATTR(security.capability) before every WRITE; diofs kills
-        # suid/sgid itself where the requests ask (ops.py, top comment)
-        pyfuse3.set_handle_killpriv_v2(not bugs.enabled(bugs.Bug.NO_KILLPRIV_V2))
+        # the binding's init-time switches (auto_inval_data off, eager receive, write views,
+        # KILLPRIV_V2, async_dio) are attributes of self.ops: diofs/ops.py, class Operations
         pyfuse3.init(self.ops, self.mnt, fuse_opts)
         self.status.publish(self.image, canonical_mnt)  # for umount.diofs
         self.kernel.start()
