@@ -56,16 +56,18 @@ class Filesystem:
     """Attributes are protected by trio's single thread (see module docstring); `commit_lock`
     serialises commits."""
 
-    def __init__(self, backend: Backend, loaded: image.Loaded) -> None:
+    def __init__(self, backend: Backend, loaded: image.Loaded,
+                 used: list[tuple[int, int]] | None = None) -> None:
+        """`used`: the block runs the extents hold (verify.survey), computed when None."""
         self.backend = backend
         self.sb: Superblock = loaded.sb
         self.bs = loaded.sb.block_size
         self.generation = loaded.generation
-        self.inodes: dict[int, Inode] = loaded.md.inodes
+        self.inodes: metadata.InodeTable = loaded.md.inodes
         self.next_ino = loaded.md.next_ino
-        self.alloc = Allocator(
-            self.sb.total_blocks, self.sb.data_start, verify.used_runs(loaded.md)
-        )
+        if used is None:
+            used = verify.survey(loaded.md, loaded.sb).used
+        self.alloc = Allocator(self.sb.total_blocks, self.sb.data_start, used)
         # the journal (module docstring): the checkpoint the journal follows, where the next
         # transaction goes, what changed since the last commit
         self.checkpoint: CommitSlot | None = loaded.checkpoint
@@ -96,11 +98,14 @@ class Filesystem:
     # ------------------------------------------------------------------ loading, commits
     @classmethod
     def load(cls, backend: Backend) -> Filesystem:
+        """Load the newest commit and check it (verify.survey) before anything uses it. The
+        checkpoint's inodes stay undecoded until first use (metadata.InodeTable)."""
         loaded = image.load(backend)
-        if not bugs.enabled(Bug.TRUST_CHECKSUMS):
-            verify.check(loaded.md, loaded.sb)  # before anything uses it; ImageCorrupt, exit 3
-        fs = cls(backend, loaded)
-        for ino in [i for i, n in fs.inodes.items() if n.nlink == 0]:
+        found = verify.survey(loaded.md, loaded.sb)
+        if found.problems and not bugs.enabled(Bug.TRUST_CHECKSUMS):
+            raise verify.refusal(found.problems)  # ImageCorrupt, one line, exit 3
+        fs = cls(backend, loaded, found.used)
+        for ino in found.orphans:
             fs.free_inode(fs.inodes[ino])  # orphans of a crash (unlinked while open)
         return fs
 
@@ -139,14 +144,16 @@ class Filesystem:
             flush_data = writes > self.flushed_writes
             bs = self.sb.block_size
             txn: bytes | None = None
-            raw = b""
+            parts: list[bytes | memoryview] = []
             if not self._need_checkpoint and self.checkpoint is not None:
                 body = journal.payload(changed.values(), dir_changes, dropped)
                 if self.journal_end + journal.padded_len(len(body), bs) <= self.sb.journal_bytes:
                     header = (self.sb.fs_id, self.checkpoint.generation, generation, self.next_ino)
                     txn = journal.transaction(header, body, bs)
             if txn is None:
-                raw = metadata.encode_raw(metadata.Metadata(self.next_ino, self.inodes))
+                # O(inodes decoded since the mount) here; joining the undecoded records (slices
+                # of the immutable loaded blob) and compressing run in the worker thread
+                parts = metadata.encode_parts(metadata.Metadata(self.next_ino, self.inodes))
             self._need_checkpoint = False
             try:
                 if txn is not None:
@@ -157,7 +164,7 @@ class Filesystem:
                 else:
                     region = 0 if self.checkpoint is None else 1 - self.checkpoint.region
                     slot = await trio.to_thread.run_sync(
-                        self._write_checkpoint, raw, generation, region
+                        self._write_checkpoint, parts, generation, region
                     )
             except BaseException:
                 self.alloc.commit_failed(freed)
@@ -185,9 +192,12 @@ class Filesystem:
             self.alloc.release_committed(freed)
             stats.add("meta.commits")
 
-    def _write_checkpoint(self, raw: bytes, generation: int, region: int) -> CommitSlot:
-        """Compress and write a checkpoint (a worker thread: zlib releases the GIL)."""
-        blob = metadata.compress(raw)
+    def _write_checkpoint(
+        self, parts: list[bytes | memoryview], generation: int, region: int
+    ) -> CommitSlot:
+        """Join, compress and write a checkpoint (a worker thread: zlib releases the GIL;
+        `parts` are immutable bytes and slices of the loaded blob)."""
+        blob = metadata.compress(b"".join(parts))
         return image.write_commit(self.backend, self.sb, generation, blob, region=region)
 
     @staticmethod
@@ -750,7 +760,8 @@ class Filesystem:
     def unmount_cleanup(self) -> None:
         """Before the final commit: free the orphans; that commit is a checkpoint, so the next
         mount replays no journal."""
-        for inode in [n for n in self.inodes.values() if n.nlink == 0]:
+        # undecoded records have nlink > 0: the mount freed the orphans it loaded
+        for inode in [n for n in self.inodes.decoded() if n.nlink == 0]:
             self.free_inode(inode)
         self._need_checkpoint = True
 
