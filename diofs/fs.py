@@ -144,7 +144,7 @@ class Filesystem:
             flush_data = writes > self.flushed_writes
             bs = self.sb.block_size
             txn: bytes | None = None
-            parts: list[bytes | memoryview] = []
+            checkpoint: metadata.Checkpoint | None = None
             if not self._need_checkpoint and self.checkpoint is not None:
                 body = journal.payload(changed.values(), dir_changes, dropped)
                 if self.journal_end + journal.padded_len(len(body), bs) <= self.sb.journal_bytes:
@@ -153,7 +153,7 @@ class Filesystem:
             if txn is None:
                 # O(inodes decoded since the mount) here; joining the undecoded records (slices
                 # of the immutable loaded blob) and compressing run in the worker thread
-                parts = metadata.encode_parts(metadata.Metadata(self.next_ino, self.inodes))
+                checkpoint = metadata.encode_parts(metadata.Metadata(self.next_ino, self.inodes))
             self._need_checkpoint = False
             try:
                 if txn is not None:
@@ -162,9 +162,10 @@ class Filesystem:
                         flush_data,
                     )
                 else:
+                    assert checkpoint is not None
                     region = 0 if self.checkpoint is None else 1 - self.checkpoint.region
                     slot = await trio.to_thread.run_sync(
-                        self._write_checkpoint, parts, generation, region
+                        self._write_checkpoint, checkpoint, generation, region
                     )
             except BaseException:
                 self.alloc.commit_failed(freed)
@@ -193,11 +194,11 @@ class Filesystem:
             stats.add("meta.commits")
 
     def _write_checkpoint(
-        self, parts: list[bytes | memoryview], generation: int, region: int
+        self, checkpoint: metadata.Checkpoint, generation: int, region: int
     ) -> CommitSlot:
         """Join, compress and write a checkpoint (a worker thread: zlib releases the GIL;
-        `parts` are immutable bytes and slices of the loaded blob)."""
-        blob = metadata.compress(b"".join(parts))
+        nothing in `checkpoint` changes after encode_parts)."""
+        blob = metadata.compress(checkpoint.join())
         return image.write_commit(self.backend, self.sb, generation, blob, region=region)
 
     @staticmethod

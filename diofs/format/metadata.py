@@ -41,7 +41,11 @@ _DENT = struct.Struct("<QH")
 _MAGIC = b"DIOFSmd1"
 _MAGIC_XATTRS = b"DIOFSmd2"  # md1 + the xattr section
 _UNWRITTEN = 1 << 63
-INODE = _INO  # the record header, and
+INODE = _INO  # the record header
+# the fields of the record header that the load's walk (ino, n_extents, payload_len) and the
+# mount's checks (ino, mode, nlink, size, n_extents, payload_len) read: fewer objects
+_WALK = struct.Struct("<Q56xII")
+INODE_CHECKED = struct.Struct("<QI8xIQ32xII")
 EXTENT = _EXT  # start:u64 phys:u64 count:u64 with UNWRITTEN (verify reads raw records)
 UNWRITTEN = _UNWRITTEN
 
@@ -231,21 +235,17 @@ def unpack_inode(raw: bytes | memoryview, pos: int) -> tuple[Inode, bytes, int]:
     struct.error or ImageCorrupt when it is cut short."""
     f = _INO.unpack_from(raw, pos)
     pos += _INO.size
-    extents = []
-    for _ in range(f[10]):
-        s, p, c = _EXT.unpack_from(raw, pos)
-        pos += _EXT.size
-        extents.append(Extent(s, p, c & ~_UNWRITTEN, bool(c & _UNWRITTEN)))
-    payload = bytes(raw[pos : pos + f[11]])
-    if len(payload) != f[11]:
+    end = pos + _EXT.size * f[10]
+    extents = [
+        Extent(s, p, c & ~_UNWRITTEN, c >= _UNWRITTEN)
+        for s, p, c in _EXT.iter_unpack(raw[pos:end])
+    ] if f[10] else []
+    payload = bytes(raw[end : end + f[11]])
+    if len(payload) != f[11] or len(raw) < end:
         raise ImageCorrupt("metadata record is truncated")
-    pos += f[11]
-    inode = Inode(
-        ino=f[0], mode=f[1], uid=f[2], gid=f[3], nlink=f[4], size=f[5],
-        atime_ns=f[6], mtime_ns=f[7], ctime_ns=f[8], rdev=f[9],
-        extents=ExtentMap.loaded(extents),
-    )
-    return inode, payload, pos
+    # positional: ino, mode, uid, gid, nlink, size, atime_ns, mtime_ns, ctime_ns, rdev
+    inode = Inode(*f[:10], ExtentMap.loaded(extents))  # type: ignore[call-arg]
+    return inode, payload, end + f[11]
 
 
 def unpack_entries(payload: bytes | memoryview) -> Entries:
@@ -361,13 +361,26 @@ class InodeTable(MutableMapping[int, Inode]):
         live = self._live
         return [i for i in itertools.filterfalse(self._raw.__contains__, inos) if i not in live]
 
-    def raw_parts(self) -> list[memoryview]:
-        """The undecoded records as slices of the blob, neighbours merged (a checkpoint
-        writes them unchanged). The blob never changes, so the slices stay valid."""
-        blob = memoryview(self._blob)
+    def raw_snapshot(self) -> RawRecords:
+        """The undecoded records as they are now, for a checkpoint: O(1) objects per record
+        copied at C speed on the caller's thread; `RawRecords.parts` does the rest anywhere
+        (the blob never changes)."""
+        return RawRecords(self._blob, list(self._raw.values()))
+
+
+@dataclass(slots=True)
+class RawRecords:
+    """Records of a checkpoint blob, as locations (offset << 32 | length)."""
+
+    blob: bytes
+    locations: list[int]
+
+    def parts(self) -> list[memoryview]:
+        """The records as slices of the blob, neighbours merged."""
+        blob = memoryview(self.blob)
         parts: list[memoryview] = []
         run_start = run_end = -1
-        for loc in sorted(self._raw.values()):
+        for loc in sorted(self.locations):
             start = loc >> 32
             if start != run_end:
                 if run_end > run_start:
@@ -391,23 +404,33 @@ class Metadata:
             self.inodes = InodeTable(self.inodes)
 
 
-def encode_raw(md: Metadata) -> bytes:
-    """The uncompressed blob. Runs on the trio thread (it reads the live inodes); the
-    compression (`compress`) may then run in a worker thread."""
-    return b"".join(encode_parts(md))
+@dataclass(slots=True)
+class Checkpoint:
+    """A checkpoint blob in pieces (`encode_parts`): nothing in it changes afterwards, so
+    `join` may run in a worker thread."""
+
+    head: list[bytes]  # the blob header, then the records of the inodes decoded or created
+    raw: RawRecords  # the records nothing decoded since the mount
+    xattrs: bytes  # the xattr section
+
+    def join(self) -> bytes:
+        return b"".join([*self.head, *self.raw.parts(), self.xattrs])
 
 
-def encode_parts(md: Metadata) -> list[bytes | memoryview]:
-    """The blob in pieces: O(inodes decoded since the mount) on the caller's thread; the
-    undecoded records are slices of the loaded blob (immutable), joined later."""
+def encode_parts(md: Metadata) -> Checkpoint:
+    """The checkpoint of `md`. O(inodes decoded) plus a copy of the undecoded records'
+    locations (C speed): the part of a checkpoint that runs on the trio thread."""
     live = md.inodes.decoded()
     xattrs = xattr_format.encode_section(live)  # raw records have none (InodeTable)
     magic = _MAGIC_XATTRS if xattrs else _MAGIC
-    parts: list[bytes | memoryview] = [_HDR.pack(magic, md.next_ino, len(md.inodes), 0)]
-    parts.extend(ino.serialise() for ino in live)
-    parts.extend(md.inodes.raw_parts())
-    parts.append(xattrs)
-    return parts
+    head = [_HDR.pack(magic, md.next_ino, len(md.inodes), 0)]
+    head.extend([ino.serialise() for ino in live])
+    return Checkpoint(head, md.inodes.raw_snapshot(), xattrs)
+
+
+def encode_raw(md: Metadata) -> bytes:
+    """The uncompressed blob."""
+    return encode_parts(md).join()
 
 
 def compress(raw: bytes) -> bytes:
@@ -428,15 +451,17 @@ def decode(blob: bytes) -> Metadata:
             raise ImageCorrupt("metadata blob has a bad magic")
         pos = _HDR.size
         index: dict[int, int] = {}
-        unpack = _INO.unpack_from
+        walk = _WALK.unpack_from
         hsize, esize = _INO.size, _EXT.size
         for _ in range(n_inodes):
-            f = unpack(raw, pos)
-            length = hsize + esize * f[10] + f[11]
-            if length >> 32 or f[0] in index:
-                raise ImageCorrupt(f"metadata record of inode {f[0]} is damaged")
-            index[f[0]] = pos << 32 | length
+            ino, n_ext, plen = walk(raw, pos)
+            length = hsize + esize * n_ext + plen
+            if length > 0xFFFFFFFF:
+                raise ImageCorrupt(f"metadata record of inode {ino} is damaged")
+            index[ino] = pos << 32 | length
             pos += length
+        if len(index) != n_inodes:
+            raise ImageCorrupt("metadata blob holds an inode twice")
         if pos > len(raw):
             raise ImageCorrupt("metadata record is truncated")
         inodes = InodeTable(blob=raw, raw=index)

@@ -30,7 +30,14 @@ from dataclasses import dataclass
 from diofs.errors import ImageCorrupt
 from diofs.format.image import ROOT_INO
 from diofs.format.layout import Superblock
-from diofs.format.metadata import EXTENT, INODE, UNWRITTEN, Metadata, entry_lists
+from diofs.format.metadata import (
+    EXTENT,
+    INODE,
+    INODE_CHECKED,
+    UNWRITTEN,
+    Metadata,
+    entry_lists,
+)
 
 MAX_FILE_SIZE = (1 << 63) - 1  # MAX_LFS_FILESIZE on 64-bit Linux
 NAME_MAX = 255
@@ -178,13 +185,13 @@ def survey(md: Metadata, sb: Superblock) -> Survey:
             problems += _name_problems(ino, list(inode.entries), list(inode.entries.values()),
                                        md)
     blob, offsets = inodes.raw_records()
-    head, esize = INODE.unpack_from, EXTENT.size
+    head, esize = INODE_CHECKED.unpack_from, EXTENT.size
     unpack_ext = EXTENT.unpack_from
     hsize = INODE.size
     data_start, total = sb.data_start, sb.total_blocks
     file_types = _FILE_TYPES
     for pos in offsets:
-        ino, mode, _, _, nlink, size, _, _, _, _, n_ext, plen = head(blob, pos)
+        ino, mode, nlink, size, n_ext, plen = head(blob, pos)
         if S.S_IFMT(mode) not in file_types or size > MAX_FILE_SIZE or not (
                 ROOT_INO <= ino < next_ino):
             problems += _inode_problems(ino, mode, size, next_ino)
