@@ -57,17 +57,19 @@ class Filesystem:
     serialises commits."""
 
     def __init__(self, backend: Backend, loaded: image.Loaded,
-                 used: list[tuple[int, int]] | None = None) -> None:
-        """`used`: the block runs the extents hold (verify.survey), computed when None."""
+                 found: verify.Survey | None = None) -> None:
+        """`found`: the mount's checks of `loaded` (verify.survey), made here when None."""
         self.backend = backend
         self.sb: Superblock = loaded.sb
         self.bs = loaded.sb.block_size
         self.generation = loaded.generation
         self.inodes: metadata.InodeTable = loaded.md.inodes
         self.next_ino = loaded.md.next_ino
-        if used is None:
-            used = verify.survey(loaded.md, loaded.sb).used
-        self.alloc = Allocator(self.sb.total_blocks, self.sb.data_start, used)
+        found = verify.survey(loaded.md, loaded.sb) if found is None else found
+        self.alloc = Allocator(self.sb.total_blocks, self.sb.data_start, found.used)
+        # directory ino -> the directory naming it (".." and rename's loop check in O(depth));
+        # the root and unnamed directories have none
+        self.parents: dict[int, int] = found.parents
         # the journal (module docstring): the checkpoint the journal follows, where the next
         # transaction goes, what changed since the last commit
         self.checkpoint: CommitSlot | None = loaded.checkpoint
@@ -104,7 +106,7 @@ class Filesystem:
         found = verify.survey(loaded.md, loaded.sb)
         if found.problems and not bugs.enabled(Bug.TRUST_CHECKSUMS):
             raise verify.refusal(found.problems)  # ImageCorrupt, one line, exit 3
-        fs = cls(backend, loaded, found.used)
+        fs = cls(backend, loaded, found)
         for ino in found.orphans:
             fs.free_inode(fs.inodes[ino])  # orphans of a crash (unlinked while open)
         return fs
@@ -256,12 +258,7 @@ class Filesystem:
             raise FsError(errno.ENOENT) from None
 
     def _parent_of(self, d: Inode) -> int:
-        if d.ino == ROOT_INO:
-            return ROOT_INO
-        for inode in self.inodes.values():
-            if inode.entries is not None and d.ino in inode.entries.values():
-                return inode.ino
-        return ROOT_INO
+        return self.parents.get(d.ino, ROOT_INO)
 
     def _check_new_name(self, d: Inode, name: bytes) -> None:
         if len(name) > NAME_MAX:
@@ -286,6 +283,7 @@ class Filesystem:
             inode.entries = Entries()
             inode.nlink = 2
             d.nlink += 1
+            self.parents[inode.ino] = d.ino
         if S.S_ISLNK(mode):
             inode.size = len(target)
         self.next_ino += 1
@@ -341,7 +339,7 @@ class Filesystem:
                 return True
             if seen == ROOT_INO:
                 return False
-            seen = self._parent_of(self.inodes[seen])
+            seen = self.parents.get(seen, ROOT_INO)  # no decode of the directories above
 
     def rename(
         self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes,
@@ -363,6 +361,9 @@ class Filesystem:
             if dst.is_dir and self._is_ancestor(dst.ino, od.ino):
                 raise FsError(errno.EINVAL)
             od.children[old_name], nd.children[new_name] = dst.ino, src.ino
+            for moved, to in ((dst, od), (src, nd)):
+                if moved.is_dir:
+                    self.parents[moved.ino] = to.ino
             if src.is_dir != dst.is_dir and od is not nd:
                 delta = 1 if src.is_dir else -1
                 od.nlink -= delta
@@ -393,6 +394,8 @@ class Filesystem:
                 dst.nlink -= 1
             dst.ctime_ns = now
             self.dirty(dst)
+        if src.is_dir:
+            self.parents[src.ino] = nd.ino
         if src.is_dir and od is not nd:
             od.nlink -= 1
             nd.nlink += 1
@@ -497,6 +500,7 @@ class Filesystem:
         self.unreserve(inode.ino, 0, 1 << 62)
         self._free_runs(inode.extents.remove(0, inode.extents.end_block()))
         self.inodes.pop(inode.ino, None)
+        self.parents.pop(inode.ino, None)
         self._changed.pop(inode.ino, None)
         self._dropped.add(inode.ino)
         self.meta_dirty = True

@@ -262,3 +262,43 @@ def test_fsck_shows_progress_on_a_terminal_only(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout
     assert "clean (3001 inodes" in proc.stdout
     assert b"fsck.diofs: inodes:" in shown and b"%" in shown, shown
+
+
+def test_dotdot_and_rename_loops_follow_parent_pointers(tmp_path: Path) -> None:
+    """".." and rename's loop check use the parents the mount found (verify.survey) and that
+    mkdir and rename keep: no scan of the inodes, which would decode every record of the
+    checkpoint (metadata.InodeTable)."""
+    import errno
+    import stat
+
+    import trio
+
+    from diofs.errors import FsError
+    from diofs.fs import Filesystem
+
+    img = tmp_path / "image"
+    with open(img, "wb") as f:
+        f.truncate(64 << 20)
+    backend = RawImage(str(img), writable=True)
+    try:
+        image.mkfs(backend, 64 << 20, 4096, 512)
+        fs = Filesystem.load(backend)
+        mkdir = stat.S_IFDIR | 0o755
+        a = fs.make_inode(image.ROOT_INO, b"a", mkdir, 0, 0)
+        b = fs.make_inode(a.ino, b"b", mkdir, 0, 0)
+        c = fs.make_inode(image.ROOT_INO, b"c", mkdir, 0, 0)
+        for i in range(100):
+            fs.make_inode(b.ino, f"f{i}".encode(), stat.S_IFREG | 0o644, 0, 0)
+        fs.unmount_cleanup()
+        trio.run(fs.commit)  # a checkpoint: the next load decodes nothing up front
+        fs = Filesystem.load(backend)
+        assert fs.lookup(b.ino, b"..").ino == a.ino
+        assert fs.lookup(a.ino, b"..").ino == image.ROOT_INO
+        fs.rename(image.ROOT_INO, b"a", c.ino, b"a2")
+        assert fs.lookup(a.ino, b"..").ino == c.ino
+        with pytest.raises(FsError) as exc:
+            fs.rename(image.ROOT_INO, b"c", b.ino, b"loop")  # c is now above b
+        assert exc.value.errno == errno.EINVAL
+        assert fs.inodes.raw_count == 100  # the files under b were never decoded
+    finally:
+        backend.close()

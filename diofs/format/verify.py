@@ -138,11 +138,13 @@ def extent_problems(md: Metadata, sb: Superblock) -> list[str]:
 class Survey:
     """What `survey` found: `problems` (empty when the commit may be used), `used` (the
     block runs the extents hold, sorted and merged: what diofs.alloc marks used), `orphans`
-    (inodes with nlink 0)."""
+    (inodes with nlink 0), `parents` (directory ino -> the directory that names it, for
+    every named directory: ".." without a scan, diofs.fs)."""
 
     problems: list[str]
     used: list[tuple[int, int]]
     orphans: list[int]
+    parents: dict[int, int]
 
 
 def _name_problems(d: int, names: list[bytes], children: list[int],
@@ -173,6 +175,8 @@ def survey(md: Metadata, sb: Superblock) -> Survey:
         problems.append("root directory is missing")
     spans: list[tuple[int, int, int]] = []
     orphans: list[int] = []
+    children_of: list[tuple[int, list[int]]] = []  # (directory, the inos it names)
+    dirs: set[int] = set()
     for inode in inodes.decoded():
         ino = inode.ino
         problems += _inode_problems(ino, inode.mode, inode.size, next_ino)
@@ -181,9 +185,12 @@ def survey(md: Metadata, sb: Superblock) -> Survey:
         if inode.extents:
             problems += _extent_problems(
                 ino, ((e.start, e.phys, e.count) for e in inode.extents), sb, spans)
+        if inode.entries is not None:
+            dirs.add(ino)
         if inode.entries:
-            problems += _name_problems(ino, list(inode.entries), list(inode.entries.values()),
-                                       md)
+            children = list(inode.entries.values())
+            problems += _name_problems(ino, list(inode.entries), children, md)
+            children_of.append((ino, children))
     blob, offsets = inodes.raw_records()
     head, esize = INODE_CHECKED.unpack_from, EXTENT.size
     unpack_ext = EXTENT.unpack_from
@@ -210,11 +217,14 @@ def survey(md: Metadata, sb: Superblock) -> Survey:
                 ino, [(s, p, c & ~UNWRITTEN) for s, p, c in
                       EXTENT.iter_unpack(blob[pos : pos + n_ext * esize])], sb, spans)
         if S.S_ISDIR(mode):
+            dirs.add(ino)
             pos += n_ext * esize
             names, children = entry_lists(blob, pos, pos + plen)
             problems += _name_problems(ino, names, children, md)
+            children_of.append((ino, children))
+    parents = {child: d for d, children in children_of for child in dirs.intersection(children)}
     shared, used = _shared_blocks(spans)
-    return Survey(problems + shared, used, orphans)
+    return Survey(problems + shared, used, orphans, parents)
 
 
 def refusal(problems: list[str]) -> ImageCorrupt:
