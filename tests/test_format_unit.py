@@ -212,3 +212,13 @@ def test_entries_load_all_matches_load():
     dup = metadata.Entries()
     dup.load_all([b"a", b"b", b"a"], [1, 2, 3])  # damage: the last one wins, as with load
     assert list(dup.listing(0)) == [(3, b"a", 3), (4, b"b", 2)]
+
+
+def test_a_directory_record_cut_inside_an_entry_is_damage():
+    """The mount's checks parse undecoded directory records (verify.survey): an entry cut
+    short, even at the very end of the blob, is ImageCorrupt, never struct.error."""
+    assert metadata.entry_lists(bytes(8) + b"\x02\x00ab", 0, 12) == ([b"ab"], [0])
+    with pytest.raises(ImageCorrupt, match="truncated"):
+        metadata.entry_lists(b"\x02" + bytes(8), 0, 9)  # header past the end
+    with pytest.raises(ImageCorrupt, match="truncated"):
+        metadata.entry_lists(bytes(8) + b"\x05\x00ab", 0, 12)  # name past the end

@@ -266,12 +266,15 @@ def entry_lists(raw: bytes | memoryview, pos: int, end: int) -> tuple[list[bytes
     size = _DENT.size
     names: list[bytes] = []
     inos: list[int] = []
-    while pos < end:
-        child, nlen = unpack(raw, pos)
-        pos += size
-        names.append(bytes(raw[pos : pos + nlen]))
-        inos.append(child)
-        pos += nlen
+    try:
+        while pos < end:
+            child, nlen = unpack(raw, pos)
+            pos += size
+            names.append(bytes(raw[pos : pos + nlen]))
+            inos.append(child)
+            pos += nlen
+    except struct.error:
+        pos = end + 1  # an entry header past the end of the blob
     if pos > end:
         raise ImageCorrupt("directory record is truncated")
     return names, inos
