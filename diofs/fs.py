@@ -56,16 +56,20 @@ class Filesystem:
     """Attributes are protected by trio's single thread (see module docstring); `commit_lock`
     serialises commits."""
 
-    def __init__(self, backend: Backend, loaded: image.Loaded) -> None:
+    def __init__(self, backend: Backend, loaded: image.Loaded,
+                 found: verify.Survey | None = None) -> None:
+        """`found`: the mount's checks of `loaded` (verify.survey), made here when None."""
         self.backend = backend
         self.sb: Superblock = loaded.sb
         self.bs = loaded.sb.block_size
         self.generation = loaded.generation
-        self.inodes: dict[int, Inode] = loaded.md.inodes
+        self.inodes: metadata.InodeTable = loaded.md.inodes
         self.next_ino = loaded.md.next_ino
-        self.alloc = Allocator(
-            self.sb.total_blocks, self.sb.data_start, verify.used_runs(loaded.md)
-        )
+        found = verify.survey(loaded.md, loaded.sb) if found is None else found
+        self.alloc = Allocator(self.sb.total_blocks, self.sb.data_start, found.used)
+        # directory ino -> the directory naming it (".." and rename's loop check in O(depth));
+        # the root and unnamed directories have none
+        self.parents: dict[int, int] = found.parents
         # the journal (module docstring): the checkpoint the journal follows, where the next
         # transaction goes, what changed since the last commit
         self.checkpoint: CommitSlot | None = loaded.checkpoint
@@ -96,11 +100,14 @@ class Filesystem:
     # ------------------------------------------------------------------ loading, commits
     @classmethod
     def load(cls, backend: Backend) -> Filesystem:
+        """Load the newest commit and check it (verify.survey) before anything uses it. The
+        checkpoint's inodes stay undecoded until first use (metadata.InodeTable)."""
         loaded = image.load(backend)
-        if not bugs.enabled(Bug.TRUST_CHECKSUMS):
-            verify.check(loaded.md, loaded.sb)  # before anything uses it; ImageCorrupt, exit 3
-        fs = cls(backend, loaded)
-        for ino in [i for i, n in fs.inodes.items() if n.nlink == 0]:
+        found = verify.survey(loaded.md, loaded.sb)
+        if found.problems and not bugs.enabled(Bug.TRUST_CHECKSUMS):
+            raise verify.refusal(found.problems)  # ImageCorrupt, one line, exit 3
+        fs = cls(backend, loaded, found)
+        for ino in found.orphans:
             fs.free_inode(fs.inodes[ino])  # orphans of a crash (unlinked while open)
         return fs
 
@@ -139,14 +146,16 @@ class Filesystem:
             flush_data = writes > self.flushed_writes
             bs = self.sb.block_size
             txn: bytes | None = None
-            raw = b""
+            checkpoint: metadata.Checkpoint | None = None
             if not self._need_checkpoint and self.checkpoint is not None:
                 body = journal.payload(changed.values(), dir_changes, dropped)
                 if self.journal_end + journal.padded_len(len(body), bs) <= self.sb.journal_bytes:
                     header = (self.sb.fs_id, self.checkpoint.generation, generation, self.next_ino)
                     txn = journal.transaction(header, body, bs)
             if txn is None:
-                raw = metadata.encode_raw(metadata.Metadata(self.next_ino, self.inodes))
+                # O(inodes decoded since the mount) here; joining the undecoded records (slices
+                # of the immutable loaded blob) and compressing run in the worker thread
+                checkpoint = metadata.encode_parts(metadata.Metadata(self.next_ino, self.inodes))
             self._need_checkpoint = False
             try:
                 if txn is not None:
@@ -155,9 +164,10 @@ class Filesystem:
                         flush_data,
                     )
                 else:
+                    assert checkpoint is not None
                     region = 0 if self.checkpoint is None else 1 - self.checkpoint.region
                     slot = await trio.to_thread.run_sync(
-                        self._write_checkpoint, raw, generation, region
+                        self._write_checkpoint, checkpoint, generation, region
                     )
             except BaseException:
                 self.alloc.commit_failed(freed)
@@ -185,9 +195,12 @@ class Filesystem:
             self.alloc.release_committed(freed)
             stats.add("meta.commits")
 
-    def _write_checkpoint(self, raw: bytes, generation: int, region: int) -> CommitSlot:
-        """Compress and write a checkpoint (a worker thread: zlib releases the GIL)."""
-        blob = metadata.compress(raw)
+    def _write_checkpoint(
+        self, checkpoint: metadata.Checkpoint, generation: int, region: int
+    ) -> CommitSlot:
+        """Join, compress and write a checkpoint (a worker thread: zlib releases the GIL;
+        nothing in `checkpoint` changes after encode_parts)."""
+        blob = metadata.compress(checkpoint.join())
         return image.write_commit(self.backend, self.sb, generation, blob, region=region)
 
     @staticmethod
@@ -245,12 +258,7 @@ class Filesystem:
             raise FsError(errno.ENOENT) from None
 
     def _parent_of(self, d: Inode) -> int:
-        if d.ino == ROOT_INO:
-            return ROOT_INO
-        for inode in self.inodes.values():
-            if inode.entries is not None and d.ino in inode.entries.values():
-                return inode.ino
-        return ROOT_INO
+        return self.parents.get(d.ino, ROOT_INO)
 
     def _check_new_name(self, d: Inode, name: bytes) -> None:
         if len(name) > NAME_MAX:
@@ -275,6 +283,7 @@ class Filesystem:
             inode.entries = Entries()
             inode.nlink = 2
             d.nlink += 1
+            self.parents[inode.ino] = d.ino
         if S.S_ISLNK(mode):
             inode.size = len(target)
         self.next_ino += 1
@@ -330,7 +339,7 @@ class Filesystem:
                 return True
             if seen == ROOT_INO:
                 return False
-            seen = self._parent_of(self.inodes[seen])
+            seen = self.parents.get(seen, ROOT_INO)  # no decode of the directories above
 
     def rename(
         self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes,
@@ -352,6 +361,9 @@ class Filesystem:
             if dst.is_dir and self._is_ancestor(dst.ino, od.ino):
                 raise FsError(errno.EINVAL)
             od.children[old_name], nd.children[new_name] = dst.ino, src.ino
+            for moved, to in ((dst, od), (src, nd)):
+                if moved.is_dir:
+                    self.parents[moved.ino] = to.ino
             if src.is_dir != dst.is_dir and od is not nd:
                 delta = 1 if src.is_dir else -1
                 od.nlink -= delta
@@ -382,6 +394,8 @@ class Filesystem:
                 dst.nlink -= 1
             dst.ctime_ns = now
             self.dirty(dst)
+        if src.is_dir:
+            self.parents[src.ino] = nd.ino
         if src.is_dir and od is not nd:
             od.nlink -= 1
             nd.nlink += 1
@@ -486,6 +500,7 @@ class Filesystem:
         self.unreserve(inode.ino, 0, 1 << 62)
         self._free_runs(inode.extents.remove(0, inode.extents.end_block()))
         self.inodes.pop(inode.ino, None)
+        self.parents.pop(inode.ino, None)
         self._changed.pop(inode.ino, None)
         self._dropped.add(inode.ino)
         self.meta_dirty = True
@@ -750,7 +765,8 @@ class Filesystem:
     def unmount_cleanup(self) -> None:
         """Before the final commit: free the orphans; that commit is a checkpoint, so the next
         mount replays no journal."""
-        for inode in [n for n in self.inodes.values() if n.nlink == 0]:
+        # undecoded records have nlink > 0: the mount freed the orphans it loaded
+        for inode in [n for n in self.inodes.decoded() if n.nlink == 0]:
             self.free_inode(inode)
         self._need_checkpoint = True
 

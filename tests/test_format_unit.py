@@ -8,7 +8,7 @@ import stat as S
 import pytest
 
 from diofs.errors import ImageCorrupt
-from diofs.format import journal, metadata
+from diofs.format import journal, metadata, verify
 from diofs.format.extents import Extent, ExtentMap
 from diofs.format.layout import CommitSlot, Superblock
 
@@ -133,3 +133,92 @@ def test_journal_transaction_replays_onto_a_checkpoint():
     assert [(e.phys, e.count) for e in back.inodes[2].extents] == [(77, 2)]
     assert journal.Header.unpack(bytes(64)) is None
     assert not journal.body_ok(header, payload[:-1] + b"?")
+
+
+def _tree(n_files: int) -> metadata.Metadata:
+    """A root with `n_files` one-block files (blocks 5000, 5001, ...)."""
+    root = metadata.Inode(1, S.S_IFDIR | 0o755, nlink=2, entries=metadata.Entries())
+    inodes = {1: root}
+    for i in range(n_files):
+        ino = 2 + i
+        inodes[ino] = metadata.Inode(ino, S.S_IFREG | 0o644, size=100,
+                                     extents=ExtentMap([Extent(0, 5000 + i, 1, False)]))
+        root.entries[b"f%d" % i] = ino
+    return metadata.Metadata(2 + n_files, inodes)
+
+
+def test_checkpoint_records_are_decoded_on_first_use():
+    """Lazy loading (metadata.InodeTable): `in`, len and the mount's checks decode nothing; a
+    lookup decodes one record; a checkpoint of a partly decoded table keeps every inode."""
+    back = metadata.decode(metadata.encode(_tree(50)))
+    table = back.inodes
+    assert table.raw_count == 51 and len(table) == 51 and 7 in table and 99 not in table
+    sb = Superblock.for_size(64 << 20, 4096, 512, 1)
+    found = verify.survey(back, sb)
+    assert found.problems == [] and found.orphans == []
+    assert found.used == [(5000, 50)]  # merged into one run
+    assert table.raw_count == 50  # only the root (survey looks at it first)
+    assert table[7].size == 100 and [e.phys for e in table[7].extents] == [5005]
+    assert table.raw_count == 49 and len(table) == 51
+    table[7].size = 5
+    table[7].record = None
+    del table[8]
+    again = metadata.decode(metadata.encode(metadata.Metadata(back.next_ino, table)))
+    assert len(again.inodes) == 50 and 8 not in again.inodes
+    assert again.inodes[7].size == 5 and again.inodes[9].size == 100
+    assert sorted(again.inodes[1].entries) == sorted(b"f%d" % i for i in range(50))
+
+
+@pytest.mark.parametrize("damage, problem", [
+    ("overlap", "is used by inodes 2 and 3"),
+    ("outside", "points outside the data area"),
+    ("dangling", "points at missing inode 4000"),
+    ("bad-name", "invalid entry name"),
+    ("orphan", None),
+])
+def test_undecoded_records_are_checked(damage: str, problem: str | None):
+    """The mount's checks read records that nothing has decoded (diofs.format.verify)."""
+    md = _tree(5)
+    f2, f3 = md.inodes[2], md.inodes[3]
+    if damage == "overlap":
+        f3.extents = ExtentMap([Extent(0, 5000, 1, False)])
+    elif damage == "outside":
+        f3.extents = ExtentMap([Extent(0, 1, 1, False)])
+    elif damage == "dangling":
+        md.inodes[1].entries[b"ghost"] = 4000
+    elif damage == "bad-name":
+        md.inodes[1].entries[b"a/b"] = 2
+        f2.nlink = 2
+    else:
+        f2.nlink = 0
+    back = metadata.decode(metadata.encode(md))
+    back.inodes[1]  # decoded: the root's problems too come from the right pass
+    found = verify.survey(back, Superblock.for_size(64 << 20, 4096, 512, 1))
+    if problem is None:
+        assert found.problems == [] and found.orphans == [2]
+    else:
+        assert any(problem in p for p in found.problems), found.problems
+    assert back.inodes.raw_count == 5
+
+
+def test_entries_load_all_matches_load():
+    names = [b"n%d" % i for i in range(100)]
+    bulk = metadata.Entries()
+    bulk.load_all(names, list(range(100)))
+    one = metadata.Entries()
+    for i, name in enumerate(names):
+        one.load(name, i)
+    assert list(bulk.listing(0)) == list(one.listing(0)) and not bulk.changes
+    dup = metadata.Entries()
+    dup.load_all([b"a", b"b", b"a"], [1, 2, 3])  # damage: the last one wins, as with load
+    assert list(dup.listing(0)) == [(3, b"a", 3), (4, b"b", 2)]
+
+
+def test_a_directory_record_cut_inside_an_entry_is_damage():
+    """The mount's checks parse undecoded directory records (verify.survey): an entry cut
+    short, even at the very end of the blob, is ImageCorrupt, never struct.error."""
+    assert metadata.entry_lists(bytes(8) + b"\x02\x00ab", 0, 12) == ([b"ab"], [0])
+    with pytest.raises(ImageCorrupt, match="truncated"):
+        metadata.entry_lists(b"\x02" + bytes(8), 0, 9)  # header past the end
+    with pytest.raises(ImageCorrupt, match="truncated"):
+        metadata.entry_lists(bytes(8) + b"\x05\x00ab", 0, 12)  # name past the end

@@ -13,18 +13,24 @@ images, torn journal appends, and what a commit costs as the namespace grows.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import gzip
 import hashlib
 import os
 import shutil
+import stat
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import trio
 
 from diofs.backend.raw import RawImage
-from diofs.errors import EXIT_CORRUPT
+from diofs.errors import EXIT_CORRUPT, FsError
 from diofs.format import image
+from diofs.fs import Filesystem
 from harness.crafting import one_transaction_then_kill, tear_first_append
 from harness.mount import MountError, MountFactory, run_cli
 from tests.test_cli_errors import assert_one_line_error, try_mount
@@ -207,25 +213,25 @@ def test_readdir_is_stable_under_creates_and_unlinks(mount_factory: MountFactory
     assert len(os.listdir(d)) == len(kept) + len([x for x in os.listdir(d) if x.startswith("new")])
 
 
-def _image_with_files(img: Path, n: int) -> None:
-    """An image of `n` empty files made off-line through Filesystem (no mount: fast)."""
-    import stat
-
-    import trio
-
-    from diofs.fs import Filesystem
-
+@contextlib.contextmanager
+def _offline_fs(img: Path) -> Iterator[Filesystem]:
+    """A fresh 64 MiB image, made and loaded off-line through Filesystem (no mount: fast)."""
     with open(img, "wb") as f:
         f.truncate(64 << 20)
     backend = RawImage(str(img), writable=True)
     try:
         image.mkfs(backend, 64 << 20, 4096, 512)
-        fs = Filesystem.load(backend)
+        yield Filesystem.load(backend)
+    finally:
+        backend.close()
+
+
+def _image_with_files(img: Path, n: int) -> None:
+    """An image of `n` empty files."""
+    with _offline_fs(img) as fs:
         for i in range(n):
             fs.make_inode(image.ROOT_INO, f"f{i}".encode(), stat.S_IFREG | 0o644, 0, 0)
         trio.run(fs.commit)
-    finally:
-        backend.close()
 
 
 def test_fsck_shows_progress_on_a_terminal_only(tmp_path: Path) -> None:
@@ -262,3 +268,27 @@ def test_fsck_shows_progress_on_a_terminal_only(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout
     assert "clean (3001 inodes" in proc.stdout
     assert b"fsck.diofs: inodes:" in shown and b"%" in shown, shown
+
+
+def test_dotdot_and_rename_loops_follow_parent_pointers(tmp_path: Path) -> None:
+    """".." and rename's loop check use the parents the mount found (verify.survey) and that
+    mkdir and rename keep: no scan of the inodes, which would decode every record of the
+    checkpoint (metadata.InodeTable)."""
+    with _offline_fs(tmp_path / "image") as fs:
+        mkdir = stat.S_IFDIR | 0o755
+        a = fs.make_inode(image.ROOT_INO, b"a", mkdir, 0, 0)
+        b = fs.make_inode(a.ino, b"b", mkdir, 0, 0)
+        c = fs.make_inode(image.ROOT_INO, b"c", mkdir, 0, 0)
+        for i in range(100):
+            fs.make_inode(b.ino, f"f{i}".encode(), stat.S_IFREG | 0o644, 0, 0)
+        fs.unmount_cleanup()
+        trio.run(fs.commit)  # a checkpoint: the next load decodes nothing up front
+        fs = Filesystem.load(fs.backend)
+        assert fs.lookup(b.ino, b"..").ino == a.ino
+        assert fs.lookup(a.ino, b"..").ino == image.ROOT_INO
+        fs.rename(image.ROOT_INO, b"a", c.ino, b"a2")
+        assert fs.lookup(a.ino, b"..").ino == c.ino
+        with pytest.raises(FsError) as exc:
+            fs.rename(image.ROOT_INO, b"c", b.ino, b"loop")  # c is now above b
+        assert exc.value.errno == errno.EINVAL
+        assert fs.inodes.raw_count == 100  # the files under b were never decoded

@@ -63,7 +63,7 @@ def mkfs(
         ROOT_INO, S.S_IFDIR | 0o755, nlink=2, atime_ns=now, mtime_ns=now, ctime_ns=now,
         entries=metadata.Entries(),
     )
-    md = metadata.Metadata(next_ino=ROOT_INO + 1, inodes={ROOT_INO: root})
+    md = metadata.Metadata(ROOT_INO + 1, metadata.InodeTable({ROOT_INO: root}))
     write_commit(backend, sb, 1, metadata.encode(md), region=0)
     return sb
 

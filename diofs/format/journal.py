@@ -143,8 +143,8 @@ def apply(md: Metadata, header: Header, body: bytes | memoryview) -> None:
                         raise ImageCorrupt(f"journal: bad xattrs of inode {inode.ino}")
                     inode.xattrs = xattrs or None
                     pos = end
-                old = inodes.get(inode.ino)
                 if S.S_ISDIR(inode.mode):
+                    old = inodes.get(inode.ino)  # a file's old record stays undecoded
                     keep = old.entries if old is not None else None
                     inode.entries = keep if keep is not None else Entries()
                 else:

@@ -14,7 +14,10 @@ Record layout (little endian), after decompression:
     xattrs   only in a "DIOFSmd2" blob, the one written when some inode has extended
              attributes: the section of diofs.format.xattrs (which owns its layout)
 
-`Inode.record` caches an inode's serialised bytes; whoever changes an inode calls
+In memory the checkpoint stays as it was read: `InodeTable` keeps the decompressed blob and
+an index ino -> record, and decodes a record into an `Inode` on first use (lazy loading; the
+mount checks every record first, diofs.format.verify). `Inode.record` caches an inode's
+serialised bytes; whoever changes an inode calls
 `Filesystem.dirty(inode)`, which clears it, so a checkpoint only re-serialises changed inodes.
 A directory's entries are an `Entries` dict, which also logs the names changed since the last
 commit: the journal (diofs.format.journal) writes those, not the whole directory.
@@ -22,11 +25,12 @@ commit: the journal (diofs.format.journal) writes those, not the whole directory
 
 from __future__ import annotations
 
+import itertools
 import stat as S
 import struct
 import zlib
 from bisect import bisect_right
-from collections.abc import Iterator
+from collections.abc import ItemsView, Iterable, Iterator, MutableMapping, ValuesView
 from dataclasses import dataclass, field
 
 from diofs.errors import ImageCorrupt
@@ -40,6 +44,13 @@ _DENT = struct.Struct("<QH")
 _MAGIC = b"DIOFSmd1"
 _MAGIC_XATTRS = b"DIOFSmd2"  # md1 + the xattr section
 _UNWRITTEN = 1 << 63
+INODE = _INO  # the record header
+# the fields of the record header that the load's walk (ino, n_extents, payload_len) and the
+# mount's checks (ino, mode, nlink, size, n_extents, payload_len) read: fewer objects
+_WALK = struct.Struct("<Q56xII")
+INODE_CHECKED = struct.Struct("<QI8xIQ32xII")
+EXTENT = _EXT  # start:u64 phys:u64 count:u64 with UNWRITTEN (verify reads raw records)
+UNWRITTEN = _UNWRITTEN
 
 
 class Entries(dict[bytes, int]):
@@ -103,6 +114,22 @@ class Entries(dict[bytes, int]):
         """Set without logging a change (loading a checkpoint, replaying the journal)."""
         super().__setitem__(name, ino)
         self._add_cookie(name)
+
+    def load_all(self, names: list[bytes], inos: list[int]) -> None:
+        """Load an empty directory's entries in one go (decoding a checkpoint record): the
+        same state as `load` of each, in order, at a fraction of the cost."""
+        assert not self, "load_all fills an empty directory"
+        dict.update(self, zip(names, inos, strict=True))
+        if len(self) != len(names):  # a name twice (damage): the slow path keeps invariants
+            dict.clear(self)
+            for name, ino in zip(names, inos, strict=True):
+                self.load(name, ino)
+            return
+        first = self._next
+        self._next = first + len(names)
+        self._seq = dict(zip(names, range(first, self._next), strict=True))
+        self._cookies = list(range(first, self._next))
+        self._names = list(names)
 
     def unload(self, name: bytes) -> None:
         """Delete (if present) without logging a change (replaying the journal)."""
@@ -211,54 +238,219 @@ def unpack_inode(raw: bytes | memoryview, pos: int) -> tuple[Inode, bytes, int]:
     struct.error or ImageCorrupt when it is cut short."""
     f = _INO.unpack_from(raw, pos)
     pos += _INO.size
-    extents = []
-    for _ in range(f[10]):
-        s, p, c = _EXT.unpack_from(raw, pos)
-        pos += _EXT.size
-        extents.append(Extent(s, p, c & ~_UNWRITTEN, bool(c & _UNWRITTEN)))
-    payload = bytes(raw[pos : pos + f[11]])
-    if len(payload) != f[11]:
+    end = pos + _EXT.size * f[10]
+    extents = [
+        Extent(s, p, c & ~_UNWRITTEN, c >= _UNWRITTEN)
+        for s, p, c in _EXT.iter_unpack(raw[pos:end])
+    ] if f[10] else []
+    payload = bytes(raw[end : end + f[11]])
+    if len(payload) != f[11] or len(raw) < end:
         raise ImageCorrupt("metadata record is truncated")
-    pos += f[11]
-    inode = Inode(
-        ino=f[0], mode=f[1], uid=f[2], gid=f[3], nlink=f[4], size=f[5],
-        atime_ns=f[6], mtime_ns=f[7], ctime_ns=f[8], rdev=f[9],
-        extents=ExtentMap.loaded(extents),
-    )
-    return inode, payload, pos
+    # positional: ino, mode, uid, gid, nlink, size, atime_ns, mtime_ns, ctime_ns, rdev
+    inode = Inode(*f[:10], ExtentMap.loaded(extents))  # type: ignore[call-arg]
+    return inode, payload, end + f[11]
 
 
-def unpack_entries(payload: bytes) -> Entries:
+def unpack_entries(payload: bytes | memoryview) -> Entries:
+    """A directory's entries from its payload, loaded in one go (no per-name `load`)."""
+    names, inos = entry_lists(payload, 0, len(payload))
     entries = Entries()
-    p = 0
-    while p < len(payload):
-        child, nlen = _DENT.unpack_from(payload, p)
-        p += _DENT.size
-        name = payload[p : p + nlen]
-        if len(name) != nlen:
-            raise ImageCorrupt("directory record is truncated")
-        entries.load(name, child)
-        p += nlen
+    entries.load_all(names, inos)
     return entries
+
+
+def entry_lists(raw: bytes | memoryview, pos: int, end: int) -> tuple[list[bytes], list[int]]:
+    """The names and child inos of the directory entries in raw[pos:end]. ImageCorrupt when
+    one is cut short."""
+    unpack = _DENT.unpack_from
+    size = _DENT.size
+    names: list[bytes] = []
+    inos: list[int] = []
+    try:
+        while pos < end:
+            child, nlen = unpack(raw, pos)
+            pos += size
+            names.append(bytes(raw[pos : pos + nlen]))
+            inos.append(child)
+            pos += nlen
+    except struct.error:
+        pos = end + 1  # an entry header past the end of the blob
+    if pos > end:
+        raise ImageCorrupt("directory record is truncated")
+    return names, inos
+
+
+class InodeTable(MutableMapping[int, Inode]):
+    """ino -> Inode for the whole mount, each checkpoint record decoded on first use.
+
+    Two stores, an ino in at most one of them: `_live` (Inode objects: decoded, created or
+    replaced since the checkpoint was read) and `_raw` (ino -> offset << 32 | length of the
+    record in `_blob`, the decompressed checkpoint, not decoded yet). Looking an ino up
+    (`[]`, `get`, `pop`) decodes its record and moves it to `_live`; `in`, `len` and
+    iterating the keys decode nothing; `values()` and `items()` decode everything (fsck).
+    A raw record is the checkpoint's bytes unchanged, so a checkpoint copies it as it is
+    (`raw_parts`), and it has no xattrs (those decode their inode at load).
+
+    Verify before use still holds: the mount checks every record, raw or not
+    (diofs.format.verify, `raw_records`), before anything looks one up.
+
+    Protected by: trio's single thread (like the Inodes themselves); `_blob` never changes.
+    """
+
+    __slots__ = ("_blob", "_live", "_raw")
+
+    def __init__(self, inodes: dict[int, Inode] | None = None, blob: bytes = b"",
+                 raw: dict[int, int] | None = None) -> None:
+        self._live: dict[int, Inode] = dict(inodes or {})
+        self._blob = blob
+        self._raw: dict[int, int] = raw or {}
+
+    def _decode(self, ino: int) -> Inode:
+        loc = self._raw.pop(ino)
+        start = loc >> 32
+        end = start + (loc & 0xFFFFFFFF)
+        inode, payload, _ = unpack_inode(self._blob, start)
+        if S.S_ISDIR(inode.mode):
+            inode.entries = unpack_entries(payload)
+        else:
+            inode.target = payload
+        inode.record = self._blob[start:end]
+        self._live[ino] = inode
+        return inode
+
+    def __getitem__(self, ino: int) -> Inode:
+        inode = self._live.get(ino)
+        if inode is None:
+            return self._decode(ino)
+        return inode
+
+    def get(self, ino: int, default: Inode | None = None) -> Inode | None:  # type: ignore[override]
+        inode = self._live.get(ino)
+        if inode is not None:
+            return inode
+        return self._decode(ino) if ino in self._raw else default
+
+    def __contains__(self, ino: object) -> bool:
+        return ino in self._live or ino in self._raw
+
+    def __len__(self) -> int:
+        return len(self._live) + len(self._raw)
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.chain(list(self._live), list(self._raw))
+
+    def __setitem__(self, ino: int, inode: Inode) -> None:
+        self._raw.pop(ino, None)
+        self._live[ino] = inode
+
+    def __delitem__(self, ino: int) -> None:
+        if self._raw.pop(ino, None) is None:
+            del self._live[ino]
+
+    def values(self) -> ValuesView[Inode]:
+        """Every inode: decodes the records not decoded yet (fsck), then iterates at C speed
+        (the mixin's view would look every key up again)."""
+        self._decode_all()
+        return self._live.values()
+
+    def items(self) -> ItemsView[int, Inode]:
+        self._decode_all()
+        return self._live.items()
+
+    def _decode_all(self) -> None:
+        for ino in list(self._raw):
+            self._decode(ino)
+
+    def decoded(self) -> ValuesView[Inode]:
+        """The Inode objects that exist (decoded or new); the rest are checkpoint records
+        unchanged since the mount."""
+        return self._live.values()
+
+    @property
+    def raw_count(self) -> int:
+        return len(self._raw)
+
+    def raw_records(self) -> tuple[memoryview, list[int]]:
+        """The records not decoded yet, for diofs.format.verify to check without building
+        objects: (the blob, the offset of each record in it). A record is INODE (the header,
+        ino to payload_len), n_extents x EXTENT, then the payload."""
+        return memoryview(self._blob), [loc >> 32 for loc in self._raw.values()]
+
+    def missing(self, inos: Iterable[int]) -> list[int]:
+        """The inos that are not in the table (C-speed membership tests: verify)."""
+        live = self._live
+        return [i for i in itertools.filterfalse(self._raw.__contains__, inos) if i not in live]
+
+    def raw_snapshot(self) -> RawRecords:
+        """The undecoded records as they are now, for a checkpoint: O(1) objects per record
+        copied at C speed on the caller's thread; `RawRecords.parts` does the rest anywhere
+        (the blob never changes)."""
+        return RawRecords(self._blob, list(self._raw.values()))
+
+
+@dataclass(slots=True)
+class RawRecords:
+    """Records of a checkpoint blob, as locations (offset << 32 | length)."""
+
+    blob: bytes
+    locations: list[int]
+
+    def parts(self) -> list[memoryview]:
+        """The records as slices of the blob, neighbours merged."""
+        blob = memoryview(self.blob)
+        parts: list[memoryview] = []
+        run_start = run_end = -1
+        for loc in sorted(self.locations):
+            start = loc >> 32
+            if start != run_end:
+                if run_end > run_start:
+                    parts.append(blob[run_start:run_end])
+                run_start = start
+            run_end = start + (loc & 0xFFFFFFFF)
+        if run_end > run_start:
+            parts.append(blob[run_start:run_end])
+        return parts
 
 
 @dataclass(slots=True)
 class Metadata:
     next_ino: int
-    inodes: dict[int, Inode]
+    inodes: InodeTable
     # xattrs on the image that belong to no inode (left out by decode; fsck reports them)
     lost_xattrs: list[str] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.inodes, InodeTable):  # a plain dict (mkfs, tests)
+            self.inodes = InodeTable(self.inodes)
+
+
+@dataclass(slots=True)
+class Checkpoint:
+    """A checkpoint blob in pieces (`encode_parts`): nothing in it changes afterwards, so
+    `join` may run in a worker thread."""
+
+    head: list[bytes]  # the blob header, then the records of the inodes decoded or created
+    raw: RawRecords  # the records nothing decoded since the mount
+    xattrs: bytes  # the xattr section
+
+    def join(self) -> bytes:
+        return b"".join([*self.head, *self.raw.parts(), self.xattrs])
+
+
+def encode_parts(md: Metadata) -> Checkpoint:
+    """The checkpoint of `md`. O(inodes decoded) plus a copy of the undecoded records'
+    locations (C speed): the part of a checkpoint that runs on the trio thread."""
+    live = md.inodes.decoded()
+    xattrs = xattr_format.encode_section(live)  # raw records have none (InodeTable)
+    magic = _MAGIC_XATTRS if xattrs else _MAGIC
+    head = [_HDR.pack(magic, md.next_ino, len(md.inodes), 0)]
+    head.extend([ino.serialise() for ino in live])
+    return Checkpoint(head, md.inodes.raw_snapshot(), xattrs)
+
 
 def encode_raw(md: Metadata) -> bytes:
-    """The uncompressed blob. Runs on the trio thread (it reads the live inodes); the
-    compression (`compress`) may then run in a worker thread."""
-    xattrs = xattr_format.encode_section(md.inodes.values())
-    magic = _MAGIC_XATTRS if xattrs else _MAGIC
-    parts = [_HDR.pack(magic, md.next_ino, len(md.inodes), 0)]
-    parts.extend(ino.serialise() for ino in md.inodes.values())
-    parts.append(xattrs)
-    return b"".join(parts)
+    """The uncompressed blob."""
+    return encode_parts(md).join()
 
 
 def compress(raw: bytes) -> bytes:
@@ -270,22 +462,29 @@ def encode(md: Metadata) -> bytes:
 
 
 def decode(blob: bytes) -> Metadata:
+    """The checkpoint: one pass that finds each record (no Inode built: InodeTable decodes
+    them on first use) and the xattr section, whose inodes are decoded."""
     try:
         raw = zlib.decompress(blob)
         magic, next_ino, n_inodes, bitmap_len = _HDR.unpack_from(raw)
         if magic not in (_MAGIC, _MAGIC_XATTRS):
             raise ImageCorrupt("metadata blob has a bad magic")
         pos = _HDR.size
-        inodes: dict[int, Inode] = {}
+        index: dict[int, int] = {}
+        walk = _WALK.unpack_from
+        hsize, esize = _INO.size, _EXT.size
         for _ in range(n_inodes):
-            start = pos
-            inode, payload, pos = unpack_inode(raw, pos)
-            if S.S_ISDIR(inode.mode):
-                inode.entries = unpack_entries(payload)
-            else:
-                inode.target = payload
-            inode.record = raw[start:pos]
-            inodes[inode.ino] = inode
+            ino, n_ext, plen = walk(raw, pos)
+            length = hsize + esize * n_ext + plen
+            if length > 0xFFFFFFFF:
+                raise ImageCorrupt(f"metadata record of inode {ino} is damaged")
+            index[ino] = pos << 32 | length
+            pos += length
+        if len(index) != n_inodes:
+            raise ImageCorrupt("metadata blob holds an inode twice")
+        if pos > len(raw):
+            raise ImageCorrupt("metadata record is truncated")
+        inodes = InodeTable(blob=raw, raw=index)
         pos += bitmap_len  # format 1's bitmap: free space is rebuilt from the extents
         lost: list[str] = []
         if magic == _MAGIC_XATTRS:

@@ -28,7 +28,7 @@ Invariants (checked by `check`, enforced by diofs.fs on every change):
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, MutableMapping
 from typing import TYPE_CHECKING
 
 from diofs.errors import ImageCorrupt
@@ -110,7 +110,9 @@ def encode_section(inodes: Iterable[Inode]) -> bytes:
     return _COUNT.pack(len(parts)) + b"".join(parts)
 
 
-def decode_section(raw: bytes, pos: int, inodes: dict[int, Inode]) -> tuple[int, list[str]]:
+def decode_section(
+    raw: bytes, pos: int, inodes: MutableMapping[int, Inode]
+) -> tuple[int, list[str]]:
     """Read the section at `pos` into the inodes' `xattrs`. Returns the end position and the
     problems found: xattrs of an ino that is not in `inodes`, or stored twice, are left out
     (fsck reports them; the next commit drops them). struct.error when the section is short."""
