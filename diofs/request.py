@@ -80,6 +80,16 @@ def current() -> Request:
     return Request(tid, flags)
 
 
+def current_flags() -> int:
+    """`current().flags` without building a Request (ops.read_sync / write_sync)."""
+    return pyfuse3.request_context.get()[1]
+
+
+def current_kill_suidgid() -> bool:
+    """`current().kill_suidgid` without building a Request."""
+    return bool(pyfuse3.request_context.get()[1] & KILL_SUIDGID)
+
+
 def killpriv_v2_negotiated() -> bool:
     """Whether the INIT reply carried FUSE_HANDLE_KILLPRIV_V2 (the kernel offered it and the
     mount asked for it with `pyfuse3.set_handle_killpriv_v2(True)` before `pyfuse3.init`)."""

@@ -510,6 +510,15 @@ class PageCache:
         wb = self._wb.get(ino)
         return wb.get(index) if wb is not None else None
 
+    def clean_in(self, ino: int, start: int, end: int) -> bool:
+        """No page of `ino` touching [start, end) is dirty or under writeback: what
+        Writeback.writeback_range would find nothing to do for (dio.Direct.read_inline)."""
+        return not any(
+            next(self._indexes_in(m, start, end), None) is not None
+            for m in (self._dirty_by_ino.get(ino), self._wb.get(ino))
+            if m
+        )
+
     def writeback_tokens(self, ino: int, start: int = 0, end: int = _END) -> set[object]:
         """Tokens of writebacks in flight on pages of `ino` touching [start, end)."""
         wb = self._wb.get(ino)
