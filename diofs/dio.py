@@ -191,20 +191,15 @@ class Direct:
         exclusive = append or end > inode.size or off % bs != 0 or end % bs != 0
         sync, full = wants_sync(flags)
         durable = sync and not full and self.io.durability.lone_sync_write()
-        # O_DSYNC overwrites that are not alone: each durable by itself, in flight together
-        # (fs.overwrite_durably, AIO) instead of waiting for a group flush of the image
-        concurrent = sync and not full and not durable and not exclusive and not bugs.any_enabled()
         token = self.io.kernel.direct_write_arrived()
         try:
-            if (
-                not exclusive and not concurrent and self._uncontended(h, off, end)
-                and self.io.fs.overwrite_inline(inode, off, buf, durable=durable)
+            if not exclusive and self._uncontended(h, off, end) and self.io.fs.overwrite_inline(
+                inode, off, buf, durable=durable
             ):
                 stats.add("dio.fast_writes")
             else:
-                off, end, durable = await self._write_locked(
-                    h, off, end, buf, req, exclusive, append, durable=concurrent
-                )
+                durable = False
+                off, end = await self._write_locked(h, off, end, buf, req, exclusive, append)
         finally:
             # Also after a failure: part of the range may be written. The tracker queues a
             # drop of the kernel pages that a buffered answer may have filled with older
@@ -238,10 +233,10 @@ class Direct:
 
     async def _write_locked(
         self, h: Handle, off: int, end: int, buf: bytes, req: Request, exclusive: bool,
-        append: bool, *, durable: bool = False,
-    ) -> tuple[int, int, bool]:
+        append: bool,
+    ) -> tuple[int, int]:
         """The locked steps; returns the range written (O_APPEND: EOF as found under the
-        rwsem) and whether it is durable already (`durable`: try fs.overwrite_durably)."""
+        rwsem)."""
         inode = h.inode
         tid = req.tid
         # --bug no-fault-marker: the one place; unmarked, own faults wait for our BLOCK
@@ -271,9 +266,7 @@ class Direct:
                         if self.dio_delay:
                             await trio.sleep(self.dio_delay)
                         # unwritten extents turn written, and i_size grows, after the data
-                        if not (durable and await self.io.fs.overwrite_durably(inode, off, buf)):
-                            durable = False
-                            await self.io.fs.write_data(inode, off, buf)
+                        await self.io.fs.write_data(inode, off, buf)
                         # A fill that raced the first shootdown cannot have inserted a page
                         # (fills hold ADD); this one is what still protects, partly, with
                         # --bug no-pagecache-lock (race 2).
@@ -283,7 +276,7 @@ class Direct:
                             # fuse-facts row 3 deadlock for any other process faulting the
                             # file, which is why the default leaves the kernel alone
                             await trio.to_thread.run_sync(pyfuse3.invalidate_inode, inode.ino)
-                return off, end, durable
+                return off, end
 
     # ------------------------------------------------------------------ block-state ops
     @asynccontextmanager

@@ -92,9 +92,6 @@ class Filesystem:
         self.data_delay = 0.0
         # `-o discard`: a commit that frees blocks trims them (backend.discard, NBD trim)
         self.discard_freed = False
-        # `-o dsync_aio=off` clears it: O_DSYNC overwrites that are not alone then wait for a
-        # group flush instead of going through the backend's AIO writer (overwrite_durably)
-        self.dsync_aio = True
 
     # ------------------------------------------------------------------ loading, commits
     @classmethod
@@ -686,29 +683,6 @@ class Filesystem:
         ):
             return None
         return inode.extents.written_phys(off // bs, size // bs)
-
-    async def overwrite_durably(self, inode: Inode, off: int, data: bytes | memoryview) -> bool:
-        """An overwrite of `overwrite_inline`'s shape, written durably (O_DSYNC) through the
-        backend's AIO writer (backend/dsync_aio.py) while other requests run; or False,
-        nothing written: not that shape, no AIO writer (other backends, no O_DIRECT), or
-        extents not committed yet (the data must be findable after a crash: O_DSYNC). The
-        caller holds what keeps the blocks mapped across the await (dio.py: rwsem, BLOCK)."""
-        if not self.dsync_aio or not self.layout_committed:
-            return False
-        opener = getattr(self.backend, "dsync_aio", None)
-        aio = opener() if opener is not None else None
-        size = len(data)
-        if aio is None or not aio.fits(off, size):
-            return False
-        phys = self.inline_overwrite_block(inode, off, size)
-        if phys is None:
-            return False
-        await aio.write(phys * self.bs, data)
-        stats.add("durability.aio_writes")
-        self.image_writes += 1  # after the write returned (see _write_image)
-        self._publish(inode, off // self.bs, size // self.bs, off + size, touch=True,
-                      convert=False)
-        return True
 
     def overwrite_at(
         self, inode: Inode, phys: int, off: int, data: bytes | memoryview, *, durable: bool

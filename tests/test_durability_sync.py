@@ -249,9 +249,7 @@ def test_concurrent_sync_writes_share_flushes(mount_factory, bug_on):
     (durability.sync_writes_served), but far fewer flushes run than writes. With the bug, no
     flush runs at all (which test_fio_acknowledged_writes_survive shows loses data).
     scripts/bench_group_commit measures the ratio against QD1 (issue 6: <= 1/4)."""
-    # dsync_aio=off: these writes would otherwise each be durable by themselves (below)
-    m = mount_factory(opts={**QUIET, "dsync_aio": "off"},
-                      bugs=["no-sync-flush"] if bug_on else [])
+    m = mount_factory(opts=QUIET, bugs=["no-sync-flush"] if bug_on else [])
     path = m.path("f")
     precreate(path, FIO_FILE_BLOCKS)
     before = m.stats()
@@ -266,23 +264,3 @@ def test_concurrent_sync_writes_share_flushes(mount_factory, bug_on):
         assert runs == 0, d
     else:
         assert 0 < runs <= FIO_WRITES / 2, d  # measured ~1/6 (2 cores, noisy host)
-
-
-def test_concurrent_dsync_overwrites_go_through_aio(mount_factory):
-    """fio libaio QD16 O_DIRECT|O_DSYNC on the raw backend (an image on ext4): the overwrites
-    are written with RWF_DSYNC through Linux AIO, in flight together (backend/dsync_aio.py),
-    not by group flushes; the data read back is what fio wrote (verify)."""
-    m = mount_factory(opts=QUIET)
-    path = m.path("f")
-    precreate(path, FIO_FILE_BLOCKS)
-    before = m.stats()
-    argv = fio_argv(path, "libaio", "dsync", True) + ["--verify=crc32c", "--do_verify=1"]
-    res = m.run(argv, timeout=60)
-    assert not res.timed_out and res.returncode == 0, res.stderr
-    after = m.stats()
-    d = {k: after.get(k, 0) - before.get(k, 0) for k in
-         ("durability.sync_writes", "durability.aio_writes", "durability.flushes")}
-    assert d["durability.sync_writes"] == FIO_WRITES, d
-    # the first write of a queue may find itself alone (RWF_DSYNC inline); most are AIO
-    assert d["durability.aio_writes"] >= FIO_WRITES // 2, d
-    assert d["durability.flushes"] <= 2, d

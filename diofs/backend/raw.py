@@ -29,8 +29,6 @@ import os
 import stat
 import struct
 
-from diofs.backend.dsync_aio import DsyncAio
-
 __all__ = ["RawImage", "block_device_size", "check_range"]
 
 _ZERO_CHUNK = 1 << 20  # write_zeroes writes from a zero buffer of at most this size
@@ -64,17 +62,6 @@ class RawImage:
             os.close(self._fd)
             raise
         self._closed = False
-        self._dsync_aio: DsyncAio | None = None
-        self._dsync_aio_tried = False
-
-    def dsync_aio(self) -> DsyncAio | None:
-        """The AIO writer for durable overwrites in flight together (backend/dsync_aio.py),
-        opened on first use; None where O_DIRECT or AIO is refused, or read-only."""
-        if not self._dsync_aio_tried:
-            self._dsync_aio_tried = True
-            if self.writable and not self._closed:
-                self._dsync_aio = DsyncAio.open(self.path)
-        return self._dsync_aio
 
     @property
     def fd(self) -> int:
@@ -147,8 +134,6 @@ class RawImage:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            if self._dsync_aio is not None:
-                self._dsync_aio.close()
             os.close(self._fd)
 
     def __repr__(self) -> str:

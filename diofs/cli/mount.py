@@ -91,7 +91,6 @@ class Options:
     data_delay: float = 0.0
     async_dio: bool = True
     sync_dispatch: bool = True
-    dsync_aio: bool = True
     xattr: bool = True
     nbd: NbdOptions = field(default_factory=NbdOptions)
     discard: bool = False
@@ -130,8 +129,6 @@ def parse_options(items: list[str]) -> Options:
                     o.xattr = value == "on"
                 elif key == "sync_dispatch" and value in ("on", "off"):
                     o.sync_dispatch = value == "on"
-                elif key == "dsync_aio" and value in ("on", "off"):
-                    o.dsync_aio = value == "on"
                 elif key == "shootdown" and value in ("unlocked", "locked"):
                     o.shootdown = value
                 elif key == "backend" and value in ("raw", "crash", "fault"):
@@ -252,7 +249,6 @@ class Daemon:
             mlock=self.mlock,
         )
         fs.data_delay = o.data_delay
-        fs.dsync_aio = o.dsync_aio
         fs.discard_freed = o.discard
         self.ops = Operations(
             self.io, self.buffered, self.direct, xattrs=o.xattr,
