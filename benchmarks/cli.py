@@ -91,6 +91,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="",
         help='extra arguments for mount.py, one shell-quoted string (e.g. "-o cache_size=128M")',
     )
+    ap.add_argument(
+        "--diofs-b-opts",
+        default="",
+        help="the same for the peer diofs-b, a second diofs mount in the same run (before and "
+        'after of a mount option: --peers diofs,diofs-b,cpeer --diofs-b-opts "-o X=off")',
+    )
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument("--list-jobs", action="store_true", help="print the job table and exit")
     ap.add_argument(
@@ -152,6 +158,7 @@ def options_from_args(a: argparse.Namespace) -> Options:
         keep_workdir=a.keep_workdir,
         diofs_image_size=a.diofs_image_size,
         diofs_args=shlex.split(a.diofs_opts),
+        diofs_b_args=shlex.split(a.diofs_b_opts),
         nbd_server=a.nbd_server,
         plots=not a.no_plots,
         tree_src=a.tree_src,

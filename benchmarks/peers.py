@@ -3,6 +3,8 @@
 Peers (``PEER_NAMES``, in report order; ``ALL_PEERS`` adds diofs-nbd, which runs only when
 asked for: ``--backend nbd`` or ``--peers diofs-nbd``):
   diofs   ``python mount.py IMG MNT --foreground --log FILE`` on an image made by mkfs.diofs
+  diofs-b the same, a second mount with its own extra arguments (``--diofs-b-opts``): a before
+          and an after of one change (a mount option) side by side in one run
   diofs-nbd  the same, but the image is served over NBD on a unix socket in the peer's dir
           (same disk) and mounted by its URI (docs/nbd.md): nbdkit's file plugin, or with
           ``--nbd-server`` qemu-nbd (qcow2) or nbd-server
@@ -46,7 +48,8 @@ _NbdServer = NbdServer | QemuNbdServer | NbdServerDaemon
 REPO = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("DIOFS_BENCH_CACHE", Path.home() / ".cache" / "diofs-bench"))
 PEER_NAMES = ("diofs", "pypeer", "cpeer", "local")  # the default set
-ALL_PEERS = ("diofs", "diofs-nbd", "pypeer", "cpeer", "local")  # every peer, in report order
+# every peer, in report order
+ALL_PEERS = ("diofs", "diofs-b", "diofs-nbd", "pypeer", "cpeer", "local")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 # passthrough_ll keeps an O_PATH fd open per inode the kernel knows: the tree jobs (two copies
 # of /usr/include and a .git) pass 20,000, and at EMFILE its flush fails with EBADF
@@ -58,6 +61,7 @@ PYFUSE3_SDIST_DIRS = (Path("/tmp/sdist/pyfuse3-3.5.0"), CACHE / "sdist" / "pyfus
 VARIANT = "variant: no O_DIRECT on backing open"
 LABELS = {
     "diofs": "diofs",
+    "diofs-b": "diofs, second mount with --diofs-b-opts",
     "diofs-nbd": "diofs over NBD (nbdkit file plugin on the same disk, unix socket)",
     "pypeer": f"Python peer ({VARIANT})",
     "cpeer": f"C peer ({VARIANT})",
@@ -65,6 +69,7 @@ LABELS = {
 }
 SHORT = {
     "diofs": "diofs",
+    "diofs-b": "diofs B",
     "diofs-nbd": "diofs NBD",
     "pypeer": "Python peer*",
     "cpeer": "C peer*",
@@ -493,6 +498,13 @@ class DiofsPeer(FusePeer):
         return out + "\n--- diofs.log:\n" + "\n".join(lines[-n:])
 
 
+class DiofsBPeer(DiofsPeer):
+    """A second diofs mount, its image and mount in a directory of its own, mounted with the
+    arguments of ``--diofs-b-opts`` instead of ``--diofs-opts``."""
+
+    name = "diofs-b"
+
+
 NBD_SERVERS = ("nbdkit", "qemu-nbd", "nbd-server")
 NBD_SERVER_LABELS = {
     "nbdkit": "nbdkit file plugin",
@@ -590,6 +602,7 @@ def make_peer(
     diofs_image_size: str = "1G",
     diofs_args: list[str] | None = None,
     nbd_server: str = "nbdkit",
+    diofs_b_args: list[str] | None = None,
 ) -> Peer:
     if name == "local":
         return LocalPeer(workdir)
@@ -599,6 +612,8 @@ def make_peer(
         return PyPeer(workdir)
     if name == "diofs":
         return DiofsPeer(workdir, diofs_image_size, diofs_args)
+    if name == "diofs-b":
+        return DiofsBPeer(workdir, diofs_image_size, diofs_b_args)
     if name == "diofs-nbd":
         return DiofsNbdPeer(workdir, diofs_image_size, diofs_args, nbd_server)
     raise ValueError(f"unknown peer {name!r}; known: {', '.join(ALL_PEERS)}")

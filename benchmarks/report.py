@@ -173,7 +173,10 @@ def markdown(results: dict[str, Any]) -> str:
     ]
     ratio_cols = [
         (a, b)
-        for a, b in (("diofs-nbd", "diofs"), ("diofs", "pypeer"), ("diofs", "local"))
+        for a, b in (
+            ("diofs-nbd", "diofs"), ("diofs", "cpeer"), ("diofs-b", "cpeer"), ("diofs", "pypeer"),
+            ("diofs-b", "pypeer"), ("diofs", "local"),
+        )
         if a in peers and b in peers
     ]
     head = [
@@ -357,6 +360,7 @@ def plot(results: dict[str, Any], out: Path) -> str:
     fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 3.2 * nrow), squeeze=False)
     colors = {
         "diofs": "tab:red",
+        "diofs-b": "tab:purple",
         "diofs-nbd": "tab:orange",
         "pypeer": "tab:blue",
         "cpeer": "tab:green",

@@ -69,6 +69,7 @@ class Options:
     keep_workdir: bool = False
     diofs_image_size: str = "1G"
     diofs_args: list[str] = dataclasses.field(default_factory=list)
+    diofs_b_args: list[str] = dataclasses.field(default_factory=list)  # the diofs-b peer's
     nbd_server: str = "nbdkit"  # the server of the diofs-nbd peer (peers.NBD_SERVERS)
     plots: bool = True
     quiet: bool = False
@@ -318,6 +319,7 @@ def run_bench(opts: Options) -> dict[str, Any]:
             "meta_files": opts.meta_files,
             "tree_src": None,
             "diofs_args": opts.diofs_args,
+            "diofs_b_args": opts.diofs_b_args,
             "nbd_server": opts.nbd_server,
             "workdir": str(workdir),
         },
@@ -347,7 +349,10 @@ def run_bench(opts: Options) -> dict[str, Any]:
             except OSError:
                 _say(opts, "warning: fusectl is not available: hung mounts cannot be aborted")
         for name in opts.peers:
-            peer = make_peer(name, workdir, opts.diofs_image_size, opts.diofs_args, opts.nbd_server)
+            peer = make_peer(
+                name, workdir, opts.diofs_image_size, opts.diofs_args, opts.nbd_server,
+                opts.diofs_b_args,
+            )
             info: dict[str, Any] = {
                 "label": peer.label,
                 "available": True,

@@ -99,6 +99,87 @@ class Direct:
             return pyfuse3.ReplyFromThread(data)
         return data
 
+    def read_inline(self, h: Handle, off: int, size: int) -> memoryview | None:
+        """`read` when it has nothing to wait for (ops.read_sync, no coroutine), else None
+        having changed nothing: aligned; no --bug; the kernel caches no page of this mount
+        (so the reply goes out from the trio thread, as `read` would send it); no writer
+        holds or waits for the inode's rwsem (`read`'s shared hold would be granted at once);
+        no page of the range dirty or under writeback (writeback_range has nothing to do);
+        and the image reads run inline (fs.read_data_inline). Nothing else runs between
+        these checks and the reply (the binding sends it on return), so no lock needs to be
+        taken: they still hold when it goes."""
+        if (
+            off % self.dio_align or size % self.dio_align
+            or size > self.io.fs.inline_io_bytes
+            or bugs.any_enabled()
+            or self.io.kernel.may_cache_any()
+            or not h.incore.shared_io_free()
+            or not self.io.cache.clean_in(h.inode.ino, off, off + size)
+        ):
+            return None
+        if self.mlock and h.dio_ctx is None:
+            h.dio_ctx = DioContext()
+        buf = h.dio_ctx.take(size) if h.dio_ctx is not None else None
+        if buf is None:
+            stats.add("dio.buffer_allocs")
+        try:
+            data = self.io.fs.read_data_inline(h.inode, off, size, into=buf)
+        finally:
+            if buf is not None:
+                h.dio_ctx.give_back()  # type: ignore[union-attr]  # reply is sent on return
+        assert data is not None  # size <= inline_io_bytes
+        stats.add("dio.bytes_read", len(data))
+        return data
+
+    def write_inline(self, h: Handle, off: int, buf: bytes, flags: int) -> int | None:
+        """`write`'s fast path (module docstring) when it can be taken without a coroutine
+        (ops.write_sync), else None having changed nothing: not O_APPEND nor O_SYNC; an
+        O_DSYNC write only when it is a lone sync write (then RWF_DSYNC, as in `write`);
+        `_uncontended`; and a block-aligned overwrite of one written extent inside i_size
+        (fs.inline_overwrite_block). The steps after the image write are `write`'s."""
+        if flags & os.O_APPEND:
+            return None
+        size = len(buf)
+        end = off + size
+        inode = h.inode
+        if not self._uncontended(h, off, end):
+            return None
+        phys = self.io.fs.inline_overwrite_block(inode, off, size)
+        if phys is None:
+            return None
+        sync, full = wants_sync(flags)
+        if sync:
+            if full:
+                return None
+            with self.io.durability.incoming_write():  # as ops.write wraps a sync write
+                if not self.io.durability.lone_sync_write():
+                    return None
+                self._overwrite_inline(h, phys, off, buf, durable=True)
+            self.io.durability.durable_write_done()
+        else:
+            self._overwrite_inline(h, phys, off, buf, durable=False)
+        return size
+
+    def _overwrite_inline(
+        self, h: Handle, phys: int, off: int, buf: bytes, *, durable: bool
+    ) -> None:
+        """The steps of `write` on its fast path, without its awaits (none are taken there:
+        `_uncontended` excludes --bug inval-before-reply and locked shootdown)."""
+        fs = self.io.fs
+        kill = request.current_kill_suidgid()
+        if kill or h.inode.xattrs is not None:
+            fs.kill_privs(h.inode, suidgid=kill)
+        end = off + len(buf)
+        token = self.io.kernel.direct_write_arrived()
+        try:
+            fs.overwrite_at(h.inode, phys, off, buf, durable=durable)
+            stats.add("dio.fast_writes")
+        finally:
+            self.io.kernel.direct_write_landed(h.incore, off, end, token)  # see `write`
+        if h.incore.kernel_may_cache:
+            stats.add("dio.kernel_invalidations")
+        stats.add("dio.bytes_written", len(buf))
+
     async def write(self, h: Handle, off: int, buf: bytes, req: Request, flags: int) -> int:
         inode = h.inode
         append = bool(flags & os.O_APPEND)

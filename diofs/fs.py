@@ -581,9 +581,10 @@ class Filesystem:
         """Bytes [off, off + size) clipped to i_size; holes and unwritten blocks read as
         zeros. `into` (at least `size` bytes) is reused instead of a new buffer (the direct-I/O
         context). The caller keeps the range's blocks from being freed across the awaits."""
+        inline = self.read_data_inline(inode, off, size, into)
+        if inline is not None:
+            return inline
         end = min(off + size, inode.size)
-        if end <= off:
-            return memoryview(b"")
         bs = self.bs
         first = off // bs
         nblocks = (end - 1) // bs - first + 1
@@ -605,6 +606,35 @@ class Filesystem:
             e = min(end, (seg.start + seg.count) * bs)
             img = seg.block * bs + (s - seg.start * bs)
             await self._io(self.backend.readinto, img, view[s - off : e - off], nbytes=e - s)
+        return view
+
+    def read_data_inline(
+        self, inode: Inode, off: int, size: int, into: bytearray | mmap.mmap | None = None
+    ) -> memoryview | None:
+        """read_data without an await, or None: every image read of the range runs inline
+        (`_io`) anyway when `size` is at most `inline_io_bytes`, so this is read_data for
+        those sizes (ops.read_sync takes it without a coroutine)."""
+        if size > self.inline_io_bytes:
+            return None
+        end = min(off + size, inode.size)
+        if end <= off:
+            return memoryview(b"")
+        bs = self.bs
+        first = off // bs
+        nblocks = (end - 1) // bs - first + 1
+        view = memoryview(bytearray(end - off) if into is None else into)[: end - off]
+        phys = inode.extents.written_phys(first, nblocks)
+        if phys is not None:  # one written extent (most direct reads): no segment list
+            self.backend.readinto(phys * bs + (off - first * bs), view)
+            return view
+        for seg in inode.extents.lookup(first, nblocks):
+            s = max(off, seg.start * bs)
+            e = min(end, (seg.start + seg.count) * bs)
+            if not seg.readable:
+                if into is not None:
+                    view[s - off : e - off] = bytes(e - s)
+                continue
+            self.backend.readinto(seg.block * bs + (s - seg.start * bs), view[s - off : e - off])
         return view
 
     async def write_data(
@@ -651,24 +681,37 @@ class Filesystem:
         write and an mtime update. Nothing to allocate, convert or grow, and no await, so
         whatever the caller checked before still holds after (dio.py: the fast path).
         `durable`: the image write is durable on return (backend.write_durable)."""
+        phys = self.inline_overwrite_block(inode, off, len(data))
+        if phys is None:
+            return False
+        self.overwrite_at(inode, phys, off, data, durable=durable)
+        return True
+
+    def inline_overwrite_block(self, inode: Inode, off: int, size: int) -> int | None:
+        """The first image block of an overwrite of [off, off + size) that
+        `overwrite_inline` would do, or None when it would return False (checks only)."""
         bs = self.bs
-        size = len(data)
         end = off + size
         if (
             size > self.inline_io_bytes or off % bs or end % bs or end > inode.size
             or self.data_delay or inode.ino in self.reserved
         ):
-            return False
-        phys = inode.extents.written_phys(off // bs, size // bs)
-        if phys is None:
-            return False
+            return None
+        return inode.extents.written_phys(off // bs, size // bs)
+
+    def overwrite_at(
+        self, inode: Inode, phys: int, off: int, data: bytes | memoryview, *, durable: bool
+    ) -> None:
+        """The write of `overwrite_inline`, at the block `inline_overwrite_block` found."""
+        bs = self.bs
+        size = len(data)
+        end = off + size
         if durable:
             self.backend.write_durable(phys * bs, data)
         else:
             self.backend.write(phys * bs, data)
         self.image_writes += 1  # after the write returned (see _write_image)
         self._publish(inode, off // bs, size // bs, end, touch=True, convert=False)
-        return True
 
     def _publish(
         self, inode: Inode, first: int, nblocks: int, end: int, touch: bool, convert: bool

@@ -73,6 +73,10 @@ class IncoreInode:
             lock = self._pagecache = PagecacheLock(self.ino)
         return lock
 
+    def shared_io_free(self) -> bool:
+        """A shared hold of the rwsem would be granted at once (dio.Direct.read_inline)."""
+        return self._rwsem is None or self._rwsem.shared_free()
+
     def io_idle(self) -> bool:
         """Nobody holds or waits for the rwsem or the pagecache lock (dio.py, fast path)."""
         return (self._rwsem is None or self._rwsem.idle()) and (

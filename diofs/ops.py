@@ -77,6 +77,7 @@ FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+SyncF = TypeVar("SyncF", bound=Callable[..., Any])
 
 
 def _fuse_handler(fn: F) -> F:
@@ -120,6 +121,61 @@ def _fuse_handler(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def _sync_handler(handler: Callable[..., Any]) -> Callable[[SyncF], SyncF]:
+    """The boundary of a synchronous fast path that the binding tries before `handler`, the
+    `_fuse_handler`-wrapped coroutine of the same request (pyfuse3's sync dispatch:
+    `Operations.read_sync` / `write_sync`, patches/pyfuse3/0011-sync-dispatch.patch). The
+    method returns the answer, or None having changed nothing: the binding then calls
+    `handler`, which counts and handles the request as always. An answer or an exception is
+    treated as `_fuse_handler` treats them (counter, errno mapping, failsafe, the hang
+    detector's table under `handler`'s name, daemon_idle)."""
+    raw = handler.__wrapped__  # type: ignore[attr-defined]  # functools.wraps
+    counter = f"ops.{raw.__name__}"
+    outstanding, next_key = hang_detector.OUTSTANDING, hang_detector.next_key
+    monotonic = time.monotonic
+    binding = pyfuse3.request_context
+
+    def decorate(fn: SyncF) -> SyncF:
+        @functools.wraps(fn)
+        def wrapper(self: Operations, *args: Any) -> Any:
+            key = next_key()
+            outstanding[key] = (monotonic(), raw, None, self, args, {}, binding.get())
+            try:
+                result = fn(self, *args)
+            except BaseException as exc:
+                stats.add(counter)
+                outstanding.pop(key, None)
+                if not outstanding:
+                    self.io.kernel.daemon_idle()
+                if isinstance(exc, pyfuse3.FUSEError):
+                    raise
+                if isinstance(exc, FsError):
+                    raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+                if isinstance(exc, OSError):
+                    if exc.errno is None:
+                        raise pyfuse3.FUSEError(errno.EIO) from None
+                    stats.add("errors.io")
+                    raise pyfuse3.FUSEError(exc.errno) from None
+                if not isinstance(exc, Exception):
+                    raise
+                if not self.failsafe:
+                    log.exception("unexpected error in %s; mount is failsafe, run fsck", counter)
+                self.failsafe = True
+                stats.add("errors.internal")
+                raise pyfuse3.FUSEError(errno.EIO) from None
+            outstanding.pop(key, None)
+            if result is None:  # to `handler`, which enters the table again at once
+                return None
+            stats.add(counter)
+            if not outstanding:
+                self.io.kernel.daemon_idle()
+            return result
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
+
+
 class Operations(pyfuse3.Operations):
     """The diofs request handlers.
 
@@ -155,10 +211,13 @@ class Operations(pyfuse3.Operations):
     def __init__(
         self, io: IoContext, buffered: Buffered, direct: Direct, *,
         entry_timeout: float, attr_timeout: float, xattrs: bool = True, async_dio: bool = True,
+        sync_dispatch: bool = True,
     ):
         super().__init__()
         self.enable_async_dio = async_dio
         self.enable_handle_killpriv_v2 = not bugs.enabled(Bug.NO_KILLPRIV_V2)
+        if not sync_dispatch:  # -o sync_dispatch=off: the binding sees no synchronous handler
+            self.read_sync = self.write_sync = None  # type: ignore[method-assign,assignment]
         self.xattrs = xattrs
         self.entry_timeout = entry_timeout  # seconds; see the module docstring
         self.attr_timeout = attr_timeout
@@ -451,6 +510,24 @@ class Operations(pyfuse3.Operations):
             return await path.write(h, off, buf, req, flags)
         with self.io.durability.incoming_write():  # group commit waits for sync writes
             return await path.write(h, off, buf, req, flags)
+
+    # The synchronous fast paths (`_sync_handler`): the steady state of a direct-I/O
+    # workload -- an aligned read or overwrite of written blocks, nothing cached, no lock
+    # held or awaited -- answered without a coroutine or a trio task step. Each returns None
+    # (having changed nothing) wherever `read` / `write` could take another branch, so every
+    # protection and --bug switch stays on the coroutine path. Figures: docs/bench.md.
+    @_sync_handler(read)
+    def read_sync(self, fh: FileHandleT, off: int, size: int) -> memoryview | None:
+        if fh >= STATS_INO or not request.current_flags() & os.O_DIRECT:
+            return None
+        return self.direct.read_inline(self._handle(fh), off, size)
+
+    @_sync_handler(write)
+    def write_sync(self, fh: FileHandleT, off: int, buf: bytes) -> int | None:
+        flags = request.current_flags()
+        if self.failsafe or not flags & os.O_DIRECT:  # tid 0 (writeback): flags 0, buffered
+            return None
+        return self.direct.write_inline(self._handle(fh), off, buf, flags)
 
     @_fuse_handler
     async def fallocate(self, fh: FileHandleT, mode: int, offset: int, length: int) -> None:

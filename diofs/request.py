@@ -53,7 +53,8 @@ _BINDING_NAMES = (
 )
 _OPERATIONS_NAMES = (
     "fallocate", "enable_auto_inval_data", "enable_async_dio", "enable_write_views",
-    "enable_eager_receive", "checkpoint_interval", "enable_handle_killpriv_v2",
+    "enable_eager_receive", "checkpoint_interval", "enable_handle_killpriv_v2", "read_sync",
+    "write_sync",
 )
 
 #: In `Request.flags` when the kernel asks diofs to kill suid/sgid (FUSE_HANDLE_KILLPRIV_V2,
@@ -86,6 +87,16 @@ def current() -> Request:
     """The request handled by the calling task (`Request(0, 0)` outside data handlers)."""
     tid, flags = pyfuse3.request_context.get()
     return Request(tid, flags)
+
+
+def current_flags() -> int:
+    """`current().flags` without building a Request (ops.read_sync / write_sync)."""
+    return pyfuse3.request_context.get()[1]
+
+
+def current_kill_suidgid() -> bool:
+    """`current().kill_suidgid` without building a Request."""
+    return bool(pyfuse3.request_context.get()[1] & KILL_SUIDGID)
 
 
 def killpriv_v2_negotiated() -> bool:

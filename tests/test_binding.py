@@ -23,6 +23,9 @@ and, where cheap, one that shows the default keeps stock behaviour (`stock`: no 
   - 0009 handle-killpriv-v2: removes the GETXATTR(security.capability) before every WRITE and
     passes the kernel's kill-suid/sgid requests up as pyfuse3.KILL_SUIDGID;
   - 0010 session-fd: get_session_fd() is the daemon's /dev/fuse (diofs.request polls it).
+  - 0011 sync-dispatch: Operations.read_sync / write_sync answer a request with
+    request_context set, hand it to read / write when they return None, and answer
+    FUSEError with its errno.
 
 The daemon writes one JSON line per request to a report file before replying. Every mount has
 a hard deadline (harness/watchdog.py): past it the FUSE connection is aborted through fusectl
@@ -67,8 +70,10 @@ INO_K = 6  # mode 0666: written, truncated and opened with O_TRUNC by an unprivi
 INO_D = 7  # DIO_SIZE bytes; each READ records how many READs of it are in flight, then sleeps
 INO_R = 8  # filled with b"R", read with ReplyFromThread
 INO_W = 9  # its READ waits until the control file gets b"SET"
+INO_S = 10  # direct_io: read_sync / write_sync answer its first half, decline the second
 FILES = {b"f": INO_F, b"g": INO_G, b"h": INO_H, b"ctl": INO_CTL, b"k": INO_K, b"d": INO_D,
-         b"r": INO_R, b"w": INO_W}
+         b"r": INO_R, b"w": INO_W, b"s": INO_S}
+SYNC_EIO_OFF = PAGE  # read_sync raises FUSEError(EIO) here
 DIO_SIZE = 4 << 20
 
 #: The switches as diofs sets them (diofs/ops.py, class Operations) except async_dio and
@@ -83,7 +88,8 @@ class TinyFs(pyfuse3.Operations):
 
     def __init__(self, report: Path) -> None:
         super().__init__()
-        self.data = {ino: bytearray(FILE_SIZE) for ino in (INO_F, INO_G, INO_H, INO_K, INO_W)}
+        small = (INO_F, INO_G, INO_H, INO_K, INO_W, INO_S)
+        self.data = {ino: bytearray(FILE_SIZE) for ino in small}
         self.data[INO_H][:] = b"A" * FILE_SIZE
         self.data[INO_D] = bytearray(b"D" * DIO_SIZE)
         self.data[INO_R] = bytearray(b"R" * FILE_SIZE)
@@ -131,7 +137,7 @@ class TinyFs(pyfuse3.Operations):
 
     async def open(self, inode, flags, ctx):  # type: ignore[no-untyped-def]
         self._record("open", inode, open_flags=flags)
-        return pyfuse3.FileInfo(fh=inode)
+        return pyfuse3.FileInfo(fh=inode, direct_io=inode == INO_S)
 
     async def setattr(self, inode, attr, fields, fh, ctx):  # type: ignore[no-untyped-def]
         self._record("setattr", inode, size=attr.st_size if fields.update_size else None)
@@ -166,6 +172,25 @@ class TinyFs(pyfuse3.Operations):
         if self.w_event is None:
             self.w_event = trio.Event()
         return self.w_event
+
+    def read_sync(self, fh, off, size):  # type: ignore[no-untyped-def]
+        if fh != INO_S:
+            return None
+        self._record("read_sync", fh, off=off, size=size)
+        if off == SYNC_EIO_OFF:
+            raise pyfuse3.FUSEError(errno.EIO)
+        if off >= FILE_SIZE // 2:
+            return None
+        return bytes(self.data[fh][off : off + size])
+
+    def write_sync(self, fh, off, buf):  # type: ignore[no-untyped-def]
+        if fh != INO_S:
+            return None
+        self._record("write_sync", fh, off=off, size=len(buf))
+        if off >= FILE_SIZE // 2:
+            return None
+        self.data[fh][off : off + len(buf)] = buf
+        return len(buf)
 
     async def write(self, fh, off, buf):  # type: ignore[no-untyped-def]
         self._record("write", fh, off=off, size=len(buf), buf_type=type(buf).__name__)
@@ -330,6 +355,7 @@ def test_binding_has_the_series_api() -> None:
     assert pyfuse3.KILL_SUIDGID == 1 << 32
     assert pyfuse3.ReplyFromThread(b"x").data == b"x"
     assert callable(pyfuse3.Operations.fallocate)
+    assert pyfuse3.Operations.read_sync is None and pyfuse3.Operations.write_sync is None
     with pytest.raises(RuntimeError):
         pyfuse3.get_session_fd()  # no init() in this process
 
@@ -418,6 +444,32 @@ def test_direct_io_from_two_threads_carries_each_tid_and_o_direct(tiny: TinyMoun
             assert len(recs) == 1, (op, off, recs)
             assert recs[0]["tid"] == tid, (op, off, recs[0], tid)
             assert recs[0]["flags"] & os.O_DIRECT, (op, off, oct(recs[0]["flags"]))
+
+
+@needs_mount
+def test_sync_handlers_answer_or_hand_over_with_request_context(tiny: TinyMount) -> None:
+    tid = threading.get_native_id()
+    half = FILE_SIZE // 2
+    fd = os.open(tiny.path("s"), os.O_RDWR)
+    try:
+        assert os.pwrite(fd, b"a" * PAGE, 0) == PAGE  # answered by write_sync
+        assert os.pwrite(fd, b"b" * PAGE, half) == PAGE  # declined: write
+        assert os.pread(fd, PAGE, 0) == b"a" * PAGE  # answered by read_sync
+        assert os.pread(fd, PAGE, half) == b"b" * PAGE  # declined: read
+        with pytest.raises(OSError) as info:
+            os.pread(fd, PAGE, SYNC_EIO_OFF)
+        assert info.value.errno == errno.EIO
+    finally:
+        os.close(fd)
+    ops = [(r["op"], r["off"]) for r in tiny.records(ino=INO_S) if "off" in r]
+    assert ops == [
+        ("write_sync", 0), ("write_sync", half), ("write", half),
+        ("read_sync", 0), ("read_sync", half), ("read", half), ("read_sync", SYNC_EIO_OFF),
+    ]
+    for r in tiny.records(ino=INO_S):
+        if r["op"] in ("read_sync", "write_sync", "read", "write"):
+            assert r["tid"] == tid, r
+            assert r["flags"] & os.O_ACCMODE == os.O_RDWR, r
 
 
 @needs_mount

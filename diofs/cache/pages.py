@@ -499,16 +499,27 @@ class PageCache:
 
     def holds_nothing_in(self, ino: int, start: int, end: int) -> bool:
         """No page of `ino` touching [start, end) is cached or under writeback."""
+        pages, wb = self._inodes.get(ino), self._wb.get(ino)
+        if not pages and not wb:  # the direct-I/O steady state: no generator built
+            return True
         return not any(
-            next(self._indexes_in(m, start, end), None) is not None
-            for m in (self._inodes.get(ino), self._wb.get(ino))
-            if m
+            next(self._indexes_in(m, start, end), None) is not None for m in (pages, wb) if m
         )
 
     def writeback_token(self, ino: int, index: int) -> object | None:
         """The token of the writeback in flight on page key (ino, index), or None."""
         wb = self._wb.get(ino)
         return wb.get(index) if wb is not None else None
+
+    def clean_in(self, ino: int, start: int, end: int) -> bool:
+        """No page of `ino` touching [start, end) is dirty or under writeback: what
+        Writeback.writeback_range would find nothing to do for (dio.Direct.read_inline)."""
+        dirty, wb = self._dirty_by_ino.get(ino), self._wb.get(ino)
+        if not dirty and not wb:  # the direct-I/O steady state: no generator built
+            return True
+        return not any(
+            next(self._indexes_in(m, start, end), None) is not None for m in (dirty, wb) if m
+        )
 
     def writeback_tokens(self, ino: int, start: int = 0, end: int = _END) -> set[object]:
         """Tokens of writebacks in flight on pages of `ino` touching [start, end)."""

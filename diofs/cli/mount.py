@@ -90,6 +90,7 @@ class Options:
     dio_delay: float = 0.0
     data_delay: float = 0.0
     async_dio: bool = True
+    sync_dispatch: bool = True
     xattr: bool = True
     nbd: NbdOptions = field(default_factory=NbdOptions)
     discard: bool = False
@@ -126,6 +127,8 @@ def parse_options(items: list[str]) -> Options:
                     o.async_dio = value == "on"
                 elif key == "xattr" and value in ("on", "off"):
                     o.xattr = value == "on"
+                elif key == "sync_dispatch" and value in ("on", "off"):
+                    o.sync_dispatch = value == "on"
                 elif key == "shootdown" and value in ("unlocked", "locked"):
                     o.shootdown = value
                 elif key == "backend" and value in ("raw", "crash", "fault"):
@@ -250,6 +253,7 @@ class Daemon:
         self.ops = Operations(
             self.io, self.buffered, self.direct, xattrs=o.xattr,
             entry_timeout=o.entry_timeout, attr_timeout=o.attr_timeout, async_dio=o.async_dio,
+            sync_dispatch=o.sync_dispatch,
         )
         fuse_opts = set(pyfuse3.default_options)
         fuse_opts.discard("default_permissions")

@@ -34,6 +34,10 @@ class RwSem:
     def idle(self) -> bool:
         return not (self._readers or self._writer or self._writers_waiting)
 
+    def shared_free(self) -> bool:
+        """acquire_shared would not wait (no writer holds or waits)."""
+        return not (self._writer or self._writers_waiting)
+
     async def acquire_shared(self) -> None:
         while self._writer or self._writers_waiting:
             await self._wait_change()
