@@ -215,8 +215,8 @@ class Buffered:
             # covers bytes not yet in the cache
             if e > inode.size:
                 inode.size = e
-                self.io.fs.dirty(inode, layout=True)
+                self.io.fs.mark_changed(inode, layout=True)
         inode.mtime_ns = inode.ctime_ns = time.time_ns()
-        self.io.fs.dirty(inode)
+        self.io.fs.mark_changed(inode)
         return end - off
 

@@ -316,4 +316,4 @@ class Direct:
                 await self.io.fs.retry_on_enospc(lambda: self.io.fs.preallocate(inode, start, end))
                 if not keep_size and end > inode.size:
                     inode.size = end
-                    self.io.fs.dirty(inode, layout=True)
+                    self.io.fs.mark_changed(inode, layout=True)

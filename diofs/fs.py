@@ -9,10 +9,10 @@ locks (diofs.locks) that keep data ranges stable across those awaits.
 
 Block allocation, reservations and delayed frees: diofs.alloc (`self.alloc`).
 
-Commits (diofs.format.layout): `dirty(inode)` records the inode in `_changed`, `free_inode` in
-`_dropped`, and a directory's `Entries` logs its changed names; `commit` writes those as one
-journal transaction (O(what changed)), or a whole checkpoint when the journal is full, after a
-failed commit, and at unmount.
+Commits (diofs.format.layout): `mark_changed(inode)` records the inode in `_changed`,
+`free_inode` in `_dropped`, and a directory's `Entries` logs its changed names; `commit` writes
+those as one journal transaction (O(what changed)), or a whole checkpoint when the journal is
+full, after a failed commit, and at unmount.
 
 Order of a data write into holes (SPEC 5, seed 003, in `write_data`):
     (1) allocate blocks as unwritten extents (they read as zeros)
@@ -111,7 +111,7 @@ class Filesystem:
             fs.free_inode(fs.inodes[ino])  # orphans of a crash (unlinked while open)
         return fs
 
-    def dirty(self, inode: Inode, *, layout: bool = False) -> None:
+    def mark_changed(self, inode: Inode, *, layout: bool = False) -> None:
         """Record that `inode` changed: it is journaled at the next commit (and re-serialised
         at the next checkpoint). `layout`: its extents or size changed (data reads depend
         on it)."""
@@ -290,8 +290,8 @@ class Filesystem:
         self.inodes[inode.ino] = inode
         d.children[name] = inode.ino
         d.mtime_ns = d.ctime_ns = now
-        self.dirty(d)
-        self.dirty(inode)
+        self.mark_changed(d)
+        self.mark_changed(inode)
         return inode
 
     def link(self, ino: int, parent: int, name: bytes) -> Inode:
@@ -303,8 +303,8 @@ class Filesystem:
         d.children[name] = ino
         inode.nlink += 1
         d.mtime_ns = d.ctime_ns = inode.ctime_ns = time.time_ns()
-        self.dirty(d)
-        self.dirty(inode)
+        self.mark_changed(d)
+        self.mark_changed(inode)
         return inode
 
     def unlink(self, parent: int, name: bytes, *, want_dir: bool) -> Inode:
@@ -327,8 +327,8 @@ class Filesystem:
             inode.nlink = 0
         else:
             inode.nlink -= 1
-        self.dirty(d)
-        self.dirty(inode)
+        self.mark_changed(d)
+        self.mark_changed(inode)
         return inode
 
     def _is_ancestor(self, ancestor: int, ino: int) -> bool:
@@ -370,7 +370,7 @@ class Filesystem:
                 nd.nlink += delta
             for n in (od, nd, src, dst):
                 n.ctime_ns = now
-                self.dirty(n)
+                self.mark_changed(n)
             od.mtime_ns = nd.mtime_ns = now
             return None
         if dst is not None:
@@ -393,7 +393,7 @@ class Filesystem:
             else:
                 dst.nlink -= 1
             dst.ctime_ns = now
-            self.dirty(dst)
+            self.mark_changed(dst)
         if src.is_dir:
             self.parents[src.ino] = nd.ino
         if src.is_dir and od is not nd:
@@ -401,7 +401,7 @@ class Filesystem:
             nd.nlink += 1
         od.mtime_ns = od.ctime_ns = nd.mtime_ns = nd.ctime_ns = src.ctime_ns = now
         for n in (od, nd, src):
-            self.dirty(n)
+            self.mark_changed(n)
         return dst
 
     # ------------------------------------------------------------------ extended attributes
@@ -471,7 +471,7 @@ class Filesystem:
         inode.xattrs = xattrs or None
         inode.xattr_record = None
         inode.ctime_ns = time.time_ns()
-        self.dirty(inode)
+        self.mark_changed(inode)
 
     def kill_privs(self, inode: Inode, *, suidgid: bool) -> None:
         """A write or truncate changes the file: what the kernel's file_remove_privs does
@@ -494,7 +494,7 @@ class Filesystem:
             self._xattrs_changed(inode, xattrs)  # ctime and dirty with it
         else:
             inode.ctime_ns = time.time_ns()
-            self.dirty(inode)
+            self.mark_changed(inode)
 
     def free_inode(self, inode: Inode) -> None:
         self.unreserve(inode.ino, 0, 1 << 62)
@@ -559,7 +559,7 @@ class Filesystem:
             for phys, n in self.allocate(seg.count, goal):
                 inode.extents.insert(fblock, phys, n, unwritten=True)
                 fblock += n
-            self.dirty(inode, layout=True)
+            self.mark_changed(inode, layout=True)
         return inode.extents.lookup(first, nblocks)
 
     def _goal(self, inode: Inode, fblock: int) -> int | None:
@@ -725,7 +725,7 @@ class Filesystem:
             inode.size = end
         if touch:  # writeback of buffered data keeps the mtime of the write() itself
             inode.mtime_ns = inode.ctime_ns = time.time_ns()
-        self.dirty(inode, layout=bool(converted) or grew)
+        self.mark_changed(inode, layout=bool(converted) or grew)
 
     # ------------------------------------------------------------------ size and ranges
     async def truncate(self, inode: Inode, size: int) -> None:
@@ -740,7 +740,7 @@ class Filesystem:
                 await self.zero_range_on_image(inode, size, keep * bs)
         inode.size = size
         inode.mtime_ns = inode.ctime_ns = time.time_ns()
-        self.dirty(inode, layout=True)
+        self.mark_changed(inode, layout=True)
 
     async def zero_range_on_image(self, inode: Inode, start: int, end: int) -> None:
         """Write zeros over the written blocks of [start, end) (for partial blocks):
@@ -768,14 +768,14 @@ class Filesystem:
         if end % bs and not (start % bs and end <= first * bs):  # inside one block: done above
             await self.zero_range_on_image(inode, max(start, last * bs), end)
         inode.ctime_ns = inode.mtime_ns = time.time_ns()
-        self.dirty(inode, layout=True)
+        self.mark_changed(inode, layout=True)
 
     def preallocate(self, inode: Inode, start: int, end: int) -> None:
         """fallocate mode 0 / KEEP_SIZE: allocate holes of [start, end) as unwritten."""
         bs = self.bs
         self.map_for_write(inode, start // bs, (end - 1) // bs - start // bs + 1)
         inode.ctime_ns = time.time_ns()
-        self.dirty(inode)
+        self.mark_changed(inode)
 
     # ------------------------------------------------------------------ attributes
     def blocks_512(self, inode: Inode) -> int:

@@ -327,7 +327,7 @@ class Operations(pyfuse3.Operations):
         if fields.update_mtime:
             node.mtime_ns = attr.st_mtime_ns
         node.ctime_ns = now
-        self.fs.dirty(node)
+        self.fs.mark_changed(node)
         return self._attrs(node)
 
     @_fuse_handler

@@ -17,8 +17,8 @@ Record layout (little endian), after decompression:
 In memory the checkpoint stays as it was read: `InodeTable` keeps the decompressed blob and
 an index ino -> record, and decodes a record into an `Inode` on first use (lazy loading; the
 mount checks every record first, diofs.format.verify). `Inode.record` caches an inode's
-serialised bytes; whoever changes an inode calls
-`Filesystem.dirty(inode)`, which clears it, so a checkpoint only re-serialises changed inodes.
+serialised bytes; whoever changes an inode calls `Filesystem.mark_changed(inode)`, which
+clears it, so a checkpoint only re-serialises changed inodes.
 A directory's entries are an `Entries` dict, which also logs the names changed since the last
 commit: the journal (diofs.format.journal) writes those, not the whole directory.
 """
