@@ -584,28 +584,9 @@ class Filesystem:
         inline = self.read_data_inline(inode, off, size, into)
         if inline is not None:
             return inline
-        end = min(off + size, inode.size)
-        bs = self.bs
-        first = off // bs
-        nblocks = (end - 1) // bs - first + 1
-        view = memoryview(bytearray(end - off) if into is None else into)[: end - off]
-        phys = inode.extents.written_phys(first, nblocks)
-        if phys is not None:  # one written extent (most direct reads): no segment list
-            await self._io(
-                self.backend.readinto, phys * bs + (off - first * bs), view, nbytes=end - off
-            )
-            return view
-        for seg in inode.extents.lookup(first, nblocks):
-            if not seg.readable:
-                if into is not None:
-                    s = max(off, seg.start * bs)
-                    e = min(end, (seg.start + seg.count) * bs)
-                    view[s - off : e - off] = bytes(e - s)
-                continue
-            s = max(off, seg.start * bs)
-            e = min(end, (seg.start + seg.count) * bs)
-            img = seg.block * bs + (s - seg.start * bs)
-            await self._io(self.backend.readinto, img, view[s - off : e - off], nbytes=e - s)
+        view, reads = self._read_plan(inode, off, size, into)
+        for img, part in reads:
+            await self._io(self.backend.readinto, img, part, nbytes=len(part))
         return view
 
     def read_data_inline(
@@ -616,26 +597,36 @@ class Filesystem:
         those sizes (ops.read_sync takes it without a coroutine)."""
         if size > self.inline_io_bytes:
             return None
+        view, reads = self._read_plan(inode, off, size, into)
+        for img, part in reads:
+            self.backend.readinto(img, part)
+        return view
+
+    def _read_plan(
+        self, inode: Inode, off: int, size: int, into: bytearray | mmap.mmap | None
+    ) -> tuple[memoryview, list[tuple[int, memoryview]]]:
+        """The buffer of a read_data and the image reads that fill it, as (image offset, part
+        of the buffer). Holes and unwritten blocks need no read: zeroed here in a reused
+        buffer, already zero in a new one."""
         end = min(off + size, inode.size)
         if end <= off:
-            return memoryview(b"")
+            return memoryview(b""), []
         bs = self.bs
         first = off // bs
         nblocks = (end - 1) // bs - first + 1
         view = memoryview(bytearray(end - off) if into is None else into)[: end - off]
         phys = inode.extents.written_phys(first, nblocks)
         if phys is not None:  # one written extent (most direct reads): no segment list
-            self.backend.readinto(phys * bs + (off - first * bs), view)
-            return view
+            return view, [(phys * bs + (off - first * bs), view)]
+        reads = []
         for seg in inode.extents.lookup(first, nblocks):
             s = max(off, seg.start * bs)
             e = min(end, (seg.start + seg.count) * bs)
-            if not seg.readable:
-                if into is not None:
-                    view[s - off : e - off] = bytes(e - s)
-                continue
-            self.backend.readinto(seg.block * bs + (s - seg.start * bs), view[s - off : e - off])
-        return view
+            if seg.readable:
+                reads.append((seg.block * bs + (s - seg.start * bs), view[s - off : e - off]))
+            elif into is not None:
+                view[s - off : e - off] = bytes(e - s)
+        return view, reads
 
     async def write_data(
         self, inode: Inode, off: int, data: bytes | memoryview, *, touch: bool = True
