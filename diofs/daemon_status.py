@@ -19,7 +19,10 @@ may get the same number while the old daemon still writes back (seen in tests ru
 by side: the old daemon's final status overwrote the new mount's record). Each daemon writes
 only its own file; the mount's daemon is the one that published last for the number
 (`published_ns`, CLOCK_BOOTTIME): it published after its mount existed, which was after the
-previous mount with that number was gone.
+previous mount with that number was gone. A record also names its mount's id (mountinfo's
+first field), and only a record of the mount being unmounted counts: a daemon killed before
+it published must not be reported by an earlier daemon's record for the same number (seen
+once in CI: umount.diofs exited 0 for a killed daemon).
 
 Fields: `pid` and `start_ticks` (field 22 of /proc/PID/stat: with the pid it names one
 process, so a reused pid is recognised), `published_ns`, `image`, `mountpoint`; `status`
@@ -97,6 +100,7 @@ class Record:
     mountpoint: str
     status: int | None = None
     message: str = ""
+    mount_id: int = 0  # the mount's id in /proc/self/mountinfo (0: a record without one)
 
     def process_alive(self) -> bool:
         """The recorded process still exists (not a new process that reused its pid)."""
@@ -112,13 +116,15 @@ def read(path: Path) -> Record | None:
         return None
 
 
-def find(major: int, minor: int, uid: int) -> tuple[Path, Record] | None:
-    """The record of the daemon serving the mount with device number major:minor now (the
-    newest for that number, see the module docstring), with its path; None if there is none."""
+def find(m: mountinfo.MountInfo, uid: int) -> tuple[Path, Record] | None:
+    """The record of the daemon serving the mount `m` (the newest for its device number and
+    mount id, see the module docstring), with its path; None if there is none."""
     best: tuple[Path, Record] | None = None
-    for path in run_dir(uid).glob(f"{major}:{minor}.*.json"):
+    for path in run_dir(uid).glob(f"{m.major}:{m.minor}.*.json"):
         rec = read(path)
-        if rec is not None and (best is None or rec.published_ns > best[1].published_ns):
+        if rec is None or rec.mount_id != m.mount_id:
+            continue
+        if best is None or rec.published_ns > best[1].published_ns:
             best = (path, rec)
     return best
 
@@ -159,7 +165,7 @@ class Publisher:
             return
         self.path = record_path(m.major, m.minor, os.getpid(), os.getuid())
         published = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
-        self.record = Record(os.getpid(), ticks, published, image, mountpoint)
+        self.record = Record(os.getpid(), ticks, published, image, mountpoint, mount_id=m.mount_id)
         self._write()
         with contextlib.suppress(OSError):
             prune(self.path.parent)

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import pytest
 
-from diofs import mountinfo
+from diofs import daemon_status, mountinfo
 from diofs.backend import fault
 from diofs.backend.raw import RawImage
 from diofs.errors import (
@@ -52,6 +52,7 @@ from diofs.errors import (
 )
 from diofs.format import image as image_fmt
 from harness import watchdog
+from harness.io import wait_for
 from harness.mount import REPO, Mount, MountFactory, cli, cli_env, run_cli, run_tool
 
 MiB = 1 << 20
@@ -191,6 +192,10 @@ def test_umount_diofs_reports_failed_final_writeback(
 def test_umount_diofs_daemon_killed(mount_factory: MountFactory) -> None:
     m = mount_factory()
     assert m.daemon is not None
+    # the harness waits for the mount only; the daemon publishes its record just after
+    mount = mountinfo.find_mount(m.mnt)
+    assert mount is not None
+    wait_for(lambda: daemon_status.find(mount, os.getuid()), "the daemon's status record")
     m.daemon.kill()
     m.daemon.wait(10)
     proc = run_cli("umount.diofs", m.mnt)
@@ -550,3 +555,21 @@ def test_blocks_count_reservations_on_enospc_retry(mount_factory: MountFactory) 
     assert blocks(p) == want
     m.remount()
     assert blocks(p) == want
+
+
+def test_status_record_of_an_earlier_mount_is_not_taken(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A device number is reused by the next mount: a record names its mount's id, and only a
+    record of the mount being unmounted counts (a daemon killed before it published its own
+    must not be reported by an earlier daemon's final status 0)."""
+    import dataclasses
+    import json
+
+    monkeypatch.setattr(daemon_status, "run_dir", lambda uid: tmp_path)
+    earlier = daemon_status.Record(1, 1, 1, "img", "/mnt", status=0, mount_id=7)
+    (tmp_path / "0:99.1.json").write_text(json.dumps(dataclasses.asdict(earlier)))
+    now = mountinfo.MountInfo(8, 0, 99, "/mnt", "fuse.diofs", "img")
+    assert daemon_status.find(now, 0) is None
+    found = daemon_status.find(dataclasses.replace(now, mount_id=7), 0)
+    assert found is not None and found[1] == earlier

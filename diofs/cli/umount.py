@@ -180,7 +180,7 @@ def umount(argv: list[str]) -> int:
     if m.fstype != daemon_status.FSTYPE:
         raise DiofsError(f"{mnt} is not a diofs mount (type {m.fstype})", EXIT_UNMOUNT_FAILED)
     uid = mount_uid(m)
-    found = daemon_status.find(m.major, m.minor, uid)
+    found = daemon_status.find(m, uid)
     path, rec = found if found else (None, None)
     pidfd = open_daemon(rec)
     try:
