@@ -80,6 +80,24 @@ F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 SyncF = TypeVar("SyncF", bound=Callable[..., Any])
 
 
+def _fuse_error(self: Operations, exc: Exception, name: str) -> pyfuse3.FUSEError:
+    """The answer to a handler's exception other than FUSEError (module docstring): a diofs
+    error's errno, an image OSError's errno, else EIO with the traceback logged once and the
+    mount switched to failsafe. Call it from the `except` clause (log.exception)."""
+    if isinstance(exc, FsError):
+        return pyfuse3.FUSEError(exc.errno or errno.EIO)
+    if isinstance(exc, OSError):
+        if exc.errno is None:
+            return pyfuse3.FUSEError(errno.EIO)
+        stats.add("errors.io")
+        return pyfuse3.FUSEError(exc.errno)
+    if not self.failsafe:
+        log.exception("unexpected error in %s; mount is failsafe, run fsck", name)
+    self.failsafe = True
+    stats.add("errors.internal")
+    return pyfuse3.FUSEError(errno.EIO)
+
+
 def _fuse_handler(fn: F) -> F:
     counter = f"ops.{fn.__name__}"
     # the hung-request detector's table (diofs/hang_detector.py): one insert and one delete per
@@ -100,19 +118,8 @@ def _fuse_handler(fn: F) -> F:
             return await coro
         except pyfuse3.FUSEError:
             raise
-        except FsError as exc:
-            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
-        except OSError as exc:
-            if exc.errno is None:
-                raise pyfuse3.FUSEError(errno.EIO) from None
-            stats.add("errors.io")
-            raise pyfuse3.FUSEError(exc.errno) from None
-        except Exception:
-            if not self.failsafe:
-                log.exception("unexpected error in %s; mount is failsafe, run fsck", fn.__name__)
-            self.failsafe = True
-            stats.add("errors.internal")
-            raise pyfuse3.FUSEError(errno.EIO) from None
+        except Exception as exc:
+            raise _fuse_error(self, exc, fn.__name__) from None
         finally:
             outstanding.pop(key, None)
             if not outstanding:
@@ -147,22 +154,9 @@ def _sync_handler(handler: Callable[..., Any]) -> Callable[[SyncF], SyncF]:
                 outstanding.pop(key, None)
                 if not outstanding:
                     self.io.kernel.daemon_idle()
-                if isinstance(exc, pyfuse3.FUSEError):
+                if isinstance(exc, pyfuse3.FUSEError) or not isinstance(exc, Exception):
                     raise
-                if isinstance(exc, FsError):
-                    raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
-                if isinstance(exc, OSError):
-                    if exc.errno is None:
-                        raise pyfuse3.FUSEError(errno.EIO) from None
-                    stats.add("errors.io")
-                    raise pyfuse3.FUSEError(exc.errno) from None
-                if not isinstance(exc, Exception):
-                    raise
-                if not self.failsafe:
-                    log.exception("unexpected error in %s; mount is failsafe, run fsck", counter)
-                self.failsafe = True
-                stats.add("errors.internal")
-                raise pyfuse3.FUSEError(errno.EIO) from None
+                raise _fuse_error(self, exc, counter) from None
             outstanding.pop(key, None)
             if result is None:  # to `handler`, which enters the table again at once
                 return None
