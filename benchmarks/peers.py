@@ -216,6 +216,12 @@ class Peer:
     def data_dir(self) -> Path:
         return self.root / "data"
 
+    @property
+    def host_dir(self) -> Path | None:
+        """The directory on the host's file system where this peer keeps its files (the tree
+        jobs put a fresh ext4 there, benchmarks/freshfs.py), None when they go into an image."""
+        return self.data_dir
+
     def prepare(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
 
@@ -272,6 +278,10 @@ class FusePeer(Peer):
     @property
     def data_dir(self) -> Path:
         return self.mnt
+
+    @property
+    def host_dir(self) -> Path | None:
+        return None
 
     def argv(self) -> list[str]:
         raise NotImplementedError
@@ -404,20 +414,34 @@ def _raise_nofile() -> None:
         pass  # not root, or no /proc: keep the inherited limit
 
 
-class CPeer(FusePeer):
+class PassthroughPeer(FusePeer):
+    """A passthrough daemon over the directory ``backing`` on the host's file system."""
+
+    def __init__(self, workdir: Path) -> None:
+        super().__init__(workdir)
+        self.backing = self.root / "backing"
+
+    @property
+    def host_dir(self) -> Path | None:
+        return self.backing
+
+    def prepare(self) -> None:
+        super().prepare()
+        self.backing.mkdir(exist_ok=True)
+
+
+class CPeer(PassthroughPeer):
     name = "cpeer"
 
     def prepare(self) -> None:
         super().prepare()
         self.binary = build_cpeer()
-        self.backing = self.root / "backing"
-        self.backing.mkdir(exist_ok=True)
 
     def argv(self) -> list[str]:
         return [str(self.binary), "-f", "-o", f"source={self.backing},fsname=cpeer", str(self.mnt)]
 
 
-class PyPeer(FusePeer):
+class PyPeer(PassthroughPeer):
     name = "pypeer"
 
     def prepare(self) -> None:
@@ -432,8 +456,6 @@ class PyPeer(FusePeer):
                 f"{r.stderr.strip().splitlines()[-1:]}"
             )
         self.script = build_pypeer()
-        self.backing = self.root / "backing"
-        self.backing.mkdir(exist_ok=True)
 
     def argv(self) -> list[str]:
         return [self.python, *self.wrapper, str(self.script), str(self.backing), str(self.mnt)]
