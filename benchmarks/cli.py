@@ -69,6 +69,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"source tree of the tree-copy jobs (default {treecopy.DEFAULT_SRC})",
     )
     ap.add_argument(
+        "--tree-host-fs",
+        choices=("fresh", "host"),
+        default="fresh",
+        help="fresh (default): every repetition of the tree jobs of a peer that keeps its files "
+        "on the host (cpeer, pypeer, local) runs on a freshly made, loop-mounted ext4 in the "
+        "work dir; host: on the host's file system itself (docs/bench.md, Tree jobs)",
+    )
+    ap.add_argument(
         "--quick", action="store_true", help="runtime 2 s, repeat 1, size 64M, 2000 metadata files"
     )
     ap.add_argument(
@@ -162,6 +170,7 @@ def options_from_args(a: argparse.Namespace) -> Options:
         nbd_server=a.nbd_server,
         plots=not a.no_plots,
         tree_src=a.tree_src,
+        tree_host_fs=a.tree_host_fs,
     )
 
 

@@ -10,7 +10,10 @@ that dies during a run is recorded the same way and remounted, at most ``MAX_RES
 per peer. On any exit (also Ctrl-C / SIGTERM) every peer is unmounted and its daemon reaped.
 
 Tree jobs (benchmarks/treecopy.py) need no data file: the file is laid out, and fio required,
-only when an fio job is selected. The tree source is surveyed and packed once per run.
+only when an fio job is selected. The tree source is surveyed and packed once per run. Each
+repetition of the tree jobs starts on a freshly mounted FUSE peer, and (``tree_host_fs``
+"fresh", the default) every peer that keeps its files on the host's file system gets a freshly
+made ext4 for it (benchmarks/freshfs.py); :class:`TreeRepetitions` owns both.
 
 Public API: :func:`run_bench` (one run from an :class:`Options`, returns the results
 document), :class:`Options`, :func:`run_one`, :func:`lay_out`. The command line is
@@ -29,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks import report, treecopy
+from benchmarks import freshfs, report, treecopy
 from benchmarks.jobs import (
     DATA_FILE,
     JOBS,
@@ -74,6 +77,7 @@ class Options:
     plots: bool = True
     quiet: bool = False
     tree_src: Path = treecopy.DEFAULT_SRC
+    tree_host_fs: str = "fresh"  # freshfs.CHOICES: a fresh ext4 per tree repetition, or not
 
 
 class ChildFailed(Exception):
@@ -152,25 +156,87 @@ def lay_out(peer: Peer, opts: Options) -> None:
     run_child(layout_argv(str(path), opts.size_bytes), 60 + opts.size_bytes / 5e6, peer)
 
 
-def recover(peer: Peer, opts: Options) -> None:
-    """Unmount (reaping the daemon) and mount again; raises PeerUnavailable past the limit."""
+def recover(peer: Peer, opts: Options, layout: bool = True) -> None:
+    """Unmount (reaping the daemon) and mount again; raises PeerUnavailable past the limit.
+
+    ``layout`` False: no data file (a fresh ext4 of the tree jobs is mounted under the peer)."""
     peer.unmount()
     peer.restarts += 1
     if peer.restarts > MAX_RESTARTS:
         raise PeerUnavailable(f"{peer.name}: gave up after {MAX_RESTARTS} restarts")
     _say(opts, f"    {peer.name}: remounting (restart {peer.restarts})")
     peer.mount()
-    lay_out(peer, opts)
+    if layout:
+        lay_out(peer, opts)
 
 
-def fresh_mount(peer: Peer, opts: Options) -> None:
-    """Unmount and mount again before a repetition of the tree jobs: every repetition starts
-    from a daemon that knows no inode. passthrough_ll keeps an fd per inode the kernel knows
-    and finds inodes in a linked list, so a second cp -a into the same C-peer mount took
-    4.3 s of daemon CPU instead of 1.8 s, and a third failed with EMFILE."""
-    peer.unmount()
-    peer.mount()
-    lay_out(peer, opts)
+class TreeRepetitions:
+    """What each peer's repetition of the tree jobs starts from and ends with.
+
+    :meth:`start` (before the peer's first tree job of a repetition): the FUSE daemon is
+    unmounted and mounted again, so every repetition starts from a daemon that knows no inode
+    (passthrough_ll keeps an fd per inode the kernel knows and finds inodes in a linked list:
+    a second cp -a into the same C-peer mount took 4.3 s of daemon CPU instead of 1.8 s, and a
+    third failed with EMFILE); with ``tree_host_fs`` "fresh", a peer with a ``host_dir`` gets a
+    freshly made ext4 mounted there in between (benchmarks/freshfs.py: why). :meth:`finish`
+    (after its last tree job): daemon unmounted, the ext4 unmounted and deleted, the daemon
+    mounted again over the plain host directory for the jobs that follow. :meth:`close` (on
+    every exit of the run, after the peers are unmounted): removes what is left.
+
+    Invariant: a fresh ext4 is mounted under a peer only between its start and finish, and
+    the peer's daemon is never running over it while it is made or removed.
+    """
+
+    def __init__(self, opts: Options, tree_src: treecopy.TreeSource | None) -> None:
+        if opts.tree_host_fs not in freshfs.CHOICES:
+            raise ValueError(f"tree_host_fs must be one of {freshfs.CHOICES}")
+        self.opts = opts
+        self.size = freshfs.image_size(tree_src.info) if tree_src else 0
+        self.active: dict[str, freshfs.FreshExt4] = {}
+
+    def wants_fresh(self, peer: Peer) -> bool:
+        return self.opts.tree_host_fs == "fresh" and peer.host_dir is not None
+
+    def config(self, workdir: Path) -> dict[str, Any]:
+        """What goes into the results' config (``tree_host_fs_ext4``)."""
+        return {
+            "image_bytes": self.size,
+            "mkfs": freshfs.mkfs_argv(Path(freshfs.IMAGE_NAME), self.size),
+            "mount_options": freshfs.mount_options(freshfs.host_options(workdir)),
+            "loop": "losetup --direct-io=on",
+        }
+
+    def start(self, peer: Peer, rep: int) -> None:
+        """Raises FreshFsError, PeerUnavailable, ChildFailed or OSError (peer unusable)."""
+        fresh = self.wants_fresh(peer)
+        if not fresh and (rep == 0 or not peer.is_fuse):
+            return  # rep 0: mounted just now
+        peer.unmount()
+        if fresh:
+            assert peer.host_dir is not None
+            fs = freshfs.FreshExt4(peer.root / freshfs.IMAGE_NAME, peer.host_dir, self.size)
+            self.active[peer.name] = fs
+            fs.make()
+        peer.mount()
+        if not fresh:
+            lay_out(peer, self.opts)
+
+    def finish(self, peer: Peer, remount: bool) -> None:
+        """Raises PeerUnavailable, ChildFailed or OSError (remounting the peer failed)."""
+        fs = self.active.pop(peer.name, None)
+        if fs is None:
+            return
+        peer.unmount()
+        peer.errors.extend(f"fresh ext4: {p}" for p in fs.remove())
+        if remount:
+            peer.mount()
+            lay_out(peer, self.opts)
+
+    def close(self, peers: list[Peer]) -> None:
+        for peer in peers:
+            if (fs := self.active.pop(peer.name, None)) is not None:
+                peer.unmount()
+                peer.errors.extend(f"fresh ext4: {p}" for p in fs.remove())
 
 
 def run_one(
@@ -318,6 +384,7 @@ def run_bench(opts: Options) -> dict[str, Any]:
             "size_bytes": opts.size_bytes,
             "meta_files": opts.meta_files,
             "tree_src": None,
+            "tree_host_fs": opts.tree_host_fs,
             "diofs_args": opts.diofs_args,
             "diofs_b_args": opts.diofs_b_args,
             "nbd_server": opts.nbd_server,
@@ -333,6 +400,7 @@ def run_bench(opts: Options) -> dict[str, Any]:
             opts, f"warning: work dir {workdir} is on {results['machine']['workdir_fs']}, not ext4"
         )
     tree_src = None
+    tree_reps: TreeRepetitions | None = None
     live: list[Peer] = []
     try:  # SIGTERM unmounts like Ctrl-C does (only possible from the main thread)
         prev_term = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
@@ -343,6 +411,9 @@ def run_bench(opts: Options) -> dict[str, Any]:
             tree_src = treecopy.prepare(opts.tree_src, workdir)
             results["config"]["tree_src"] = tree_src.info
             _say(opts, f"tree source {treecopy.describe(tree_src.info)}")
+        tree_reps = TreeRepetitions(opts, tree_src)
+        if tree_src is not None and opts.tree_host_fs == "fresh":
+            results["config"]["tree_host_fs_ext4"] = tree_reps.config(workdir)
         if any(p != "local" for p in opts.peers):
             try:
                 watchdog.ensure_fusectl()
@@ -350,7 +421,11 @@ def run_bench(opts: Options) -> dict[str, Any]:
                 _say(opts, "warning: fusectl is not available: hung mounts cannot be aborted")
         for name in opts.peers:
             peer = make_peer(
-                name, workdir, opts.diofs_image_size, opts.diofs_args, opts.nbd_server,
+                name,
+                workdir,
+                opts.diofs_image_size,
+                opts.diofs_args,
+                opts.nbd_server,
                 opts.diofs_b_args,
             )
             info: dict[str, Any] = {
@@ -372,27 +447,44 @@ def run_bench(opts: Options) -> dict[str, Any]:
                 continue
             live.append(peer)
             _say(opts, f"{name}: ready ({peer.label}) at {peer.data_dir}")
-        first_tree = next((j for j in opts.jobs if j.kind == "tree"), None)
+        tree_jobs = [j for j in opts.jobs if j.kind == "tree"]
+        first_tree, last_tree = (tree_jobs[0], tree_jobs[-1]) if tree_jobs else (None, None)
+
+        def drop(peer: Peer, exc: Exception) -> None:
+            results["peers"][peer.name].update(
+                available=False, skip_reason=f"stopped mid-run: {exc}"
+            )
+            peer.errors.append(str(exc))
+            _say(opts, f"    {peer.name}: dropped: {exc}")
+
+        assert tree_reps is not None
         for rep in range(opts.repeat):
             for job in opts.jobs:
                 k = rep % len(live) if live else 0
                 for peer in live[k:] + live[:k]:
                     if not results["peers"][peer.name]["available"]:
                         continue
-                    if job is first_tree and rep > 0 and peer.is_fuse:
-                        fresh_mount(peer, opts)
+                    if job is first_tree:
+                        try:
+                            tree_reps.start(peer, rep)
+                        except (freshfs.FreshFsError, PeerUnavailable, ChildFailed, OSError) as exc:
+                            drop(peer, exc)
+                            continue
                     rec = run_one(peer, job, rep, opts, tree_src)
+                    if job.kind == "tree" and (fs := tree_reps.active.get(peer.name)):
+                        rec["fresh_ext4"] = fs.device  # the peer's files were on this loop dev
                     results["runs"].append(rec)
                     _say(opts, _progress(job, rec))
                     if peer.is_fuse and (not rec["ok"] or not peer.alive()):
                         try:
-                            recover(peer, opts)
+                            recover(peer, opts, layout=peer.name not in tree_reps.active)
                         except (PeerUnavailable, ChildFailed, OSError) as exc:
-                            results["peers"][peer.name].update(
-                                available=False, skip_reason=f"stopped mid-run: {exc}"
-                            )
-                            peer.errors.append(str(exc))
-                            _say(opts, f"    {peer.name}: dropped: {exc}")
+                            drop(peer, exc)
+                    if job is last_tree:
+                        try:
+                            tree_reps.finish(peer, results["peers"][peer.name]["available"])
+                        except (PeerUnavailable, ChildFailed, OSError) as exc:
+                            drop(peer, exc)
                     results["peers"][peer.name]["restarts"] = peer.restarts
                 report.write_results(results, out)  # partial results survive a crash
     except KeyboardInterrupt:
@@ -403,6 +495,8 @@ def run_bench(opts: Options) -> dict[str, Any]:
             peer.unmount()
             if peer.is_fuse:
                 results["peers"][peer.name]["daemon_log"] = peer.log_tail(40)
+        if tree_reps is not None:
+            tree_reps.close(live)
         if prev_term is not None:
             signal.signal(signal.SIGTERM, prev_term)
         if not opts.keep_workdir:

@@ -208,6 +208,11 @@ def test_tree_only_and_bad_tree_source(tmp_path: Path) -> None:
         "tree-tar-x",
     ]
     assert opts.tree_src == tmp_path
+    assert opts.tree_host_fs == "fresh"  # the default
+    assert (
+        options_from_args(parse_args(["--tree-only", "--tree-host-fs", "host"])).tree_host_fs
+        == "host"
+    )
     r = subprocess.run(
         [sys.executable, str(SCRIPT), "--tree-only", "--tree-src", str(tmp_path / "missing")],
         capture_output=True,
@@ -246,6 +251,8 @@ def test_tree_jobs_on_diofs_and_local_disk(tmp_path: Path) -> None:
         plots=False,
         quiet=True,
         tree_src=src,
+        # a fresh loop-mounted ext4 for the local disk peer needs root
+        tree_host_fs="fresh" if os.geteuid() == 0 else "host",
     )
     results = run_bench(opts)
     runs = {(r["job"], r["peer"]): r for r in results["runs"]}
@@ -254,6 +261,14 @@ def test_tree_jobs_on_diofs_and_local_disk(tmp_path: Path) -> None:
         assert rec["ok"], rec["error"]
         assert rec["elapsed_s"] > 0
     assert results["config"]["tree_src"]["files"] == 40
+    assert results["config"]["tree_host_fs"] == opts.tree_host_fs
+    if opts.tree_host_fs == "fresh":
+        assert results["config"]["tree_host_fs_ext4"]["image_bytes"] >= 256 << 20
+        assert not results["peers"]["local"]["errors"]
+        assert all(
+            r["fresh_ext4"].startswith("/dev/loop") for (_, p), r in runs.items() if p == "local"
+        )
+    assert all("fresh_ext4" not in r for (_, p), r in runs.items() if p == "diofs")
     ops = runs[("tree-cp-a", "diofs")]["diofs_stats_delta"]
     assert ops["ops.create"] >= 40 and ops["ops.mkdir"] >= 8 and ops["ops.symlink"] >= 4
     assert runs[("tree-rm-rf", "diofs")]["diofs_stats_delta"]["ops.unlink"] >= 40
