@@ -12,6 +12,9 @@ asked for: ``--backend nbd`` or ``--peers diofs-nbd``):
   cpeer   libfuse 3.14 ``example/passthrough_ll.c``, same variant, compiled with gcc
   local   a plain directory on the ext4 file system of the work dir (the limit)
 
+cpeer, pypeer and local keep their files on the host (``Peer.host_dir``); for the tree jobs the
+runner mounts a fresh ext4 there per repetition (benchmarks/freshfs.py).
+
 Why the variants: as shipped, both passthrough examples open the backing file with the caller's
 O_DIRECT and then write from an unaligned buffer, so every O_DIRECT write fails with EINVAL (and
 the Python daemon dies). Dropping O_DIRECT from the backing open is the fair comparison (kernel
