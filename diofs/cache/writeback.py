@@ -84,6 +84,7 @@ class Writeback:
         self.age_s = age_s
         self._max_run_pages = max(1, max_run_bytes // cache.page_size)
         self._on_error = on_error
+        self._concurrency = concurrency
         self._limiter = trio.CapacityLimiter(concurrency)
         self._kicked = trio.Event()
         self._progress = trio.Event()
@@ -175,6 +176,10 @@ class Writeback:
         """Wake the background worker now (memory pressure, throttled writer)."""
         self._kicked.set()
 
+    async def _write_runs(self, runs: Iterator[_Run]) -> None:
+        for run in runs:  # shared with the pass's other writers: each run is taken once
+            await self._write_run(run)
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Background worker: every age_s/2 (or when kicked) starts writeback of pages dirty
         for at least age_s and, if dirty + under-writeback bytes exceed limit/2, of the
@@ -186,8 +191,12 @@ class Writeback:
                 with trio.move_on_after(self.age_s / 2):
                     await self._kicked.wait()
                 self._kicked = trio.Event()
-                for run in self._background_pass():
-                    nursery.start_soon(self._write_run, run)
+                runs = self._background_pass()
+                # at most `concurrency` writers share the pass's runs, not a task per run:
+                # a copy of small files makes a run (and a task spawn) per file
+                shared = iter(runs)
+                for _ in range(min(self._concurrency, len(runs))):
+                    nursery.start_soon(self._write_runs, shared)
 
     def _background_pass(self) -> list[_Run]:
         c = self._cache
