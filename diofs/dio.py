@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import mmap
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, nullcontext
@@ -80,24 +81,34 @@ class Direct:
         # waits for us to answer the WRITE that launders it (tests/test_fsx.py, deadlock).
         # Without cached pages there is nothing to map and nothing to launder.
         from_thread = self.io.kernel.may_cache_any() and not bugs.enabled(Bug.REPLY_IN_LOOP)
-        if self.mlock and h.dio_ctx is None:
-            h.dio_ctx = DioContext()
         # the context's buffer is reused once the reply is out: not when a thread sends it
-        buf = h.dio_ctx.take(size) if h.dio_ctx is not None and not from_thread else None
-        if buf is None:
-            stats.add("dio.buffer_allocs")
+        buf = self._take_buffer(h, size, usable=not from_thread)
         try:
             async with h.incore.rwsem.hold(exclusive=False):
                 await self.io.writeback.writeback_range(inode.ino, off, off + size)
                 data = await self.io.fs.read_data(inode, off, size, into=buf)
         finally:
-            if buf is not None:
-                h.dio_ctx.give_back()  # type: ignore[union-attr]  # reply is sent before any checkpoint
+            self._give_back(h, buf)  # the reply is sent before any checkpoint
         stats.add("dio.bytes_read", len(data))
         if from_thread:
             stats.add("dio.thread_replies")
             return pyfuse3.ReplyFromThread(data)
         return data
+
+    def _take_buffer(self, h: Handle, size: int, *, usable: bool) -> mmap.mmap | None:
+        """The handle's DioContext buffer for a read of `size` bytes (--mlock makes the
+        context on first use, SPEC 7), or None: the read allocates a buffer (counted)."""
+        if self.mlock and h.dio_ctx is None:
+            h.dio_ctx = DioContext()
+        buf = h.dio_ctx.take(size) if usable and h.dio_ctx is not None else None
+        if buf is None:
+            stats.add("dio.buffer_allocs")
+        return buf
+
+    @staticmethod
+    def _give_back(h: Handle, buf: mmap.mmap | None) -> None:
+        if buf is not None:
+            h.dio_ctx.give_back()  # type: ignore[union-attr]  # `buf` came from it
 
     def read_inline(self, h: Handle, off: int, size: int) -> memoryview | None:
         """`read` when it has nothing to wait for (ops.read_sync, no coroutine), else None
@@ -117,16 +128,11 @@ class Direct:
             or not self.io.cache.clean_in(h.inode.ino, off, off + size)
         ):
             return None
-        if self.mlock and h.dio_ctx is None:
-            h.dio_ctx = DioContext()
-        buf = h.dio_ctx.take(size) if h.dio_ctx is not None else None
-        if buf is None:
-            stats.add("dio.buffer_allocs")
+        buf = self._take_buffer(h, size, usable=True)
         try:
             data = self.io.fs.read_data_inline(h.inode, off, size, into=buf)
         finally:
-            if buf is not None:
-                h.dio_ctx.give_back()  # type: ignore[union-attr]  # reply is sent on return
+            self._give_back(h, buf)  # the reply is sent on return
         assert data is not None  # size <= inline_io_bytes
         stats.add("dio.bytes_read", len(data))
         return data
