@@ -257,6 +257,10 @@ def run_one(
     try:
         if job.prime:
             run_child(["dd", f"if={path}", "of=/dev/null", "bs=1M"], 120, peer)
+        if job.kind == "tree":
+            # the host's dirty pages (the previous job's, any peer's, a fresh ext4's mkfs)
+            # written back first: they slowed whichever job ran next (docs/bench.md, run M)
+            run_child(["sync"], 300, peer)
         stats0 = diofs_stats(peer)
         cpu0 = peer.daemon_cpu_s()
         t0 = time.monotonic()
