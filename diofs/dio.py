@@ -137,14 +137,19 @@ class Direct:
         """`write`'s fast path (module docstring) when it can be taken without a coroutine
         (ops.write_sync), else None having changed nothing: not O_APPEND nor O_SYNC; an
         O_DSYNC write goes to the native write pool if it takes it (a PooledWrite: the
-        binding writes and answers; durable_pool.py), else only when it is a lone sync
-        write (then RWF_DSYNC, as in `write`); `_uncontended`; and a block-aligned overwrite
+        binding writes and answers; durable_pool.py) unless it is alone (no pool write in
+        flight, no request queued), else only when it is a lone sync write (then RWF_DSYNC,
+        as in `write`); `_uncontended`; and a block-aligned overwrite
         of one written extent inside i_size (fs.inline_overwrite_block). The steps after the
         image write are `write`'s."""
         if flags & os.O_APPEND:
             return None
         sync, full = wants_sync(flags)
-        if sync and not full and not self.dio_delay and not self.locked_shootdown:
+        if (
+            sync and not full and not self.dio_delay and not self.locked_shootdown
+            # a lone one (QD1) is faster written inline below: no thread wake-up
+            and (self.io.pool.in_flight or request.requests_queued())
+        ):
             pooled = self.io.pool.offer(h, off, buf)
             if pooled is not None:
                 return pooled
