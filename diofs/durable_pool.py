@@ -50,13 +50,12 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import pyfuse3
 import trio
 
-from diofs import bugs, request, stats
+from diofs import bugs, hang_detector, request, stats
 from diofs.bugs import Bug
 from diofs.locks.two_state import State
 
@@ -103,7 +102,6 @@ class DurablePool:
         self._next_token = 1
         self._jobs: dict[int, _Job] = {}  # token -> the write in flight
         self._drained: trio.Event | None = None  # set at the next drain (fsync waiters)
-        self.outstanding: Callable[[], bool] = lambda: False  # set by ops: requests in hand
 
     @property
     def in_flight(self) -> int:
@@ -172,7 +170,7 @@ class DurablePool:
                 stats.add("durability.durable_writes")
             if not ii.pool_writes:
                 self.inodes.evict_if_unused(job.inode)  # type: ignore[arg-type]  # (c)
-        if not self._jobs and not self.outstanding():
+        if not self._jobs and not hang_detector.OUTSTANDING:  # no request in hand (ops.py)
             self.kernel.daemon_idle()
         event, self._drained = self._drained, None
         if event is not None:

@@ -222,8 +222,6 @@ class Operations(pyfuse3.Operations):
         self.handles = HandleTable()
         self.stats_reads: dict[int, bytes] = {}  # fh -> JSON snapshot of an open stats file
         self.failsafe = False
-        # the pool's drain asks whether a request is in hand before it calls daemon_idle
-        io.pool.outstanding = lambda: bool(hang_detector.OUTSTANDING)
 
     # ------------------------------------------------------------------ helpers
     def _attrs(self, inode: Inode) -> pyfuse3.EntryAttributes:
