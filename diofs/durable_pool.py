@@ -30,8 +30,10 @@ unless they would be granted at once. Other pool writes share both, so a queue o
 
 What `offer` requires, else it declines (returns None) having changed nothing, and the write
 takes the other paths of dio.Direct: an O_DSYNC (not O_SYNC) block-aligned overwrite of one
-written extent inside i_size (fs.inline_overwrite_block), no page of the range in the daemon
-cache, no --bug but pool-unlocked, the kernel caches no page of the inode (the kernel-cache
+written extent inside i_size (fs.inline_overwrite_block), no page of the range dirty or under
+writeback in the daemon cache (clean ones are dropped at `offer`, under BLOCK: no fill can
+insert one again before the drain, so that one drop is both shootdowns of `Direct.write`), no
+--bug but pool-unlocked, the kernel caches no page of the inode (the kernel-cache
 tracker then has nothing to post: kernel_cache.py), no suid/sgid to kill and no xattrs, and the
 committed metadata maps every written block (fs.layout_committed: the data write is all that
 O_DSYNC still needs; what `durability.lone_sync_write` asks of the inline RWF_DSYNC path).
@@ -123,7 +125,7 @@ class DurablePool:
             or inode.xattrs is not None
             or not self.fs.layout_committed
             or not ii.pool_admissible()
-            or not self.cache.holds_nothing_in(inode.ino, off, end)
+            or not self.cache.clean_in(inode.ino, off, end)
             or request.current_kill_suidgid()
         ):
             return None
@@ -133,6 +135,10 @@ class DurablePool:
         if not unlocked:  # --bug pool-unlocked: the one place (module docstring, (a) and (b))
             ii.rwsem.acquire_shared_nowait()
             ii.pagecache.acquire_nowait(State.BLOCK)
+        # clean cached pages of the range (a buffered layout's) go now: module docstring
+        dropped = self.cache.drop_range(inode.ino, off, end)
+        if dropped:
+            stats.add("dio.shootdown_pages", dropped)
         ii.pool_writes += 1
         token = self._next_token
         self._next_token += 1

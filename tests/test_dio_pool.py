@@ -12,6 +12,9 @@ while in flight.
   it finds one. With the protection (the pool write holds the inode rwsem shared until
   drained): 0. With `--bug pool-unlocked`: the punches and truncates overlap in-flight pool
   writes (> 0), which is what the test would see if the protection were lost. Teardown fscks.
+- A file laid out with buffered writes leaves clean pages in the daemon cache; pool writes
+  drop those of their range at `offer` (`dio.shootdown_pages`), so afterwards a buffered read
+  of the whole file returns what an O_DIRECT read does.
 - With `-o dsync_pool=off` nothing goes to the pool and fio's verify passes.
 """
 
@@ -131,6 +134,28 @@ def test_pool_writes_read_back(mount_factory: MountFactory) -> None:
     assert st.get("durability.durable_writes", 0) >= st.get("dio.pool_writes", 0)
     m.remount()
     _verified_write(m.path("pooled"), "--verify_only")
+
+
+def test_pool_writes_drop_clean_cached_pages(mount_factory: MountFactory) -> None:
+    m = mount_factory(size="64M")
+    path = m.path("pooled")
+    with open(path, "wb") as f:  # buffered: the daemon cache keeps the pages, clean
+        f.write(b"\x11" * FILE_SIZE)
+        f.flush()
+        os.fsync(f.fileno())
+    _verified_write(path)
+    st = m.stats()
+    assert st.get("dio.pool_writes", 0) > 0, st
+    assert st.get("dio.shootdown_pages", 0) > 0, st
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        with aligned(FILE_SIZE) as buf:
+            assert os.preadv(fd, [buf], 0) == FILE_SIZE
+            direct = bytes(buf)
+    finally:
+        os.close(fd)
+    with open(path, "rb") as f:
+        assert f.read() == direct
 
 
 def test_pool_writes_keep_punch_and_truncate_out(mount_factory: MountFactory) -> None:
