@@ -70,7 +70,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DEFAULT_THREADS = 16  # fio's QD16; the writes mostly sleep in the flush, not on a CPU
+# 8: at 4 KiB O_DSYNC QD16, 4, 8, 16 and 32 threads tied within the spread, fewer costing less
+# CPU per write (fewer wake-ups: a busy pool finds its next write queued); docs/bench.md
+DEFAULT_THREADS = 8
 
 
 class _Job:

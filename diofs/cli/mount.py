@@ -21,7 +21,7 @@ max_tasks=N, hang_timeout=S (a request outstanding that long is logged once with
 and counted in `hangs.detected`; never aborted; default 60, 0 = off),
 xattr=on|off (extended attributes; off answers ENOSYS to every xattr request),
 dsync_pool=N (native threads that write and answer O_DSYNC direct overwrites, diofs/durable_pool.py;
-default 16, 0 or off = none: group commit or an inline RWF_DSYNC write instead),
+default 8, 0 or off = none: group commit or an inline RWF_DSYNC write instead),
 entry_timeout=S and attr_timeout=S (how long the kernel may cache names and attributes;
 default 3600, see diofs/ops.py), fill_delay=S, dio_delay=S and data_delay=S (demo hooks that
 widen race windows; data_delay: a data write into new blocks or past EOF sleeps between
