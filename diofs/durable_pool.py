@@ -63,6 +63,7 @@ from diofs.locks.two_state import State
 
 if TYPE_CHECKING:
     from diofs.cache import PageCache
+    from diofs.format.metadata import Inode
     from diofs.fs import Filesystem
     from diofs.handles import Handle
     from diofs.incore import IncoreInode, IncoreInodes
@@ -78,7 +79,7 @@ DEFAULT_THREADS = 8
 class _Job:
     __slots__ = ("ii", "inode", "off", "end", "kernel_token", "locked")
 
-    def __init__(self, ii: IncoreInode, inode: object, off: int, end: int, kernel_token: int,
+    def __init__(self, ii: IncoreInode, inode: Inode, off: int, end: int, kernel_token: int,
                  locked: bool) -> None:
         self.ii = ii
         self.inode = inode
@@ -177,7 +178,7 @@ class DurablePool:
                 stats.add("durability.sync_writes")
                 stats.add("durability.durable_writes")
             if not ii.pool_writes:
-                self.inodes.evict_if_unused(job.inode)  # type: ignore[arg-type]  # (c)
+                self.inodes.evict_if_unused(job.inode)  # (c): deferred while in flight
         if not self._jobs and not hang_detector.OUTSTANDING:  # no request in hand (ops.py)
             self.kernel.daemon_idle()
         event, self._drained = self._drained, None
