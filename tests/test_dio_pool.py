@@ -15,6 +15,9 @@ while in flight.
 - A file laid out with buffered writes leaves clean pages in the daemon cache; pool writes
   drop those of their range at `offer` (`dio.shootdown_pages`), so afterwards a buffered read
   of the whole file returns what an O_DIRECT read does.
+- The file unlinked while fio's pool writes run: its blocks are freed once the last write
+  is drained and the last handle released (`IncoreInode.pool_writes` defers the eviction);
+  teardown's fsck finds no leaked inode or block.
 - With `-o dsync_pool=off` nothing goes to the pool and fio's verify passes.
 """
 
@@ -172,6 +175,27 @@ def test_pool_unlocked_lets_punch_overlap(mount_factory: MountFactory) -> None:
     print(f"pool writes {st.get('dio.pool_writes', 0)}, overlaps {st.get('dio.pool_overlaps', 0)}")
     assert st.get("dio.pool_writes", 0) > 0, st
     assert st.get("dio.pool_overlaps", 0) > 0, st
+
+
+def test_pool_writes_to_an_unlinked_file(mount_factory: MountFactory) -> None:
+    m = mount_factory(size="64M")
+    path = m.path("pooled")
+    _lay_out(path, FILE_SIZE, 0x11)
+    free_before = os.statvfs(m.path()).f_bfree
+    fio = subprocess.Popen(
+        _fio(path, "--time_based", "--runtime=1.5"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        time.sleep(0.5)
+        os.unlink(path)
+        out, err = fio.communicate(timeout=60)
+    finally:
+        if fio.poll() is None:
+            fio.kill()
+    assert fio.returncode == 0, err + out
+    assert m.stats().get("dio.pool_writes", 0) > 0
+    m.wait_stats(lambda st: os.statvfs(m.path()).f_bfree > free_before, "blocks freed")
 
 
 def test_pool_off(mount_factory: MountFactory) -> None:
