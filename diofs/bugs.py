@@ -42,6 +42,9 @@ class Bug(enum.Enum):
     # the mount replays a journal transaction whose header checks out without checking its
     # records' checksum (format/image.py, replay): a torn append is replayed as garbage
     TRUST_TORN_JOURNAL = "trust-torn-journal"
+    # O_DSYNC direct writes in the native write pool hold neither the inode rwsem nor the
+    # pagecache BLOCK while in flight: a truncate or punch runs under them (durable_pool.py)
+    POOL_UNLOCKED = "pool-unlocked"
 
     __hash__ = object.__hash__  # members are singletons; asked on every request (hot path)
 

@@ -137,14 +137,28 @@ class Direct:
         stats.add("dio.bytes_read", len(data))
         return data
 
-    def write_inline(self, h: Handle, off: int, buf: bytes, flags: int) -> int | None:
+    def write_inline(
+        self, h: Handle, off: int, buf: bytes, flags: int
+    ) -> int | pyfuse3.PooledWrite | None:
         """`write`'s fast path (module docstring) when it can be taken without a coroutine
         (ops.write_sync), else None having changed nothing: not O_APPEND nor O_SYNC; an
-        O_DSYNC write only when it is a lone sync write (then RWF_DSYNC, as in `write`);
-        `_uncontended`; and a block-aligned overwrite of one written extent inside i_size
-        (fs.inline_overwrite_block). The steps after the image write are `write`'s."""
+        O_DSYNC write goes to the native write pool if it takes it (a PooledWrite: the
+        binding writes and answers; durable_pool.py) unless it is alone (no pool write in
+        flight, no request queued), else only when it is a lone sync write (then RWF_DSYNC,
+        as in `write`); `_uncontended`; and a block-aligned overwrite
+        of one written extent inside i_size (fs.inline_overwrite_block). The steps after the
+        image write are `write`'s."""
         if flags & os.O_APPEND:
             return None
+        sync, full = wants_sync(flags)
+        if (
+            sync and not full and not self.dio_delay and not self.locked_shootdown
+            # a lone one (QD1) is faster written inline below: no thread wake-up
+            and (self.io.pool.in_flight or request.requests_queued())
+        ):
+            pooled = self.io.pool.offer(h, off, buf)
+            if pooled is not None:
+                return pooled
         size = len(buf)
         end = off + size
         inode = h.inode
@@ -153,7 +167,6 @@ class Direct:
         phys = self.io.fs.inline_overwrite_block(inode, off, size)
         if phys is None:
             return None
-        sync, full = wants_sync(flags)
         if sync:
             if full:
                 return None
@@ -291,6 +304,8 @@ class Direct:
         writeback waited for), then discarded. The kernel's copy is the kernel's business."""
         incore = self.io.inodes.get(inode.ino)
         async with incore.rwsem.hold(exclusive=True), incore.pagecache.block(0):
+            if incore.pool_writes:  # only with --bug pool-unlocked (durable_pool.py, (a))
+                stats.add("dio.pool_overlaps")
             # A failed writeback was already recorded for fsync (errseq); the pages are about
             # to be discarded or overwritten, so it must not fail a truncate or fallocate.
             with contextlib.suppress(OSError):

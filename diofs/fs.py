@@ -704,6 +704,12 @@ class Filesystem:
         self.image_writes += 1  # after the write returned (see _write_image)
         self._publish(inode, off // bs, size // bs, end, touch=True, convert=False)
 
+    def touch_overwrite(self, inode: Inode) -> None:
+        """What `overwrite_at` publishes besides the data, for an overwrite whose image write
+        another thread does (durable_pool.py): the mtime (no extent or size changes)."""
+        inode.mtime_ns = inode.ctime_ns = time.time_ns()
+        self.mark_changed(inode)
+
     def _publish(
         self, inode: Inode, first: int, nblocks: int, end: int, touch: bool, convert: bool
     ) -> None:

@@ -35,12 +35,13 @@ from diofs.fs import Filesystem
 from diofs.kernel_cache import KernelCache
 from diofs.locks import PagecacheLock
 from diofs.locks.rwsem import RwSem
+from diofs.locks.two_state import State
 
 
 class IncoreInode:
     __slots__ = (
         "_pagecache", "_rwsem", "ino", "kernel_may_cache", "kernel_open_drops", "lookups",
-        "opens", "wb_err_errno", "wb_err_seen", "wb_err_seq",
+        "opens", "pool_writes", "wb_err_errno", "wb_err_seen", "wb_err_seq",
     )
 
     def __init__(self, ino: int) -> None:
@@ -58,6 +59,9 @@ class IncoreInode:
         # READ or WRITE), and the fhs of O_DIRECT opens whose whole-file drop may still run
         self.kernel_may_cache = False
         self.kernel_open_drops: set[int] | None = None
+        # durable_pool.DurablePool: its writes to this inode's blocks in flight (they hold
+        # the rwsem shared and the pagecache BLOCK; the inode is not freed meanwhile)
+        self.pool_writes = 0
 
     @property
     def rwsem(self) -> RwSem:
@@ -76,6 +80,14 @@ class IncoreInode:
     def shared_io_free(self) -> bool:
         """A shared hold of the rwsem would be granted at once (dio.Direct.read_inline)."""
         return self._rwsem is None or self._rwsem.shared_free()
+
+    def pool_admissible(self) -> bool:
+        """A pool write's shared rwsem and BLOCK would be granted at once: nobody holds or
+        waits for the rwsem exclusively, and the pagecache lock is free or in BLOCK with no ADD
+        waiter (other pool writes share both: durable_pool.py)."""
+        return (self._rwsem is None or self._rwsem.shared_free()) and (
+            self._pagecache is None or self._pagecache.admissible(State.BLOCK)
+        )
 
     def io_idle(self) -> bool:
         """Nobody holds or waits for the rwsem or the pagecache lock (dio.py, fast path)."""
@@ -109,9 +121,10 @@ class IncoreInodes:
         """Free `inode` once it has no name, no open handle and no kernel reference, and drop
         everything held for it: its in-core inode, its cached pages (dirty ones too: nobody
         can read them again) and the kernel-cache tracker's record of it. No holder of its
-        locks can exist then (a holder has a handle or is answering a request about it)."""
+        locks can exist then (a holder has a handle or is answering a request about it, or
+        is a pool write in flight: `pool_writes`, whose drain calls this again)."""
         ii = self._table.get(inode.ino)
-        if inode.nlink or (ii is not None and (ii.lookups or ii.opens)):
+        if inode.nlink or (ii is not None and (ii.lookups or ii.opens or ii.pool_writes)):
             return
         self._fs.free_inode(inode)
         self._cache.drop_inode(inode.ino)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from diofs.cache import PageCache, Writeback
 from diofs.durability import Durability
+from diofs.durable_pool import DurablePool
 from diofs.fs import Filesystem
 from diofs.incore import IncoreInodes
 from diofs.kernel_cache import KernelCache
@@ -27,3 +28,4 @@ class IoContext:
     marker: FaultMarker  # per-task "inside my own DIO BLOCK section" (seed 004)
     durability: Durability  # sync writes, group commit, errseq
     kernel: KernelCache  # what the kernel may cache, and its invalidator
+    pool: DurablePool  # O_DSYNC direct overwrites written by the binding's native threads

@@ -109,6 +109,7 @@ class KernelCache:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.done = 0  # invalidations completed; written by the thread only (stats may not be)
+        self._held = 0  # requests answered elsewhere but still in the daemon's hands (hold)
 
     # ---------------------------------------------------------------- what may be cached
     def note_buffered(self, ii: IncoreInode) -> None:
@@ -156,9 +157,19 @@ class KernelCache:
         """A direct write begins; returns the token `direct_write_landed` wants."""
         return self._idle_answer_seq
 
+    def hold(self) -> None:
+        """A request stays in the daemon's hands after its handler returned (a pool write in
+        flight, durable_pool.py): the daemon is not idle until `release`."""
+        self._held += 1
+
+    def release(self) -> None:
+        self._held -= 1
+
     def daemon_idle(self) -> None:
         """No request is in the daemon's hands: a direct write the kernel has prepared by now
         (dropped its range) arrives after this point (module docstring)."""
+        if self._held:
+            return
         self._idle_answer_seq = self._answer_seq
         self._recent.clear()
 

@@ -517,7 +517,9 @@ class Operations(pyfuse3.Operations):
         return self.direct.read_inline(self._handle(fh), off, size)
 
     @_sync_handler(write)
-    def write_sync(self, fh: FileHandleT, off: int, buf: bytes) -> int | None:
+    def write_sync(
+        self, fh: FileHandleT, off: int, buf: bytes
+    ) -> int | pyfuse3.PooledWrite | None:
         flags = request.current_flags()
         if self.failsafe or not flags & os.O_DIRECT:  # tid 0 (writeback): flags 0, buffered
             return None
@@ -550,6 +552,7 @@ class Operations(pyfuse3.Operations):
         if fh >= STATS_INO:
             return
         h = self._handle(fh)
+        await self.io.pool.wait_inode(h.incore)  # its pool writes in flight (durable_pool.py)
         with contextlib.suppress(OSError):  # recorded (errseq) by the writeback; reported below
             await self.io.writeback.writeback_inode(h.inode.ino)
         await self.io.durability.make_durable(metadata=not datasync)

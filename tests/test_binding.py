@@ -26,6 +26,9 @@ and, where cheap, one that shows the default keeps stock behaviour (`stock`: no 
   - 0011 sync-dispatch: Operations.read_sync / write_sync answer a request with
     request_context set, hand it to read / write when they return None, and answer
     FUSEError with its errno.
+  - 0012 write-pool: PooledWrite and the pool's functions exist (part 1); that pooled writes
+    are written, answered and reported is tested on a diofs mount (tests/test_dio_pool.py)
+    and by the patch's own test/test_write_pool.py.
 
 The daemon writes one JSON line per request to a report file before replying. Every mount has
 a hard deadline (harness/watchdog.py): past it the FUSE connection is aborted through fusectl
@@ -358,6 +361,9 @@ def test_binding_has_the_series_api() -> None:
     assert pyfuse3.Operations.read_sync is None and pyfuse3.Operations.write_sync is None
     with pytest.raises(RuntimeError):
         pyfuse3.get_session_fd()  # no init() in this process
+    pw = pyfuse3.PooledWrite(3, 4096, 7, os.RWF_DSYNC)
+    assert (pw.fd, pw.offset, pw.token, pw.flags) == (3, 4096, 7, os.RWF_DSYNC)
+    assert pyfuse3.write_pool_completions() == [] and pyfuse3.write_pool_in_flight() == 0
 
 
 def test_operations_switches_default_to_stock_behaviour() -> None:

@@ -20,6 +20,8 @@ NBD server that cannot flush: not crash consistent), nbd_connections=N (default 
 max_tasks=N, hang_timeout=S (a request outstanding that long is logged once with its stacks
 and counted in `hangs.detected`; never aborted; default 60, 0 = off),
 xattr=on|off (extended attributes; off answers ENOSYS to every xattr request),
+dsync_pool=N (native threads that write and answer O_DSYNC direct overwrites, diofs/durable_pool.py;
+default 8, 0 or off = none: group commit or an inline RWF_DSYNC write instead),
 entry_timeout=S and attr_timeout=S (how long the kernel may cache names and attributes;
 default 3600, see diofs/ops.py), fill_delay=S, dio_delay=S and data_delay=S (demo hooks that
 widen race windows; data_delay: a data write into new blocks or past EOF sleeps between
@@ -49,11 +51,14 @@ import trio
 from diofs import bugs, daemon_status, hang_detector, image_lock, request, stats
 from diofs.backend import image_name, is_uri, open_backend
 from diofs.backend.nbd import NbdOptions
+from diofs.backend.raw import RawImage
 from diofs.buffered import Buffered, write_back_pages
 from diofs.cache import PageCache, Writeback
 from diofs.cli.common import ArgumentParser, parse_size, run_main, setup_logging, syslog_handler
 from diofs.dio import Direct
 from diofs.durability import Durability
+from diofs.durable_pool import DEFAULT_THREADS as DEFAULT_POOL_THREADS
+from diofs.durable_pool import DurablePool
 from diofs.errors import EXIT_ERROR, EXIT_MOUNT_FAILED, EXIT_MOUNTPOINT, DiofsError
 from diofs.fs import Filesystem
 from diofs.incore import IncoreInodes
@@ -91,6 +96,7 @@ class Options:
     data_delay: float = 0.0
     async_dio: bool = True
     sync_dispatch: bool = True
+    dsync_pool: int = DEFAULT_POOL_THREADS  # native threads for O_DSYNC writes; 0: none
     xattr: bool = True
     nbd: NbdOptions = field(default_factory=NbdOptions)
     discard: bool = False
@@ -115,6 +121,10 @@ def parse_options(items: list[str]) -> Options:
                     setattr(o, key, float(value))
                 elif key == "max_tasks":
                     o.max_tasks = int(value)
+                elif key == "dsync_pool":
+                    o.dsync_pool = 0 if value == "off" else int(value)
+                    if not 0 <= o.dsync_pool <= 256:
+                        raise ValueError
                 elif key in ("nbd_timeout", "nbd_retry") and float(value) > 0:
                     setattr(o.nbd, key[4:], float(value))
                 elif key == "nbd_connections" and 1 <= int(value) <= 64:
@@ -239,8 +249,16 @@ class Daemon:
             self.cache, functools.partial(write_back_pages, fs), age_s=o.writeback_age,
             on_error=self.durability.record_writeback_error,
         )
+        # the write pool writes to the image fd itself: a plain image only (not through the
+        # crash-log or fault-injection wrappers, nor NBD), and a writable one
+        pool_fd = self.backend.fd if type(self.backend) is RawImage and self.backend.writable \
+            else None
+        self.pool = DurablePool(
+            fs, self.cache, inodes, self.kernel, threads=o.dsync_pool, fd=pool_fd
+        )
         self.io = IoContext(
-            fs, self.cache, self.writeback, inodes, FaultMarker(), self.durability, self.kernel
+            fs, self.cache, self.writeback, inodes, FaultMarker(), self.durability, self.kernel,
+            self.pool,
         )
         self.buffered = Buffered(self.io, fill_delay=o.fill_delay)
         self.direct = Direct(
@@ -286,6 +304,7 @@ class Daemon:
             stack.callback(hangs.stop)
             nursery = await stack.enter_async_context(trio.open_nursery())
             await nursery.start(self.writeback.run)
+            await nursery.start(self.pool.run)
             nursery.start_soon(self._periodic_commit)
             try:
                 await pyfuse3.main(min_tasks=2, max_tasks=self.opts.max_tasks)
@@ -298,6 +317,7 @@ class Daemon:
         """Unmount: write everything back, free orphans, commit (durable on return; the image
         is closed and the lock released after, in mount()). Sets `final_error`."""
         error = None
+        await self.pool.stop()  # in-flight O_DSYNC writes land and are drained first
         try:
             await self.writeback.writeback_all()
         except OSError as exc:

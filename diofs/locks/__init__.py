@@ -36,6 +36,13 @@ Lock ordering (outer first; each edge names where the nesting happens):
      the inode (Direct.write's landed-write hint), never awaited; then the sync flush
      (durability.sync_write)]
 
+  [O_DSYNC direct overwrite in the native write pool: no await from grant to submission]
+  inode RwSem shared            (durable_pool.DurablePool.offer: acquire_shared_nowait)
+    ->PagecacheLock BLOCK       (durable_pool.DurablePool.offer: acquire_nowait, owner 0)
+      ->image I/O               (a native pool thread, pwritev2 RWF_DSYNC, then its answer)
+    [both released when the loop drains the completion (DurablePool._drain); a holder that
+     waits only for an image write, so the "holders never wait for a new request" rule holds]
+
   [truncate, punch hole, zero range, preallocate]
   inode RwSem exclusive         (dio.Direct._blocking)
     ->PagecacheLock BLOCK       (dio.Direct._blocking, owner 0)

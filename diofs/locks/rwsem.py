@@ -38,6 +38,12 @@ class RwSem:
         """acquire_shared would not wait (no writer holds or waits)."""
         return not (self._writer or self._writers_waiting)
 
+    def acquire_shared_nowait(self) -> None:
+        """acquire_shared without waiting; trio.WouldBlock if it would wait."""
+        if self._writer or self._writers_waiting:
+            raise trio.WouldBlock
+        self._readers += 1
+
     async def acquire_shared(self) -> None:
         while self._writer or self._writers_waiting:
             await self._wait_change()

@@ -168,6 +168,16 @@ class PagecacheLock:
         owners = self._owners[state]
         owners[owner] = owners.get(owner, 0) + 1
 
+    def acquire_nowait(self, state: State, owner: int = 0) -> None:
+        """`acquire` without waiting; trio.WouldBlock if it would wait (rule (a))."""
+        if not self._admissible(state):
+            raise trio.WouldBlock
+        self._grant(state, owner)
+
+    def admissible(self, state: State) -> bool:
+        """`acquire_nowait(state)` would succeed."""
+        return self._admissible(state)
+
     @trio.lowlevel.enable_ki_protection
     async def acquire(self, state: State, owner: int = 0) -> None:
         """Take `state` for `owner` (the requesting tid; 0 = unknown), waiting if needed.
