@@ -193,6 +193,11 @@ class Operations(pyfuse3.Operations):
     # QD16, daemon CPU per request: read 24.8 -> 19.8 us, write 39.6 -> 26.2 us (docs/bench.md,
     # "Per-request CPU")
     checkpoint_interval = 8
+    # and, finding none queued, keep reading for up to this many microseconds (without the
+    # GIL, yielding the CPU) before sleeping in trio: a cp -a whose requests come one at a
+    # time from another CPU took 6.4 s instead of 4.3-4.7 s, daemon CPU 5.2 s instead of 4.2-4.6
+    # (docs/bench.md, "Tree copy, runs H-N"); `-o receive_spin=US` (__init__)
+    receive_spin_us = 50.0
     # WRITE data as a view of the request buffer, not a copy: every write path copies what it
     # keeps (cache pages) or writes it to the image before the handler returns
     enable_write_views = True
@@ -205,9 +210,10 @@ class Operations(pyfuse3.Operations):
     def __init__(
         self, io: IoContext, buffered: Buffered, direct: Direct, *,
         entry_timeout: float, attr_timeout: float, xattrs: bool = True, async_dio: bool = True,
-        sync_dispatch: bool = True,
+        sync_dispatch: bool = True, receive_spin_us: float = 50.0,
     ):
         super().__init__()
+        self.receive_spin_us = receive_spin_us
         self.enable_async_dio = async_dio
         self.enable_handle_killpriv_v2 = not bugs.enabled(Bug.NO_KILLPRIV_V2)
         if not sync_dispatch:  # -o sync_dispatch=off: the binding sees no synchronous handler

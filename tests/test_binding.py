@@ -29,6 +29,8 @@ and, where cheap, one that shows the default keeps stock behaviour (`stock`: no 
   - 0012 write-pool: PooledWrite and the pool's functions exist (part 1); that pooled writes
     are written, answered and reported is tested on a diofs mount (tests/test_dio_pool.py)
     and by the patch's own test/test_write_pool.py.
+  - 0013 receive-spin: with receive_spin_us (tiny), one request at a time, some sent during
+    the spin and some after it, are all answered; the default is 0.
 
 The daemon writes one JSON line per request to a report file before replying. Every mount has
 a hard deadline (harness/watchdog.py): past it the FUSE connection is aborted through fusectl
@@ -82,7 +84,7 @@ DIO_SIZE = 4 << 20
 #: The switches as diofs sets them (diofs/ops.py, class Operations) except async_dio and
 #: killpriv, which have mounts of their own; `tiny` runs with these.
 DIOFS_LIKE = {"enable_auto_inval_data": False, "enable_write_views": True,
-              "enable_eager_receive": True, "checkpoint_interval": 8}
+              "enable_eager_receive": True, "checkpoint_interval": 8, "receive_spin_us": 50}
 
 
 # --------------------------------------------------------------------------- the daemon
@@ -371,6 +373,7 @@ def test_operations_switches_default_to_stock_behaviour() -> None:
     assert ops.enable_auto_inval_data is True and ops.enable_async_dio is True
     assert ops.enable_write_views is False and ops.enable_eager_receive is False
     assert ops.checkpoint_interval == 1 and ops.enable_handle_killpriv_v2 is False
+    assert ops.receive_spin_us == 0
 
 
 def test_diofs_operations_set_the_switches() -> None:
@@ -379,6 +382,7 @@ def test_diofs_operations_set_the_switches() -> None:
     assert Operations.enable_auto_inval_data is False
     assert Operations.enable_eager_receive is True and Operations.checkpoint_interval == 8
     assert Operations.enable_write_views is True
+    assert Operations.receive_spin_us == 50
 
 
 def test_diofs_operations_set_mount_dependent_switches_per_instance(
@@ -398,6 +402,10 @@ def test_diofs_operations_set_mount_dependent_switches_per_instance(
         io, None, None, entry_timeout=1, attr_timeout=1, async_dio=False  # type: ignore[arg-type]
     )
     assert ops.enable_async_dio is False and ops.enable_handle_killpriv_v2 is False
+    ops = Operations(
+        io, None, None, entry_timeout=1, attr_timeout=1, receive_spin_us=0  # type: ignore[arg-type]
+    )
+    assert ops.receive_spin_us == 0
 
 
 def test_check_binding_accepts_installed_pyfuse3() -> None:
@@ -689,6 +697,25 @@ def test_eager_receive_serves_a_request_a_waiting_handler_needs(tiny: TinyMount)
     t.join(timeout=20)
     assert not t.is_alive()
     assert result == [bytes(PAGE)]
+
+
+@needs_mount
+def test_receive_spin_answers_serial_requests(tiny: TinyMount) -> None:
+    """One O_DIRECT request at a time, the next sent at once (while the worker spins) or
+    after a pause (after it gave up and sleeps): each is answered with its own data."""
+    fd = os.open(tiny.path("f"), os.O_RDWR | os.O_DIRECT)
+    try:
+        for rnd in range(100):
+            off = (rnd % 8) * PAGE
+            data = bytes([rnd]) * PAGE
+            assert os.pwritev(fd, [aligned(data=data)], off) == PAGE
+            if rnd % 25 == 0:
+                time.sleep(0.05)
+            back = aligned(PAGE)
+            assert os.preadv(fd, [back], off) == PAGE
+            assert back[:] == data, rnd
+    finally:
+        os.close(fd)
 
 
 @needs_mount

@@ -22,6 +22,8 @@ and counted in `hangs.detected`; never aborted; default 60, 0 = off),
 xattr=on|off (extended attributes; off answers ENOSYS to every xattr request),
 dsync_pool=N (native threads that write and answer O_DSYNC direct overwrites, diofs/durable_pool.py;
 default 8, 0 or off = none: group commit or an inline RWF_DSYNC write instead),
+receive_spin=US (how long a worker that answered a request keeps reading /dev/fuse for the next
+one before it sleeps in the event loop; default 50 microseconds, 0 = off; diofs/ops.py),
 entry_timeout=S and attr_timeout=S (how long the kernel may cache names and attributes;
 default 3600, see diofs/ops.py), fill_delay=S, dio_delay=S and data_delay=S (demo hooks that
 widen race windows; data_delay: a data write into new blocks or past EOF sleeps between
@@ -96,6 +98,7 @@ class Options:
     data_delay: float = 0.0
     async_dio: bool = True
     sync_dispatch: bool = True
+    receive_spin_us: float = 50.0  # Operations.receive_spin_us; 0: sleep at once
     dsync_pool: int = DEFAULT_POOL_THREADS  # native threads for O_DSYNC writes; 0: none
     xattr: bool = True
     nbd: NbdOptions = field(default_factory=NbdOptions)
@@ -119,6 +122,8 @@ def parse_options(items: list[str]) -> Options:
                     "hang_timeout", "entry_timeout", "attr_timeout",
                 ):
                     setattr(o, key, float(value))
+                elif key == "receive_spin" and 0 <= float(value) <= 10_000:
+                    o.receive_spin_us = float(value)
                 elif key == "max_tasks":
                     o.max_tasks = int(value)
                 elif key == "dsync_pool":
@@ -271,7 +276,7 @@ class Daemon:
         self.ops = Operations(
             self.io, self.buffered, self.direct, xattrs=o.xattr,
             entry_timeout=o.entry_timeout, attr_timeout=o.attr_timeout, async_dio=o.async_dio,
-            sync_dispatch=o.sync_dispatch,
+            sync_dispatch=o.sync_dispatch, receive_spin_us=o.receive_spin_us,
         )
         fuse_opts = set(pyfuse3.default_options)
         fuse_opts.discard("default_permissions")
