@@ -462,6 +462,27 @@ async def test_cancelled_writeback_redirties(autojump_clock: trio.testing.MockCl
     assert img.read(1, 0, PS) == page(1)
 
 
+async def test_cancelled_background_pass_redirties_runs_not_taken(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A pass of 10 runs (one per inode) shared by 4 writers, cancelled while the writers
+    wait in their first write: every page is dirty again, none left under writeback."""
+    cache, img, _errs, wb = make(age_s=1.0)
+    for ino in range(1, 11):
+        cache.write(ino, 0, 0, page(ino))
+    img.gate = trio.Event()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(wb.run)
+        await trio.sleep(2)  # the pass has started; 4 writes wait at the gate
+        assert len(img.calls) == 4
+        nursery.cancel_scope.cancel()
+    for ino in range(1, 11):
+        assert cache.is_dirty(ino, 0) and not cache.under_writeback(ino, 0), ino
+    img.gate = None
+    await wb.writeback_all()
+    assert all(img.read(ino, 0, PS) == page(ino) for ino in range(1, 11))
+
+
 async def test_wait_for_room_throttles_and_releases(autojump_clock: trio.testing.MockClock) -> None:
     cache, img, _errs, wb = make(limit_pages=16, age_s=1000.0)
     img.gate = trio.Event()

@@ -177,8 +177,16 @@ class Writeback:
         self._kicked.set()
 
     async def _write_runs(self, runs: Iterator[_Run]) -> None:
-        for run in runs:  # shared with the pass's other writers: each run is taken once
-            await self._write_run(run)
+        try:
+            for run in runs:  # shared with the pass's other writers: each run is taken once
+                await self._write_run(run)
+        except BaseException:
+            # cancelled: the runs no writer took yet stay dirty, as a cancelled run's do
+            for run in runs:
+                self._cache.end_writeback(run.ino, run.indexes, run.pages, run, redirty=True)
+                run.done.set()
+            self._notify_progress()
+            raise
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Background worker: every age_s/2 (or when kicked) starts writeback of pages dirty
