@@ -85,7 +85,7 @@ class IncoreInode:
         """A pool write's shared rwsem and BLOCK would be granted at once: nobody holds or
         waits for the rwsem exclusively, and the pagecache lock is free or in BLOCK with no ADD
         waiter (other pool writes share both: durable_pool.py)."""
-        return (self._rwsem is None or self._rwsem.shared_free()) and (
+        return self.shared_io_free() and (
             self._pagecache is None or self._pagecache.admissible(State.BLOCK)
         )
 

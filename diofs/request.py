@@ -54,7 +54,7 @@ _BINDING_NAMES = (
 _OPERATIONS_NAMES = (
     "fallocate", "enable_auto_inval_data", "enable_async_dio", "enable_write_views",
     "enable_eager_receive", "checkpoint_interval", "enable_handle_killpriv_v2", "read_sync",
-    "write_sync",
+    "write_sync", "receive_spin_us",
 )
 
 #: In `Request.flags` when the kernel asks diofs to kill suid/sgid (FUSE_HANDLE_KILLPRIV_V2,

@@ -357,6 +357,17 @@ class PageCache:
             return (i for i in range(first, last + 1) if i in mapping)
         return (i for i in list(mapping) if first <= i <= last)
 
+    def _any_in(
+        self, mappings: tuple[Collection[int] | None, ...], start: int, end: int
+    ) -> bool:
+        """Some mapping holds a page touching [start, end). Absent or empty mappings (the
+        direct-I/O steady state) cost no generator."""
+        if not any(mappings):
+            return False
+        return any(
+            next(self._indexes_in(m, start, end), None) is not None for m in mappings if m
+        )
+
     def drop_range(self, ino: int, start: int, end: int, *, discard_dirty: bool = False) -> int:
         """Unmap the pages touching [start, end); returns how many; counts cache.dropped.
 
@@ -499,12 +510,7 @@ class PageCache:
 
     def holds_nothing_in(self, ino: int, start: int, end: int) -> bool:
         """No page of `ino` touching [start, end) is cached or under writeback."""
-        pages, wb = self._inodes.get(ino), self._wb.get(ino)
-        if not pages and not wb:  # the direct-I/O steady state: no generator built
-            return True
-        return not any(
-            next(self._indexes_in(m, start, end), None) is not None for m in (pages, wb) if m
-        )
+        return not self._any_in((self._inodes.get(ino), self._wb.get(ino)), start, end)
 
     def writeback_token(self, ino: int, index: int) -> object | None:
         """The token of the writeback in flight on page key (ino, index), or None."""
@@ -514,12 +520,7 @@ class PageCache:
     def clean_in(self, ino: int, start: int, end: int) -> bool:
         """No page of `ino` touching [start, end) is dirty or under writeback: what
         Writeback.writeback_range would find nothing to do for (dio.Direct.read_inline)."""
-        dirty, wb = self._dirty_by_ino.get(ino), self._wb.get(ino)
-        if not dirty and not wb:  # the direct-I/O steady state: no generator built
-            return True
-        return not any(
-            next(self._indexes_in(m, start, end), None) is not None for m in (dirty, wb) if m
-        )
+        return not self._any_in((self._dirty_by_ino.get(ino), self._wb.get(ino)), start, end)
 
     def writeback_tokens(self, ino: int, start: int = 0, end: int = _END) -> set[object]:
         """Tokens of writebacks in flight on pages of `ino` touching [start, end)."""

@@ -40,7 +40,7 @@ class RwSem:
 
     def acquire_shared_nowait(self) -> None:
         """acquire_shared without waiting; trio.WouldBlock if it would wait."""
-        if self._writer or self._writers_waiting:
+        if not self.shared_free():
             raise trio.WouldBlock
         self._readers += 1
 
