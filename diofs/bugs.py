@@ -45,6 +45,10 @@ class Bug(enum.Enum):
     # O_DSYNC direct writes in the native write pool hold neither the inode rwsem nor the
     # pagecache BLOCK while in flight: a truncate or punch runs under them (durable_pool.py)
     POOL_UNLOCKED = "pool-unlocked"
+    # direct READs the binding answers natively stay armed when the file's mapping changes or
+    # an exclusive rwsem hold is asked: after a punch hole or truncate they return the freed
+    # blocks' old bytes (diofs/native_read.py)
+    NATIVE_READ_ARMED = "native-read-armed"
 
     __hash__ = object.__hash__  # members are singletons; asked on every request (hot path)
 
@@ -71,6 +75,11 @@ def enabled(bug: Bug) -> bool:
 
 def any_enabled() -> bool:
     return bool(_enabled)
+
+
+def only(bug: Bug) -> bool:
+    """`bug` is the one bug enabled."""
+    return _enabled == {bug}
 
 
 def active() -> list[str]:

@@ -122,7 +122,7 @@ class Direct:
         if (
             off % self.dio_align or size % self.dio_align
             or size > self.io.fs.inline_io_bytes
-            or bugs.any_enabled()
+            or (bugs.any_enabled() and not bugs.only(Bug.NATIVE_READ_ARMED))
             or self.io.kernel.may_cache_any()
             or not h.incore.shared_io_free()
             or not self.io.cache.clean_in(h.inode.ino, off, off + size)
@@ -135,6 +135,7 @@ class Direct:
             self._give_back(h, buf)  # the reply is sent on return
         assert data is not None  # size <= inline_io_bytes
         stats.add("dio.bytes_read", len(data))
+        self.io.native.inline_read(h)
         return data
 
     def write_inline(

@@ -73,6 +73,7 @@ import logging
 import mmap
 import threading
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from diofs import bugs, request, stats
@@ -110,6 +111,8 @@ class KernelCache:
         self._thread: threading.Thread | None = None
         self.done = 0  # invalidations completed; written by the thread only (stats may not be)
         self._held = 0  # requests answered elsewhere but still in the daemon's hands (hold)
+        # called when the first inode becomes one the kernel may cache (native_read.py)
+        self.on_may_cache: Callable[[], None] | None = None
 
     # ---------------------------------------------------------------- what may be cached
     def note_buffered(self, ii: IncoreInode) -> None:
@@ -140,6 +143,8 @@ class KernelCache:
         if ii.kernel_may_cache is not value:
             ii.kernel_may_cache = value
             self._may_cache_count += 1 if value else -1
+            if value and self._may_cache_count == 1 and self.on_may_cache is not None:
+                self.on_may_cache()
 
     def may_cache_any(self) -> bool:
         return self._may_cache_count > 0

@@ -570,6 +570,7 @@ class Operations(pyfuse3.Operations):
             self.stats_reads.pop(fh, None)
             return
         h = self.handles.close(fh)
+        self.io.native.released(h)
         self.io.kernel.fh_used(h.incore, fh)
         self.io.inodes.evict_if_unused(h.inode)
 
@@ -625,5 +626,6 @@ class Operations(pyfuse3.Operations):
         stats.gauge("fs.open_handles", len(self.handles))
         stats.gauge("fuse.killpriv_v2", int(request.killpriv_v2_negotiated()))
         self.io.kernel.publish_stats()
+        self.io.native.fold_stats()
         hang_detector.publish_stats()
         return stats.snapshot()

@@ -31,6 +31,10 @@ and, where cheap, one that shows the default keeps stock behaviour (`stock`: no 
     and by the patch's own test/test_write_pool.py.
   - 0013 receive-spin: with receive_spin_us (tiny), one request at a time, some sent during
     the spin and some after it, are all answered; the default is 0.
+  - 0014 native-read: arm_native_read and its companions exist and check their arguments
+    (part 1); that armed handles' reads are answered natively, and disarmed before anything
+    that would change the answer, is tested on a diofs mount (tests/test_native_read.py) and
+    by the patch's own test/test_native_read.py.
 
 The daemon writes one JSON line per request to a report file before replying. Every mount has
 a hard deadline (harness/watchdog.py): past it the FUSE connection is aborted through fusectl
@@ -366,6 +370,10 @@ def test_binding_has_the_series_api() -> None:
     pw = pyfuse3.PooledWrite(3, 4096, 7, os.RWF_DSYNC)
     assert (pw.fd, pw.offset, pw.token, pw.flags) == (3, 4096, 7, os.RWF_DSYNC)
     assert pyfuse3.write_pool_completions() == [] and pyfuse3.write_pool_in_flight() == 0
+    assert pyfuse3.native_read_counts() == (0, 0)
+    with pytest.raises(ValueError):
+        pyfuse3.arm_native_read(1, 0, 3000, 512, 4096, 4096, [(0, 1, 0)])  # not a power of 2
+    pyfuse3.disarm_native_read(None)
 
 
 def test_operations_switches_default_to_stock_behaviour() -> None:

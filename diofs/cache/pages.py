@@ -94,6 +94,9 @@ class PageCache:
         # Called after pages stop being dirty by other means than writeback (discard),
         # so that throttled writers re-check; set by Writeback.
         self.on_undirty: Callable[[], None] | None = None
+        # Called with the ino when a page of an inode with no dirty page turns dirty, before
+        # the bytes are in it (native_read.py: the image no longer has the newest data).
+        self.on_first_dirty: Callable[[int], None] | None = None
 
     # ---------------------------------------------------------------- accounting
 
@@ -309,6 +312,8 @@ class PageCache:
         s = self._dirty_by_ino.get(ino)
         if s is None:
             s = self._dirty_by_ino[ino] = set()
+            if self.on_first_dirty is not None:
+                self.on_first_dirty(ino)
         s.add(index)
         stats.gauge("cache.dirty_pages", len(self._dirty))
 

@@ -24,6 +24,8 @@ dsync_pool=N (native threads that write and answer O_DSYNC direct overwrites, di
 default 8, 0 or off = none: group commit or an inline RWF_DSYNC write instead),
 receive_spin=US (how long a worker that answered a request keeps reading /dev/fuse for the next
 one before it sleeps in the event loop; default 50 microseconds, 0 = off; diofs/ops.py),
+native_read=on|off (O_DIRECT reads of files in the steady state answered by the binding without
+Python, diofs/native_read.py; default on),
 entry_timeout=S and attr_timeout=S (how long the kernel may cache names and attributes;
 default 3600, see diofs/ops.py), fill_delay=S, dio_delay=S and data_delay=S (demo hooks that
 widen race windows; data_delay: a data write into new blocks or past EOF sleeps between
@@ -67,6 +69,7 @@ from diofs.incore import IncoreInodes
 from diofs.iocontext import IoContext
 from diofs.kernel_cache import KernelCache
 from diofs.locks import FaultMarker
+from diofs.native_read import NativeReads
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +103,7 @@ class Options:
     sync_dispatch: bool = True
     receive_spin_us: float = 50.0  # Operations.receive_spin_us; 0: sleep at once
     dsync_pool: int = DEFAULT_POOL_THREADS  # native threads for O_DSYNC writes; 0: none
+    native_read: bool = True  # diofs/native_read.py
     xattr: bool = True
     nbd: NbdOptions = field(default_factory=NbdOptions)
     discard: bool = False
@@ -144,6 +148,8 @@ def parse_options(items: list[str]) -> Options:
                     o.xattr = value == "on"
                 elif key == "sync_dispatch" and value in ("on", "off"):
                     o.sync_dispatch = value == "on"
+                elif key == "native_read" and value in ("on", "off"):
+                    o.native_read = value == "on"
                 elif key == "shootdown" and value in ("unlocked", "locked"):
                     o.shootdown = value
                 elif key == "backend" and value in ("raw", "crash", "fault"):
@@ -261,13 +267,19 @@ class Daemon:
         self.pool = DurablePool(
             fs, self.cache, inodes, self.kernel, threads=o.dsync_pool, fd=pool_fd
         )
+        dio_align = o.dio_align or fs.sb.dio_align
+        native = NativeReads(
+            self.cache, self.kernel,
+            fd=self.backend.fd if type(self.backend) is RawImage and o.native_read else None,
+            block_size=fs.bs, align=dio_align, max_size=fs.inline_io_bytes,
+        )
         self.io = IoContext(
             fs, self.cache, self.writeback, inodes, FaultMarker(), self.durability, self.kernel,
-            self.pool,
+            self.pool, native,
         )
         self.buffered = Buffered(self.io, fill_delay=o.fill_delay)
         self.direct = Direct(
-            self.io, dio_align=o.dio_align or fs.sb.dio_align,
+            self.io, dio_align=dio_align,
             locked_shootdown=o.shootdown == "locked", dio_delay=o.dio_delay,
             mlock=self.mlock,
         )
@@ -322,6 +334,7 @@ class Daemon:
         """Unmount: write everything back, free orphans, commit (durable on return; the image
         is closed and the lock released after, in mount()). Sets `final_error`."""
         error = None
+        self.io.native.disarm_all()  # the request loop has ended: none in progress
         await self.pool.stop()  # in-flight O_DSYNC writes land and are drained first
         try:
             await self.writeback.writeback_all()

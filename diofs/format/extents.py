@@ -12,7 +12,7 @@ Pure data structure: no I/O, no awaits; callers run it between trio checkpoints.
 from __future__ import annotations
 
 from bisect import bisect_right
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 
@@ -51,11 +51,15 @@ class Segment:
 
 
 class ExtentMap:
-    __slots__ = ("_ext", "_starts")
+    """`on_change`, when set, is called (and cleared) before the map changes what any block
+    maps to: native_read.py disarms the binding's copy of this map there."""
+
+    __slots__ = ("_ext", "_starts", "on_change")
 
     def __init__(self, extents: list[Extent] | None = None) -> None:
         self._ext: list[Extent] = sorted(extents or [], key=lambda e: e.start)
         self._starts = [e.start for e in self._ext]
+        self.on_change: Callable[[], None] | None = None
 
     @classmethod
     def loaded(cls, extents: list[Extent]) -> ExtentMap:
@@ -65,6 +69,7 @@ class ExtentMap:
         em = cls.__new__(cls)
         em._ext = extents
         em._starts = [e.start for e in extents]
+        em.on_change = None
         return em
 
     def __iter__(self) -> Iterator[Extent]:
@@ -114,6 +119,11 @@ class ExtentMap:
             return None
         return e.phys + (start - e.start)
 
+    def _changing(self) -> None:
+        notify, self.on_change = self.on_change, None
+        if notify is not None:
+            notify()
+
     def _split_at(self, block: int) -> None:
         """Make `block` an extent boundary (if it falls inside an extent)."""
         i = bisect_right(self._starts, block) - 1
@@ -150,6 +160,7 @@ class ExtentMap:
         """Map a hole [start, start + count) to image blocks [phys, phys + count)."""
         if any(s.phys is not None for s in self.lookup(start, count)):
             raise ValueError(f"insert over mapped blocks at file block {start}")
+        self._changing()
         i = bisect_right(self._starts, start)
         self._ext.insert(i, Extent(start, phys, count, unwritten))
         self._starts.insert(i, start)
@@ -161,6 +172,7 @@ class ExtentMap:
         converted = 0
         for e in self._ext[lo:hi]:
             if e.unwritten:
+                self._changing()
                 e.unwritten = False
                 converted += e.count
         self._merge_around(lo, hi)
@@ -169,6 +181,8 @@ class ExtentMap:
     def remove(self, start: int, count: int) -> list[tuple[int, int]]:
         """Unmap [start, start + count); returns the freed image runs (phys, count)."""
         lo, hi = self._range_indexes(start, start + count)
+        if lo < hi:
+            self._changing()
         freed = [(e.phys, e.count) for e in self._ext[lo:hi]]
         del self._ext[lo:hi]
         del self._starts[lo:hi]

@@ -7,19 +7,22 @@ beyond the caller's own (hot path of every direct request).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import TracebackType
 
 import trio
 
 
 class RwSem:
-    __slots__ = ("_readers", "_writer", "_writers_waiting", "_changed")
+    __slots__ = ("_readers", "_writer", "_writers_waiting", "_changed", "on_exclusive")
 
     def __init__(self) -> None:
         self._readers = 0
         self._writer = False
         self._writers_waiting = 0
         self._changed: trio.Event | None = None
+        # called (and cleared) when an exclusive hold is asked for (native_read.py)
+        self.on_exclusive: Callable[[], None] | None = None
 
     def _notify(self) -> None:
         if self._changed is not None:
@@ -55,6 +58,9 @@ class RwSem:
             self._notify()
 
     async def acquire_exclusive(self) -> None:
+        notify, self.on_exclusive = self.on_exclusive, None
+        if notify is not None:
+            notify()
         self._writers_waiting += 1
         try:
             while self._writer or self._readers:
