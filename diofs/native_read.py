@@ -1,5 +1,5 @@
 """Direct reads and O_DSYNC overwrites that the binding answers without Python (issue 15;
-patches/pyfuse3/0014-native-read.patch and 0015-native-dsync-write.patch, whose
+patches/pyfuse3/0014-native-read.patch and 0016-native-dsync-write.patch, whose
 native_read.c does the serving).
 
 A 4 KiB O_DIRECT read in the steady state (dio.Direct.read_inline: aligned, nothing of the
@@ -41,7 +41,7 @@ written extents are copied (reads elsewhere go to Python); at most 64 handles ar
 --bug native-read-armed leaves out (a) and (b): a read after a punch hole or a truncate then
 returns the freed blocks' old bytes (tests/test_native_read.py).
 
-Writes (binding patch 0015-native-dsync-write; seed 001). An O_DSYNC direct overwrite that the
+Writes (binding patch 0016-native-dsync-write; seed 001). An O_DSYNC direct overwrite that the
 write pool took through `offer` (durable_pool.py: the layout committed, no xattrs, nothing
 dirty, the kernel caching nothing of the inode) costs ~34 us of the trio thread before a pool
 thread writes it. After `ARM_AFTER` of them for an inode, the handle is armed for writes too

@@ -35,7 +35,10 @@ and, where cheap, one that shows the default keeps stock behaviour (`stock`: no 
     (part 1); that armed handles' reads are answered natively, and disarmed before anything
     that would change the answer, is tested on a diofs mount (tests/test_native_read.py) and
     by the patch's own test/test_native_read.py.
-  - 0015 native-dsync-write: arm_native_writes exists (part 1); that an armed handle's
+  - 0015 page-cache-read-flags: a fault READ through an O_DIRECT open carries no O_DIRECT
+    (the patch's own test/test_page_cache_read_flags.py; on a diofs mount,
+    tests/test_dio_kernel_cache.py::test_direct_open_while_reading_into_a_mapping_of_a_direct_open).
+  - 0016 native-dsync-write: arm_native_writes exists (part 1); that an armed handle's
     O_DSYNC writes are taken, written, reported and answered is tested on a diofs mount
     (tests/test_dio_pool.py) and by the patch's own test/test_native_read.py.
 
