@@ -60,6 +60,7 @@ import trio
 from diofs import bugs, hang_detector, request, stats
 from diofs.bugs import Bug
 from diofs.locks.two_state import State
+from diofs.native_read import WRITE_TOKEN
 
 if TYPE_CHECKING:
     from diofs.cache import PageCache
@@ -68,6 +69,7 @@ if TYPE_CHECKING:
     from diofs.handles import Handle
     from diofs.incore import IncoreInode, IncoreInodes
     from diofs.kernel_cache import KernelCache
+    from diofs.native_read import NativeReads
 
 log = logging.getLogger(__name__)
 
@@ -94,13 +96,14 @@ class DurablePool:
     loop's (the native threads touch none of them)."""
 
     def __init__(
-        self, fs: Filesystem, cache: PageCache, inodes: IncoreInodes, kernel: KernelCache, *,
-        threads: int, fd: int | None,
+        self, fs: Filesystem, cache: PageCache, inodes: IncoreInodes, kernel: KernelCache,
+        native: NativeReads, *, threads: int, fd: int | None,
     ) -> None:
         self.fs = fs
         self.cache = cache
         self.inodes = inodes
         self.kernel = kernel
+        self.native = native  # the binding's own O_DSYNC writes (native_read.py, "Writes")
         self.threads = threads
         self._fd = fd  # the image's fd (raw backend only), or None: no pool
         self._running = False
@@ -151,14 +154,20 @@ class DurablePool:
         self.kernel.hold()
         self.fs.touch_overwrite(inode)
         stats.add("dio.pool_writes")
+        self.native.pooled_write(h)
         return pyfuse3.PooledWrite(fd, phys * self.fs.bs, token, os.RWF_DSYNC)
 
-    def _drain(self) -> None:
+    def drain(self) -> None:
+        """Take the completed writes (`run` does, when the pool's eventfd is readable; a
+        GETATTR does first, for the mtime of native writes: native_read.py)."""
         done = pyfuse3.write_pool_completions()
         if not done:
             return
         stats.add("dio.pool_batches")
         for token, result in done:
+            if token & WRITE_TOKEN:
+                self.native.write_completed(token, result)
+                continue
             job = self._jobs.pop(token)
             ii = job.ii
             if job.locked:
@@ -195,7 +204,7 @@ class DurablePool:
         task_status.started()
         while True:
             await trio.lowlevel.wait_readable(efd)
-            self._drain()
+            self.drain()
 
     async def wait_inode(self, ii: IncoreInode) -> None:
         """(d): return once the pool writes of `ii` in flight now are drained."""
@@ -212,6 +221,6 @@ class DurablePool:
             return
         self._running = False
         await trio.to_thread.run_sync(pyfuse3.stop_write_pool)
-        self._drain()
+        self.drain()
         if self._jobs:  # cannot happen: stop_write_pool returns once every job is answered
             log.error("%d pooled writes unaccounted for at unmount", len(self._jobs))

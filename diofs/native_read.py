@@ -1,5 +1,6 @@
-"""Direct reads that the binding answers without Python (issue 15;
-patches/pyfuse3/0014-native-read.patch, whose native_read.c does the serving).
+"""Direct reads and O_DSYNC overwrites that the binding answers without Python (issue 15;
+patches/pyfuse3/0014-native-read.patch and 0016-native-dsync-write.patch, whose
+native_read.c does the serving).
 
 A 4 KiB O_DIRECT read in the steady state (dio.Direct.read_inline: aligned, nothing of the
 inode dirty in the daemon cache, no exclusive rwsem holder or waiter, the kernel caching
@@ -40,49 +41,108 @@ written extents are copied (reads elsewhere go to Python); at most 64 handles ar
 --bug native-read-armed leaves out (a) and (b): a read after a punch hole or a truncate then
 returns the freed blocks' old bytes (tests/test_native_read.py).
 
+Writes (binding patch 0016-native-dsync-write; seed 001). An O_DSYNC direct overwrite that the
+write pool took through `offer` (durable_pool.py: the layout committed, no xattrs, nothing
+dirty, the kernel caching nothing of the inode) costs ~34 us of the trio thread before a pool
+thread writes it. After `ARM_AFTER` of them for an inode, the handle is armed for writes too
+(`pyfuse3.arm_native_writes`): the binding then queues such a WRITE (O_DIRECT, O_DSYNC not
+O_SYNC, no kill-suid/sgid flag, aligned, inside the copied i_size and one written extent) for
+the pool itself, which writes it with RWF_DSYNC and answers only after pwritev2 returned; a
+lone one the request loop writes itself. Python learns of each such write only from its
+completion, so for as long as the handle is armed, and until every write the binding took
+for it is drained:
+  (f) the arm holds what a pool write holds while in flight (durable_pool.py (a)-(c)): the
+      inode rwsem shared, the pagecache lock in BLOCK, one `pool_writes` count. Every clean
+      cached page of the inode is dropped when it is armed (no fill can insert one under
+      BLOCK). A disarm (any of (a)-(e), and a SETXATTR: KILLPRIV) stops new native writes at
+      once; `disarm_native_read` returns how many the binding took, and `_release_if_drained`
+      gives the holds back when that many completions are drained. So a truncate, punch or
+      extending write (exclusive rwsem), a buffered fill (ADD; its READ disarmed the mount
+      first, (d)) or the inode's freeing waits for the writes in flight, as for pool writes.
+  (g) the mtime is set when a completion is drained (`write_completed`), and a GETATTR drains
+      the completions first: the binding reports a write before it answers it.
+  An FSYNC needs nothing of them: an answered native write is on stable storage (RWF_DSYNC).
+--bug pool-unlocked leaves the holds of (f) out, as for pool writes (tests/test_dio_pool.py).
+
 Counters: `dio.native_reads` (folded in, with `dio.bytes_read` and `ops.read`, when the stats
-are read), `dio.native_arms`, `dio.native_disarms`, `dio.native_table_full`.
+are read), `dio.native_arms`, `dio.native_disarms`, `dio.native_table_full`,
+`dio.native_write_arms`, `dio.native_writes` (with `ops.write`, `dio.bytes_written` and the
+durability counters, when drained).
 """
 
 from __future__ import annotations
 
 import functools
+import logging
+import os
 from typing import TYPE_CHECKING
 
 import pyfuse3
 
 from diofs import bugs, stats
 from diofs.bugs import Bug
+from diofs.locks.two_state import State
 
 if TYPE_CHECKING:
     from diofs.cache import PageCache
+    from diofs.format.metadata import Inode
+    from diofs.fs import Filesystem
     from diofs.handles import Handle
+    from diofs.incore import IncoreInode, IncoreInodes
     from diofs.kernel_cache import KernelCache
 
-ARM_AFTER = 4  # inline reads of an inode since its last disarm
+log = logging.getLogger(__name__)
+
+ARM_AFTER = 4  # inline reads (or pooled writes) of an inode since its last disarm
+WRITE_TOKEN = 1 << 63  # a native write's pool token: WRITE_TOKEN | fh
 MAX_EXTENTS = 4096
 _WHOLE_FILE = 1 << 62
+
+
+class _WriteArm:
+    """A handle armed for native writes: what it holds (module docstring, "Writes")."""
+
+    __slots__ = ("ii", "inode", "locked", "completed", "taken")
+
+    def __init__(self, ii: IncoreInode, inode: Inode, *, locked: bool) -> None:
+        self.ii = ii
+        self.inode = inode
+        self.locked = locked  # holds the rwsem shared and BLOCK (not with --bug pool-unlocked)
+        self.completed = 0  # completions drained
+        self.taken: int | None = None  # writes the binding took, known once disarmed
 
 
 class NativeReads:
     """trio only (module docstring)."""
 
     def __init__(
-        self, cache: PageCache, kernel: KernelCache, *, fd: int | None, block_size: int,
-        align: int, max_size: int,
+        self, fs: Filesystem, cache: PageCache, kernel: KernelCache, inodes: IncoreInodes, *,
+        fd: int | None, align: int, writes: bool,
     ) -> None:
+        self.fs = fs
         self.cache = cache
-        self._fd = fd if max_size > 0 else None  # the image's fd (raw backend), or None: off
-        self._bs = block_size
+        self.kernel = kernel
+        self.inodes = inodes
+        # the image's fd (raw backend), or None: off
+        self._fd = fd if fs.inline_io_bytes > 0 else None
         self._align = align
-        self._max = max_size
+        self._max = fs.inline_io_bytes
+        self.writes_enabled = writes and self._fd is not None  # the write pool runs
         self._armed: dict[int, list[int]] = {}  # ino -> its armed fhs
         self._reads: dict[int, int] = {}  # ino -> inline reads since its last disarm
+        self._pooled: dict[int, int] = {}  # ino -> pooled writes since its last disarm
+        self._writes: dict[int, _WriteArm] = {}  # fh -> its write arm, until released
         self._folded = (0, 0)  # native (reads, bytes) already added to the counters
         if self._fd is not None:
             cache.on_first_dirty = self.disarm_inode  # (c)
             kernel.on_may_cache = self.disarm_all  # (d)
 
+    @property
+    def writes_in_hand(self) -> bool:
+        """Some handle is armed for writes, or waits for their completions."""
+        return bool(self._writes)
+
+    # ---------------------------------------------------------------- arming
     def inline_read(self, h: Handle) -> None:
         """`read_inline` answered a read of `h`: arm `h` once its inode is in the steady state
         (module docstring). Called after `read_inline`'s checks passed for its range."""
@@ -94,54 +154,147 @@ class NativeReads:
             return  # armed: a read the native path leaves to Python (a hole, past its copy)
         n = self._reads.get(ino, 0) + 1
         self._reads[ino] = n
-        if n < ARM_AFTER or not self.cache.clean_in(ino, 0, _WHOLE_FILE):
+        if n >= ARM_AFTER:
+            self._arm(h)
+
+    def pooled_write(self, h: Handle) -> None:
+        """The write pool took an O_DSYNC write of `h` (durable_pool.offer, whose checks
+        passed): arm `h` for native writes once its inode is in the steady state."""
+        unlocked = bugs.enabled(Bug.POOL_UNLOCKED)
+        if (
+            not self.writes_enabled or h.fh in self._writes
+            or (bugs.any_enabled() and not bugs.only(Bug.POOL_UNLOCKED))
+        ):
             return
+        ino = h.inode.ino
+        n = self._pooled.get(ino, 0) + 1
+        self._pooled[ino] = n
+        fhs = self._armed.get(ino)
+        if n < ARM_AFTER or not ((fhs is not None and h.fh in fhs) or self._arm(h)):
+            return
+        ii = h.incore
+        if not unlocked:  # --bug pool-unlocked: the one place for native writes
+            # (f): what a pool write holds while in flight, held from now until the binding's
+            # writes of `h` are all drained (`_release_if_drained`); `offer` just took both,
+            # so both are granted at once
+            ii.rwsem.acquire_shared_nowait()
+            ii.pagecache.acquire_nowait(State.BLOCK)
+        # clean cached pages of the inode go now, as `offer` drops those of its range: under
+        # BLOCK no fill can insert one again until the release
+        dropped = self.cache.drop_range(ino, 0, _WHOLE_FILE)
+        if dropped:
+            stats.add("dio.shootdown_pages", dropped)
+        ii.pool_writes += 1
+        pyfuse3.arm_native_writes(h.fh, WRITE_TOKEN | h.fh)
+        self._writes[h.fh] = _WriteArm(ii, h.inode, locked=not unlocked)
+        stats.add("dio.native_write_arms")
+
+    def _arm(self, h: Handle) -> bool:
+        """Arm `h` for reads if the whole inode is in the steady state."""
+        ino = h.inode.ino
+        fd = self._fd
+        if (
+            fd is None or self.kernel.may_cache_any()
+            or not self.cache.clean_in(ino, 0, _WHOLE_FILE)
+        ):
+            return False
         extents = [(e.start, e.count, e.phys) for e in h.inode.extents if not e.unwritten]
         if not extents:
-            return
+            return False
         if not pyfuse3.arm_native_read(
-            h.fh, self._fd, self._bs, self._align, self._max, h.inode.size,
+            h.fh, fd, self.fs.bs, self._align, self._max, h.inode.size,
             extents[:MAX_EXTENTS],
         ):
             stats.add("dio.native_table_full")
-            return
+            return False
         stats.add("dio.native_arms")
-        if fhs is None:
-            fhs = self._armed[ino] = []
-        fhs.append(h.fh)
+        self._armed.setdefault(ino, []).append(h.fh)
         if not bugs.enabled(Bug.NATIVE_READ_ARMED):  # the one place: (a) and (b)
             disarm = functools.partial(self.disarm_inode, ino)
             h.inode.extents.on_change = disarm
             h.incore.rwsem.on_exclusive = disarm
+        return True
+
+    # ---------------------------------------------------------------- disarming
+    def _disarm_fh(self, fh: int) -> None:
+        taken = pyfuse3.disarm_native_read(fh)
+        arm = self._writes.get(fh)
+        if arm is not None and arm.taken is None:
+            arm.taken = taken or 0
+            self._release_if_drained(fh, arm)
 
     def disarm_inode(self, ino: int) -> None:
-        """(a), (b), (c): no native answer for `ino` from now on, until armed again."""
+        """(a), (b), (c), (e'): no native answer for `ino` from now on, until armed again."""
         self._reads.pop(ino, None)
+        self._pooled.pop(ino, None)
         fhs = self._armed.pop(ino, None)
         if fhs:
             for fh in fhs:
-                pyfuse3.disarm_native_read(fh)
+                self._disarm_fh(fh)
             stats.add("dio.native_disarms")
 
     def disarm_all(self) -> None:
         """(d), and unmount: no native answer at all from now on, until armed again."""
         self._reads.clear()
+        self._pooled.clear()
         if self._armed:
+            for fhs in self._armed.values():
+                for fh in fhs:
+                    if fh in self._writes:
+                        self._disarm_fh(fh)  # its count of writes taken, first
             self._armed.clear()
             pyfuse3.disarm_native_read(None)
             stats.add("dio.native_disarms")
 
     def released(self, h: Handle) -> None:
         """(e): `h` is closed."""
-        fhs = self._armed.get(h.inode.ino)
+        ino = h.inode.ino
+        fhs = self._armed.get(ino)
         if fhs is not None and h.fh in fhs:
             fhs.remove(h.fh)
-            pyfuse3.disarm_native_read(h.fh)
+            self._disarm_fh(h.fh)
             if not fhs:
-                del self._armed[h.inode.ino]
+                del self._armed[ino]
         if not h.incore.opens:
-            self._reads.pop(h.inode.ino, None)
+            self._reads.pop(ino, None)
+            self._pooled.pop(ino, None)
 
+    # ---------------------------------------------------------------- writes
+    def write_completed(self, token: int, result: int) -> None:
+        """The pool drained a native write of the handle in `token` (durable_pool.drain)."""
+        fh = token & ~WRITE_TOKEN
+        arm = self._writes[fh]
+        arm.completed += 1
+        self.fs.touch_overwrite(arm.inode)  # as `offer` sets it for a pool write
+        stats.add("ops.write")
+        stats.add("dio.native_writes")
+        if result < 0:
+            stats.add("dio.pool_write_errors")
+            stats.add("errors.io")
+            log.info("native direct write of inode %d failed: %s", arm.ii.ino,
+                     os.strerror(-result))
+        else:
+            stats.add("dio.bytes_written", result)
+            stats.add("durability.sync_writes")
+            stats.add("durability.durable_writes")
+        if arm.taken is not None:
+            self._release_if_drained(fh, arm)
+
+    def _release_if_drained(self, fh: int, arm: _WriteArm) -> None:
+        """(f): once disarmed and every write the binding took is drained, give back what
+        the arm held."""
+        if arm.completed != arm.taken:
+            return
+        del self._writes[fh]
+        ii = arm.ii
+        if arm.locked:
+            ii.pagecache.release(State.BLOCK)
+            ii.rwsem.release_shared()
+        ii.pool_writes -= 1
+        if not ii.pool_writes:
+            self.inodes.evict_if_unused(arm.inode)  # deferred while armed
+
+    # ---------------------------------------------------------------- counters
     def fold_stats(self) -> None:
         """Add the native answers since the last call to the counters."""
         if self._fd is None:

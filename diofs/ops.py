@@ -298,6 +298,8 @@ class Operations(pyfuse3.Operations):
     async def getattr(self, inode: InodeT, ctx: RequestContext | None = None) -> EntryAttributes:
         if inode == STATS_INO:
             return self._stats_attrs()
+        if self.io.native.writes_in_hand:  # their mtime first (native_read.py, "Writes")
+            self.io.pool.drain()
         return self._attrs(self.fs.get(inode))
 
     @_fuse_handler
@@ -598,6 +600,7 @@ class Operations(pyfuse3.Operations):
     ) -> None:
         node = self._xattr_inode(inode)
         self._check_writable()
+        self.io.native.disarm_inode(node.ino)  # a write must now see the xattrs (KILLPRIV)
         self.fs.setxattr(node, name, value, ctx.uid)
 
     @_fuse_handler

@@ -50,6 +50,7 @@ from diofs.errors import EXIT_MOUNT_FAILED, DiofsError
 _BINDING_NAMES = (
     "request_context", "invalidate_inode_range", "ReplyFromThread", "KILL_SUIDGID",
     "handle_killpriv_v2_negotiated", "get_session_fd", "PooledWrite", "arm_native_read",
+    "arm_native_writes",
 )
 _OPERATIONS_NAMES = (
     "fallocate", "enable_auto_inval_data", "enable_async_dio", "enable_write_views",

@@ -35,6 +35,12 @@ and, where cheap, one that shows the default keeps stock behaviour (`stock`: no 
     (part 1); that armed handles' reads are answered natively, and disarmed before anything
     that would change the answer, is tested on a diofs mount (tests/test_native_read.py) and
     by the patch's own test/test_native_read.py.
+  - 0015 page-cache-read-flags: a fault READ through an O_DIRECT open carries no O_DIRECT
+    (the patch's own test/test_page_cache_read_flags.py; on a diofs mount,
+    tests/test_dio_kernel_cache.py::test_direct_open_while_reading_into_a_mapping_of_a_direct_open).
+  - 0016 native-dsync-write: arm_native_writes exists (part 1); that an armed handle's
+    O_DSYNC writes are taken, written, reported and answered is tested on a diofs mount
+    (tests/test_dio_pool.py) and by the patch's own test/test_native_read.py.
 
 The daemon writes one JSON line per request to a report file before replying. Every mount has
 a hard deadline (harness/watchdog.py): past it the FUSE connection is aborted through fusectl
@@ -371,6 +377,9 @@ def test_binding_has_the_series_api() -> None:
     assert (pw.fd, pw.offset, pw.token, pw.flags) == (3, 4096, 7, os.RWF_DSYNC)
     assert pyfuse3.write_pool_completions() == [] and pyfuse3.write_pool_in_flight() == 0
     assert pyfuse3.native_read_counts() == (0, 0)
+    assert pyfuse3.native_write_count() == 0
+    with pytest.raises(OSError):
+        pyfuse3.arm_native_writes(1, 1)  # not armed for reads
     with pytest.raises(ValueError):
         pyfuse3.arm_native_read(1, 0, 3000, 512, 4096, 4096, [(0, 1, 0)])  # not a power of 2
     pyfuse3.disarm_native_read(None)

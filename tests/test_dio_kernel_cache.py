@@ -360,3 +360,25 @@ def test_direct_open_while_reading_into_mapping(mount_factory: MountFactory, bug
     assert "folio_mark_dirty_lock" in report and "fuse_launder_folio" in report, report
     assert "fuse_open" in report, report  # the opener's drop holds the folio lock
     assert_rescued_cleanly(m, result, daemon_pid)
+
+
+def test_direct_open_while_reading_into_a_mapping_of_a_direct_open(
+    mount_factory: MountFactory,
+) -> None:
+    """The race above with the mapping made through an O_DIRECT open. The kernel's fault
+    READs through it carry O_DIRECT in their flags, so diofs took them for direct reads: it
+    never marked the inode as cached, and the direct READs into the mapping were answered
+    from the loop (natively or by `read_inline`), which hung against the opener's drop in
+    every run. Only direct I/O names a lock owner in its READs; binding patch
+    0015-page-cache-read-flags publishes the others without O_DIRECT (fuse-facts-more row
+    33), so the faults mark the inode and the replies go out from a thread."""
+    m = mount_factory(size="16M")
+    path = m.path("f")
+    with open(path, "wb") as f:
+        f.write(os.urandom(3 * PAGE))
+    reads, opens = run_in_child(direct_reads_into_mapping_vs_direct_opens, path,
+                                OPEN_RACE_ROUNDS, os.O_DIRECT, timeout=OPEN_RACE_TIMEOUT_S,
+                                mounts=[m])
+    assert reads == OPEN_RACE_ROUNDS and opens > 0, (reads, opens)
+    st = m.stats()
+    assert st.get("dio.thread_replies", 0) > 0, st

@@ -264,14 +264,14 @@ class Daemon:
         # crash-log or fault-injection wrappers, nor NBD), and a writable one
         pool_fd = self.backend.fd if type(self.backend) is RawImage and self.backend.writable \
             else None
-        self.pool = DurablePool(
-            fs, self.cache, inodes, self.kernel, threads=o.dsync_pool, fd=pool_fd
-        )
         dio_align = o.dio_align or fs.sb.dio_align
         native = NativeReads(
-            self.cache, self.kernel,
+            fs, self.cache, self.kernel, inodes,
             fd=self.backend.fd if type(self.backend) is RawImage and o.native_read else None,
-            block_size=fs.bs, align=dio_align, max_size=fs.inline_io_bytes,
+            align=dio_align, writes=pool_fd is not None and o.dsync_pool > 0,
+        )
+        self.pool = DurablePool(
+            fs, self.cache, inodes, self.kernel, native, threads=o.dsync_pool, fd=pool_fd
         )
         self.io = IoContext(
             fs, self.cache, self.writeback, inodes, FaultMarker(), self.durability, self.kernel,

@@ -40,7 +40,7 @@ Lock ordering (outer first; each edge names where the nesting happens):
   inode RwSem shared            (durable_pool.DurablePool.offer: acquire_shared_nowait)
     ->PagecacheLock BLOCK       (durable_pool.DurablePool.offer: acquire_nowait, owner 0)
       ->image I/O               (a native pool thread, pwritev2 RWF_DSYNC, then its answer)
-    [both released when the loop drains the completion (DurablePool._drain); a holder that
+    [both released when the loop drains the completion (DurablePool.drain); a holder that
      waits only for an image write, so the "holders never wait for a new request" rule holds]
 
   [truncate, punch hole, zero range, preallocate]

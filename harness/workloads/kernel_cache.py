@@ -42,13 +42,15 @@ def direct_reads_into_own_mapping(path: str, rounds: int) -> int:
     return lost
 
 
-def direct_reads_into_mapping_vs_direct_opens(path: str, rounds: int) -> tuple[int, int]:
+def direct_reads_into_mapping_vs_direct_opens(
+    path: str, rounds: int, mapping_flags: int = 0
+) -> tuple[int, int]:
     """Child: one thread `rounds` times writes page 2 directly and reads it back with
-    O_DIRECT into a MAP_SHARED mapping of page 0 (which each read's completion dirties),
-    while another thread opens and closes the file with O_DIRECT in a loop. Returns
-    (reads, opens) done."""
+    O_DIRECT into a MAP_SHARED mapping of page 0 (which each read's completion dirties; the
+    mapping made through an open with `mapping_flags`), while another thread opens and
+    closes the file with O_DIRECT in a loop. Returns (reads, opens) done."""
     fd = os.open(path, os.O_RDWR | os.O_DIRECT)
-    mfd = os.open(path, os.O_RDWR)
+    mfd = os.open(path, os.O_RDWR | mapping_flags)
     m = mmap.mmap(mfd, 3 * PAGE)
     stop = threading.Event()
     opens = 0
