@@ -28,8 +28,8 @@ across the mutation it makes, so the fd that reads is armed when the file change
 - mmap: a page written through a MAP_SHARED mapping of another fd (with and without msync)
   is what the armed fd reads next. An O_DIRECT read into a MAP_SHARED mapping of the same
   file (seed 004's self-read; the mapping made through another fd or through the armed
-  O_DIRECT fd itself, whose fault READs then carry O_DIRECT) completes in a child within a
-  deadline and moves the right bytes.
+  O_DIRECT fd itself, whose fault READs name no lock owner and are buffered: fuse-facts-more
+  row 33) completes in a child within a deadline and moves the right bytes.
 - More handles than the binding's table (64): the others stay on the Python path
   (`dio.native_table_full`), all bytes right; after closing them, arming works again.
 - Stress (~3 s): readers of blocks nobody writes, writers that each own blocks, a
