@@ -23,7 +23,8 @@ await, by:
       image no longer has the newest bytes; seed 004's "write back dirty pages first");
   (d) the kernel starting to cache a page of the mount (KernelCache.on_may_cache, every handle:
       a reply must then not be written from the loop, kernel_cache.py, seed 002);
-  (e) the release of the handle, and unmount (`stop`, before the image closes).
+  (e) the release of the handle, and unmount (`disarm_all`, before the write pool stops and
+      the image closes: cli/mount.py).
 i_size growing needs nothing (a read past the armed size goes to Python); it shrinks only
 under an exclusive hold (b). Overwrites of written extents in place need nothing: the native
 read takes the image's bytes, as `read_inline` does, and concurrent direct reads and writes of
@@ -59,8 +60,9 @@ for it is drained:
       gives the holds back when that many completions are drained. So a truncate, punch or
       extending write (exclusive rwsem), a buffered fill (ADD; its READ disarmed the mount
       first, (d)) or the inode's freeing waits for the writes in flight, as for pool writes.
-  (g) the mtime is set when a completion is drained (`write_completed`), and a GETATTR drains
-      the completions first: the binding reports a write before it answers it.
+  (g) the mtime is set when a completion is drained (`write_completed`); GETATTR, SETATTR
+      and FSYNC drain the completions first (ops._native_writes_seen), and the binding reports
+      a write before it answers it, so they see every write answered before they were sent.
   An FSYNC needs nothing of them: an answered native write is on stable storage (RWF_DSYNC).
 --bug pool-unlocked leaves the holds of (f) out, as for pool writes (tests/test_dio_pool.py).
 

@@ -298,8 +298,7 @@ class Operations(pyfuse3.Operations):
     async def getattr(self, inode: InodeT, ctx: RequestContext | None = None) -> EntryAttributes:
         if inode == STATS_INO:
             return self._stats_attrs()
-        if self.io.native.writes_in_hand:  # their mtime first (native_read.py, "Writes")
-            self.io.pool.drain()
+        self._native_writes_seen()
         return self._attrs(self.fs.get(inode))
 
     @_fuse_handler
@@ -307,6 +306,7 @@ class Operations(pyfuse3.Operations):
         self, inode: InodeT, attr: EntryAttributes, fields: SetattrFields,
         fh: FileHandleT | None, ctx: RequestContext,
     ) -> EntryAttributes:
+        self._native_writes_seen()  # before an mtime the caller sets
         node = self.fs.get(inode)
         now = time.time_ns()
         kill = request.current().kill_suidgid  # truncate or chown (KILLPRIV_V2)
@@ -472,6 +472,12 @@ class Operations(pyfuse3.Operations):
         h = self.handles.open(node, self.io.inodes.get(node.ino), flags, 0)
         return self._file_info(h), self._entry(node)
 
+    def _native_writes_seen(self) -> None:
+        """Drain the write pool's completed native writes: their mtime (native_read.py (g)).
+        Every write answered before this request was sent is among them."""
+        if self.io.native.writes_in_hand:
+            self.io.pool.drain()
+
     def _handle(self, fh: int) -> Handle:
         """The open file `fh` of a request: the open that made it has returned."""
         h = self.handles.get(fh)
@@ -560,6 +566,7 @@ class Operations(pyfuse3.Operations):
         if fh >= STATS_INO:
             return
         h = self._handle(fh)
+        self._native_writes_seen()  # their mtime, for the commit below
         await self.io.pool.wait_inode(h.incore)  # its pool writes in flight (durable_pool.py)
         with contextlib.suppress(OSError):  # recorded (errseq) by the writeback; reported below
             await self.io.writeback.writeback_inode(h.inode.ino)

@@ -213,7 +213,8 @@ def test_pool_off(mount_factory: MountFactory) -> None:
 def test_native_writes_set_the_mtime(mount_factory: MountFactory) -> None:
     """O_DSYNC overwrites the binding takes itself once fio's handle is armed
     (diofs/native_read.py, "Writes") set the mtime as pool writes do: after a second of
-    such writes, the mtime is later than half a second into them."""
+    such writes, the mtime is later than half a second into them; an mtime set afterwards
+    stays."""
     m = mount_factory(size="64M")
     path = m.path("pooled")
     _lay_out(path, FILE_SIZE, 0x11)
@@ -234,3 +235,5 @@ def test_native_writes_set_the_mtime(mount_factory: MountFactory) -> None:
     assert st.get("dio.native_writes", 0) > 0, st
     assert st.get("dio.pool_writes", 0) == pool_before, st  # none went through `offer`
     assert os.stat(path).st_mtime_ns >= t0
+    os.utime(path, ns=(1_000_000_000, 2_000_000_000))  # a later drain must not undo it
+    assert os.stat(path).st_mtime_ns == 2_000_000_000
