@@ -47,7 +47,7 @@ class Bug(enum.Enum):
     POOL_UNLOCKED = "pool-unlocked"
     # direct READs the binding answers natively stay armed when the file's mapping changes or
     # an exclusive rwsem hold is asked: after a punch hole or truncate they return the freed
-    # blocks' old bytes (diofs/native_read.py)
+    # blocks' old bytes (diofs/native_io.py)
     NATIVE_READ_ARMED = "native-read-armed"
 
     __hash__ = object.__hash__  # members are singletons; asked on every request (hot path)

@@ -60,7 +60,7 @@ import trio
 from diofs import bugs, hang_detector, request, stats
 from diofs.bugs import Bug
 from diofs.locks.two_state import State
-from diofs.native_read import WRITE_TOKEN
+from diofs.native_io import WRITE_TOKEN
 
 if TYPE_CHECKING:
     from diofs.cache import PageCache
@@ -69,7 +69,7 @@ if TYPE_CHECKING:
     from diofs.handles import Handle
     from diofs.incore import IncoreInode, IncoreInodes
     from diofs.kernel_cache import KernelCache
-    from diofs.native_read import NativeReads
+    from diofs.native_io import NativeIo
 
 log = logging.getLogger(__name__)
 
@@ -97,13 +97,13 @@ class DurablePool:
 
     def __init__(
         self, fs: Filesystem, cache: PageCache, inodes: IncoreInodes, kernel: KernelCache,
-        native: NativeReads, *, threads: int, fd: int | None,
+        native: NativeIo, *, threads: int, fd: int | None,
     ) -> None:
         self.fs = fs
         self.cache = cache
         self.inodes = inodes
         self.kernel = kernel
-        self.native = native  # the binding's own O_DSYNC writes (native_read.py, "Writes")
+        self.native = native  # the binding's own O_DSYNC writes (native_io.py, "Writes")
         self.threads = threads
         self._fd = fd  # the image's fd (raw backend only), or None: no pool
         self._running = False
@@ -159,7 +159,7 @@ class DurablePool:
 
     def drain(self) -> None:
         """Take the completed writes (`run` does, when the pool's eventfd is readable; a
-        GETATTR does first, for the mtime of native writes: native_read.py)."""
+        GETATTR does first, for the mtime of native writes: native_io.py)."""
         done = pyfuse3.write_pool_completions()
         if not done:
             return

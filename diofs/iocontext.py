@@ -17,7 +17,7 @@ from diofs.fs import Filesystem
 from diofs.incore import IncoreInodes
 from diofs.kernel_cache import KernelCache
 from diofs.locks import FaultMarker
-from diofs.native_read import NativeReads
+from diofs.native_io import NativeIo
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -30,4 +30,4 @@ class IoContext:
     durability: Durability  # sync writes, group commit, errseq
     kernel: KernelCache  # what the kernel may cache, and its invalidator
     pool: DurablePool  # O_DSYNC direct overwrites written by the binding's native threads
-    native: NativeReads  # direct reads the binding answers without Python
+    native: NativeIo  # direct reads the binding answers without Python

@@ -111,7 +111,7 @@ class KernelCache:
         self._thread: threading.Thread | None = None
         self.done = 0  # invalidations completed; written by the thread only (stats may not be)
         self._held = 0  # requests answered elsewhere but still in the daemon's hands (hold)
-        # called when the first inode becomes one the kernel may cache (native_read.py)
+        # called when the first inode becomes one the kernel may cache (native_io.py)
         self.on_may_cache: Callable[[], None] | None = None
 
     # ---------------------------------------------------------------- what may be cached

@@ -473,7 +473,7 @@ class Operations(pyfuse3.Operations):
         return self._file_info(h), self._entry(node)
 
     def _native_writes_seen(self) -> None:
-        """Drain the write pool's completed native writes: their mtime (native_read.py (g)).
+        """Drain the write pool's completed native writes: their mtime (native_io.py (g)).
         Every write answered before this request was sent is among them."""
         if self.io.native.writes_in_hand:
             self.io.pool.drain()

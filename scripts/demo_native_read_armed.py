@@ -1,5 +1,5 @@
 """--bug native-read-armed: the binding answers O_DIRECT reads of a file in the steady state
-with its own copy of the file's extents (diofs/native_read.py, binding patch 0014); without
+with its own copy of the file's extents (diofs/native_io.py, binding patch 0014); without
 the disarm on exclusive operations and extent changes, that copy outlives a punch hole and a
 truncate, and the reads return bytes the file no longer has: the punched range's old bytes
 (or another file's, once an allocation reused the freed blocks), and the old bytes of a range

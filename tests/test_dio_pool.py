@@ -212,7 +212,7 @@ def test_pool_off(mount_factory: MountFactory) -> None:
 
 def test_native_writes_set_the_mtime(mount_factory: MountFactory) -> None:
     """O_DSYNC overwrites the binding takes itself once fio's handle is armed
-    (diofs/native_read.py, "Writes") set the mtime as pool writes do: after a second of
+    (diofs/native_io.py, "Writes") set the mtime as pool writes do: after a second of
     such writes, the mtime is later than half a second into them; an mtime set afterwards
     stays."""
     m = mount_factory(size="64M")

@@ -1,4 +1,4 @@
-"""O_DIRECT reads answered by the binding without Python (diofs/native_read.py, issue 15).
+"""O_DIRECT reads answered by the binding without Python (diofs/native_io.py, issue 15).
 
 After `ARM_AFTER` inline direct reads of an inode, diofs arms the file handle: the binding
 then answers O_DIRECT, aligned READs of it that lie inside one written extent and inside the
@@ -7,7 +7,7 @@ across the mutation it makes, so the fd that reads is armed when the file change
 
 - Steady state: a file laid out with O_DIRECT writes, read 4 KiB at a time at random from
   two threads and by fio (libaio, QD16): `dio.native_reads` > 0, `dio.native_arms` >= 1, and
-  every byte read is the pattern written. With `-o native_read=off`: no native read, the
+  every byte read is the pattern written. With `-o native_io=off`: no native read, the
   same bytes.
 - Sector-sized reads (any multiple of `-o dio_align`, 512 or 4096, at any aligned offset) of
   a file of short extents, holes and unwritten extents through an armed fd: the model's
@@ -177,9 +177,9 @@ def _fio_randread(path: str) -> None:
     assert result.returncode == 0, result.stderr + result.stdout
 
 
-@pytest.mark.parametrize("native_read", ["on", "off"])
-def test_steady_state_reads_go_native(mount_factory: MountFactory, native_read: str) -> None:
-    m = mount_factory(size="64M", opts={"native_read": native_read})
+@pytest.mark.parametrize("native_io", ["on", "off"])
+def test_steady_state_reads_go_native(mount_factory: MountFactory, native_io: str) -> None:
+    m = mount_factory(size="64M", opts={"native_io": native_io})
     path = m.path("f")
     model = bytes(lay_out(path))
     errors: list[str] = []
@@ -194,14 +194,14 @@ def test_steady_state_reads_go_native(mount_factory: MountFactory, native_read: 
     assert not any(t.is_alive() for t in threads), "readers hung"
     assert not errors, errors
     reads, arms, _ = native(m)
-    if native_read == "off":
+    if native_io == "off":
         assert (reads, arms) == (0, 0)
     else:
         assert reads > 0 and arms >= 1, (reads, arms)
     if shutil.which("fio") is not None:
         _fio_randread(path)
         after, _, _ = native(m)
-        if native_read == "off":
+        if native_io == "off":
             assert after == 0
         else:
             assert after - reads > 1000, f"fio's QD16 reads did not go native ({reads} -> {after})"

@@ -95,7 +95,7 @@ class PageCache:
         # so that throttled writers re-check; set by Writeback.
         self.on_undirty: Callable[[], None] | None = None
         # Called with the ino when a page of an inode with no dirty page turns dirty, before
-        # the bytes are in it (native_read.py: the image no longer has the newest data).
+        # the bytes are in it (native_io.py: the image no longer has the newest data).
         self.on_first_dirty: Callable[[int], None] | None = None
 
     # ---------------------------------------------------------------- accounting

@@ -24,8 +24,8 @@ dsync_pool=N (native threads that write and answer O_DSYNC direct overwrites, di
 default 8, 0 or off = none: group commit or an inline RWF_DSYNC write instead),
 receive_spin=US (how long a worker that answered a request keeps reading /dev/fuse for the next
 one before it sleeps in the event loop; default 50 microseconds, 0 = off; diofs/ops.py),
-native_read=on|off (O_DIRECT reads of files in the steady state answered by the binding without
-Python, diofs/native_read.py; default on),
+native_io=on|off (O_DIRECT reads, and O_DSYNC direct overwrites, of files in the steady state
+answered by the binding without Python, diofs/native_io.py; default on),
 entry_timeout=S and attr_timeout=S (how long the kernel may cache names and attributes;
 default 3600, see diofs/ops.py), fill_delay=S, dio_delay=S and data_delay=S (demo hooks that
 widen race windows; data_delay: a data write into new blocks or past EOF sleeps between
@@ -69,7 +69,7 @@ from diofs.incore import IncoreInodes
 from diofs.iocontext import IoContext
 from diofs.kernel_cache import KernelCache
 from diofs.locks import FaultMarker
-from diofs.native_read import NativeReads
+from diofs.native_io import NativeIo
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ class Options:
     sync_dispatch: bool = True
     receive_spin_us: float = 50.0  # Operations.receive_spin_us; 0: sleep at once
     dsync_pool: int = DEFAULT_POOL_THREADS  # native threads for O_DSYNC writes; 0: none
-    native_read: bool = True  # diofs/native_read.py
+    native_io: bool = True  # diofs/native_io.py
     xattr: bool = True
     nbd: NbdOptions = field(default_factory=NbdOptions)
     discard: bool = False
@@ -148,8 +148,8 @@ def parse_options(items: list[str]) -> Options:
                     o.xattr = value == "on"
                 elif key == "sync_dispatch" and value in ("on", "off"):
                     o.sync_dispatch = value == "on"
-                elif key == "native_read" and value in ("on", "off"):
-                    o.native_read = value == "on"
+                elif key == "native_io" and value in ("on", "off"):
+                    o.native_io = value == "on"
                 elif key == "shootdown" and value in ("unlocked", "locked"):
                     o.shootdown = value
                 elif key == "backend" and value in ("raw", "crash", "fault"):
@@ -265,9 +265,9 @@ class Daemon:
         pool_fd = self.backend.fd if type(self.backend) is RawImage and self.backend.writable \
             else None
         dio_align = o.dio_align or fs.sb.dio_align
-        native = NativeReads(
+        native = NativeIo(
             fs, self.cache, self.kernel, inodes,
-            fd=self.backend.fd if type(self.backend) is RawImage and o.native_read else None,
+            fd=self.backend.fd if type(self.backend) is RawImage and o.native_io else None,
             align=dio_align, writes=pool_fd is not None and o.dsync_pool > 0,
         )
         self.pool = DurablePool(

@@ -52,7 +52,7 @@ class Segment:
 
 class ExtentMap:
     """`on_change`, when set, is called (and cleared) before the map changes what any block
-    maps to: native_read.py disarms the binding's copy of this map there."""
+    maps to: native_io.py disarms the binding's copy of this map there."""
 
     __slots__ = ("_ext", "_starts", "on_change")
 

@@ -21,7 +21,7 @@ class RwSem:
         self._writer = False
         self._writers_waiting = 0
         self._changed: trio.Event | None = None
-        # called (and cleared) when an exclusive hold is asked for (native_read.py)
+        # called (and cleared) when an exclusive hold is asked for (native_io.py)
         self.on_exclusive: Callable[[], None] | None = None
 
     def _notify(self) -> None:

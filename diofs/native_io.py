@@ -114,7 +114,7 @@ class _WriteArm:
         self.taken: int | None = None  # writes the binding took, known once disarmed
 
 
-class NativeReads:
+class NativeIo:
     """trio only (module docstring)."""
 
     def __init__(
