@@ -23,8 +23,8 @@ await, by:
       image no longer has the newest bytes; seed 004's "write back dirty pages first");
   (d) the kernel starting to cache a page of the mount (KernelCache.on_may_cache, every handle:
       a reply must then not be written from the loop, kernel_cache.py, seed 002);
-  (e) the release of the handle, and unmount (`disarm_all`, before the write pool stops and
-      the image closes: cli/mount.py).
+  (e) the release of the handle; unmount (`disarm_all`, before the write pool stops and the
+      image closes: cli/mount.py); the mount turning failsafe (ops.py: writes fail with EIO).
 i_size growing needs nothing (a read past the armed size goes to Python); it shrinks only
 under an exclusive hold (b). Overwrites of written extents in place need nothing: the native
 read takes the image's bytes, as `read_inline` does, and concurrent direct reads and writes of

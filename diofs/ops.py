@@ -93,6 +93,7 @@ def _fuse_error(self: Operations, exc: Exception, name: str) -> pyfuse3.FUSEErro
         return pyfuse3.FUSEError(exc.errno)
     if not self.failsafe:
         log.exception("unexpected error in %s; mount is failsafe, run fsck", name)
+        self.io.native.disarm_all()  # the binding's native writes would not see it
     self.failsafe = True
     stats.add("errors.internal")
     return pyfuse3.FUSEError(errno.EIO)
