@@ -219,5 +219,9 @@ def test_full_image_gives_enospc_and_recovers(mount_factory, tmp_path, direct):
     with open(path, "rb") as f:
         assert f.read(4096) == b"x" * 4096
     os.unlink(path)  # space comes back; the mount keeps working
+    # once the kernel's RELEASE of the closed fd arrives (it sends it asynchronously, and may
+    # send it after the UNLINK): the blocks are freed with the last reference
+    m.wait_stats(lambda st: os.statvfs(m.mnt).f_bavail * os.statvfs(m.mnt).f_frsize > 1 << 20,
+                 "blocks freed")
     still_serving(m)
     assert m.stats().get("errors.internal", 0) == 0
