@@ -158,8 +158,9 @@ class DurablePool:
         return pyfuse3.PooledWrite(fd, phys * self.fs.bs, token, os.RWF_DSYNC)
 
     def drain(self) -> None:
-        """Take the completed writes (`run` does, when the pool's eventfd is readable; a
-        GETATTR does first, for the mtime of native writes: native_io.py)."""
+        """Take the completed writes (`run` does, when the pool's eventfd is readable;
+        GETATTR, SETATTR and FSYNC do first, for the mtime of native writes:
+        ops._native_writes_seen)."""
         done = pyfuse3.write_pool_completions()
         if not done:
             return

@@ -30,4 +30,4 @@ class IoContext:
     durability: Durability  # sync writes, group commit, errseq
     kernel: KernelCache  # what the kernel may cache, and its invalidator
     pool: DurablePool  # O_DSYNC direct overwrites written by the binding's native threads
-    native: NativeIo  # direct reads the binding answers without Python
+    native: NativeIo  # direct reads and O_DSYNC overwrites the binding takes without Python
