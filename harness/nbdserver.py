@@ -34,6 +34,7 @@ import ctypes
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -98,6 +99,16 @@ PR_SET_CHILD_SUBREAPER = 36
 def _die_with_parent() -> None:
     """preexec_fn: SIGKILL this child when the process that started it dies."""
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def _listens(path: Path) -> bool:
+    """A connection to the unix socket `path` is accepted (closed at once)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except (ConnectionRefusedError, FileNotFoundError):
+            return False
+    return True
 
 
 class _Server:
@@ -260,7 +271,10 @@ class NbdServerDaemon(_Server):
                                     stderr=subprocess.STDOUT)
 
     def _ready(self) -> bool:
-        return self.socket.exists() and self.daemon_pid() is not None
+        # the socket file appears at bind(), the pid file may come before listen(): only a
+        # connection shows the server listens (a check that once failed a CI run with
+        # ECONNREFUSED). nbd-server forks a child for the probe, which ends at its EOF.
+        return self.socket.exists() and self.daemon_pid() is not None and _listens(self.socket)
 
     def daemon_pid(self) -> int | None:
         """The pid of the listening nbd-server (from its pid file), or None."""
