@@ -47,11 +47,11 @@ write pool took through `offer` (durable_pool.py: the layout committed, no xattr
 dirty, the kernel caching nothing of the inode) costs ~34 us of the trio thread before a pool
 thread writes it. After `ARM_AFTER` of them for an inode, the handle is armed for writes too
 (`pyfuse3.arm_native_writes`): the binding then queues such a WRITE (O_DIRECT, O_DSYNC not
-O_SYNC, no kill-suid/sgid flag, aligned, inside the copied i_size and one written extent) for
-the pool itself, which writes it with RWF_DSYNC and answers only after pwritev2 returned; a
-lone one the request loop writes itself. Python learns of each such write only from its
-completion, so for as long as the handle is armed, and until every write the binding took
-for it is drained:
+O_SYNC, not O_APPEND as in `write_inline`, no kill-suid/sgid flag, aligned, inside the copied
+i_size and one written extent) for the pool itself, which writes it with RWF_DSYNC and answers
+only after pwritev2 returned; a lone one the request loop writes itself. Python learns of
+each such write only from its completion, so for as long as the handle is armed, and until
+every write the binding took for it is drained:
   (f) the arm holds what a pool write holds while in flight (durable_pool.py (a)-(c)): the
       inode rwsem shared, the pagecache lock in BLOCK, one `pool_writes` count. Every clean
       cached page of the inode is dropped when it is armed (no fill can insert one under
