@@ -150,6 +150,16 @@ def open_direct(path: str, flags: int = os.O_RDWR) -> int:
     return os.open(path, flags | os.O_DIRECT)
 
 
+def laid_out_mount(
+    mount_factory: MountFactory, bugs: list[str] | None = None
+) -> tuple[Mount, str, bytearray]:
+    """A fresh 64M mount (with `bugs`) holding file "f" laid out by `lay_out`: (mount, path,
+    model)."""
+    m = mount_factory(size="64M", bugs=bugs or [])
+    path = m.path("f")
+    return m, path, lay_out(path)
+
+
 # --------------------------------------------------------------------------- steady state
 
 
@@ -395,9 +405,7 @@ def _resume(m: Mount, path: str, fd: int, model: bytearray) -> None:
 
 @pytest.mark.parametrize("name", list(MUTATIONS))
 def test_armed_fd_sees_each_mutation(mount_factory: MountFactory, name: str) -> None:
-    m = mount_factory(size="64M")
-    path = m.path("f")
-    model = lay_out(path)
+    m, path, model = laid_out_mount(mount_factory)
     fd = open_direct(path, os.O_RDONLY)
     try:
         arm(m, fd, model)
@@ -423,9 +431,7 @@ def test_armed_fd_sees_write_into_hole(mount_factory: MountFactory) -> None:
     """Punch (disarms), armed again, then a direct write into the hole (allocation: disarms
     again) and a buffered one into the rest of it (dirty, then written back into new blocks):
     the armed fd reads the new bytes each time."""
-    m = mount_factory(size="64M")
-    path = m.path("f")
-    model = lay_out(path)
+    m, path, model = laid_out_mount(mount_factory)
     fd = open_direct(path, os.O_RDONLY)
     try:
         arm(m, fd, model)
@@ -461,9 +467,7 @@ def test_armed_fd_sees_write_into_hole(mount_factory: MountFactory) -> None:
 def test_bug_switch_punch_returns_freed_blocks(mount_factory: MountFactory, bug_on: bool) -> None:
     """After a punch hole through another fd, the armed fd reads zeros there; with
     --bug native-read-armed it still reads the freed blocks' old bytes."""
-    m = mount_factory(size="64M", bugs=["native-read-armed"] if bug_on else [])
-    path = m.path("f")
-    model = lay_out(path)
+    m, path, model = laid_out_mount(mount_factory, ["native-read-armed"] if bug_on else None)
     old = bytes(model[HOT : HOT + HOT_LEN])
     fd = open_direct(path, os.O_RDONLY)
     try:
@@ -489,9 +493,7 @@ def test_bug_switch_truncate_returns_old_bytes(mount_factory: MountFactory, bug_
     """After a truncate to TRUNC_SIZE through the path, a 64 KiB read through the armed fd
     that starts 4 blocks below the new EOF returns 4 blocks + 1000 bytes; with
     --bug native-read-armed all 64 KiB, the freed blocks' old bytes included."""
-    m = mount_factory(size="64M", bugs=["native-read-armed"] if bug_on else [])
-    path = m.path("f")
-    model = lay_out(path)
+    m, path, model = laid_out_mount(mount_factory, ["native-read-armed"] if bug_on else None)
     old = bytes(model)
     start = (TRUNC_SIZE // BS - 4) * BS
     fd = open_direct(path, os.O_RDONLY)
@@ -519,9 +521,7 @@ def test_mapping_write_then_armed_read(mount_factory: MountFactory, msync: bool)
     """A page written through a MAP_SHARED mapping of another fd: the armed fd's O_DIRECT
     read returns it (with msync the WRITE comes first; without it the kernel writes the
     dirty page back before it sends the direct READ)."""
-    m = mount_factory(size="64M")
-    path = m.path("f")
-    model = lay_out(path)
+    m, path, model = laid_out_mount(mount_factory)
     fd = open_direct(path, os.O_RDONLY)
     mfd = os.open(path, os.O_RDWR)
     try:
@@ -816,9 +816,7 @@ def test_stress_mutations_against_armed_readers(mount_factory: MountFactory) -> 
 
 
 def test_unmount_right_after_armed_fds(mount_factory: MountFactory) -> None:
-    m = mount_factory(size="64M")
-    path = m.path("f")
-    model = lay_out(path)
+    m, path, model = laid_out_mount(mount_factory)
     fds = [open_direct(path, os.O_RDONLY) for _ in range(2)]
     try:
         for fd in fds:
