@@ -59,7 +59,6 @@ import trio
 
 from diofs import bugs, hang_detector, request, stats
 from diofs.bugs import Bug
-from diofs.locks.two_state import State
 from diofs.native_io import WRITE_TOKEN
 
 if TYPE_CHECKING:
@@ -126,7 +125,7 @@ class DurablePool:
         end = off + size
         unlocked = bugs.enabled(Bug.POOL_UNLOCKED)
         if (
-            (bugs.any_enabled() and not (unlocked and len(bugs.active()) == 1))
+            (bugs.any_enabled() and not bugs.only(Bug.POOL_UNLOCKED))
             or ii.kernel_may_cache
             or inode.xattrs is not None
             or not self.fs.layout_committed
@@ -138,14 +137,12 @@ class DurablePool:
         phys = self.fs.inline_overwrite_block(inode, off, size)
         if phys is None:
             return None
-        if not unlocked:  # --bug pool-unlocked: the one place (module docstring, (a) and (b))
-            ii.rwsem.acquire_shared_nowait()
-            ii.pagecache.acquire_nowait(State.BLOCK)
+        # --bug pool-unlocked: the one place (module docstring, (a) and (b))
+        ii.pool_io_begin(locked=not unlocked)
         # clean cached pages of the range (a buffered layout's) go now: module docstring
         dropped = self.cache.drop_range(inode.ino, off, end)
         if dropped:
             stats.add("dio.shootdown_pages", dropped)
-        ii.pool_writes += 1
         token = self._next_token
         self._next_token += 1
         self._jobs[token] = _Job(
@@ -171,10 +168,7 @@ class DurablePool:
                 continue
             job = self._jobs.pop(token)
             ii = job.ii
-            if job.locked:
-                ii.pagecache.release(State.BLOCK)
-                ii.rwsem.release_shared()
-            ii.pool_writes -= 1
+            none_left = ii.pool_io_end(locked=job.locked)
             # the bytes are in the image (or the request failed): as `Direct.write` does
             self.kernel.direct_write_landed(ii, job.off, job.end, job.kernel_token)
             self.kernel.release()
@@ -187,7 +181,7 @@ class DurablePool:
                 stats.add("dio.bytes_written", result)
                 stats.add("durability.sync_writes")
                 stats.add("durability.durable_writes")
-            if not ii.pool_writes:
+            if none_left:
                 self.inodes.evict_if_unused(job.inode)  # (c): deferred while in flight
         if not self._jobs and not hang_detector.OUTSTANDING:  # no request in hand (ops.py)
             self.kernel.daemon_idle()

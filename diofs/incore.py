@@ -89,6 +89,26 @@ class IncoreInode:
             self._pagecache is None or self._pagecache.admissible(State.BLOCK)
         )
 
+    def pool_io_begin(self, *, locked: bool) -> None:
+        """A write that lands on the inode's blocks with no request in the daemon's hands
+        starts: a pool write, or a handle armed for native writes (durable_pool.py (a)-(c),
+        native_io.py (f); the kernel's inode_dio_begin). With `locked` (all but --bug
+        pool-unlocked) it holds the rwsem shared and BLOCK, granted at once: the caller saw
+        `pool_admissible`."""
+        if locked:
+            self.rwsem.acquire_shared_nowait()
+            self.pagecache.acquire_nowait(State.BLOCK)
+        self.pool_writes += 1
+
+    def pool_io_end(self, *, locked: bool) -> bool:
+        """The end of a `pool_io_begin`; True when none is left (the eviction that
+        `evict_if_unused` deferred may run now)."""
+        if locked:
+            self.pagecache.release(State.BLOCK)
+            self.rwsem.release_shared()
+        self.pool_writes -= 1
+        return not self.pool_writes
+
     def io_idle(self) -> bool:
         """Nobody holds or waits for the rwsem or the pagecache lock (dio.py, fast path)."""
         return (self._rwsem is None or self._rwsem.idle()) and (

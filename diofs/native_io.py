@@ -83,7 +83,6 @@ import pyfuse3
 
 from diofs import bugs, stats
 from diofs.bugs import Bug
-from diofs.locks.two_state import State
 
 if TYPE_CHECKING:
     from diofs.cache import PageCache
@@ -175,18 +174,15 @@ class NativeIo:
         if n < ARM_AFTER or not ((fhs is not None and h.fh in fhs) or self._arm(h)):
             return
         ii = h.incore
-        if not unlocked:  # --bug pool-unlocked: the one place for native writes
-            # (f): what a pool write holds while in flight, held from now until the binding's
-            # writes of `h` are all drained (`_release_if_drained`); `offer` just took both,
-            # so both are granted at once
-            ii.rwsem.acquire_shared_nowait()
-            ii.pagecache.acquire_nowait(State.BLOCK)
+        # (f): what a pool write holds while in flight, held from now until the binding's
+        # writes of `h` are all drained (`_release_if_drained`); `offer` just took the same,
+        # so it is granted at once. --bug pool-unlocked: the one place for native writes.
+        ii.pool_io_begin(locked=not unlocked)
         # clean cached pages of the inode go now, as `offer` drops those of its range: under
         # BLOCK no fill can insert one again until the release
         dropped = self.cache.drop_range(ino, 0, _WHOLE_FILE)
         if dropped:
             stats.add("dio.shootdown_pages", dropped)
-        ii.pool_writes += 1
         pyfuse3.arm_native_writes(h.fh, WRITE_TOKEN | h.fh)
         self._writes[h.fh] = _WriteArm(ii, h.inode, locked=not unlocked)
         stats.add("dio.native_write_arms")
@@ -288,12 +284,7 @@ class NativeIo:
         if arm.completed != arm.taken:
             return
         del self._writes[fh]
-        ii = arm.ii
-        if arm.locked:
-            ii.pagecache.release(State.BLOCK)
-            ii.rwsem.release_shared()
-        ii.pool_writes -= 1
-        if not ii.pool_writes:
+        if arm.ii.pool_io_end(locked=arm.locked):
             self.inodes.evict_if_unused(arm.inode)  # deferred while armed
 
     # ---------------------------------------------------------------- counters
